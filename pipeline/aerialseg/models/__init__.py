@@ -1,0 +1,19 @@
+"""Model registry and the models registered in it.
+
+Each model module registers itself on import; add a new module to the imports below.
+"""
+
+from aerialseg.models.registry import (  # noqa: F401
+    ModelSpec,
+    count_parameters,
+    create_model,
+    get_spec,
+    list_models,
+    load_model,
+    load_state,
+    pad_to_multiple,
+    register_model,
+    save_model,
+)
+
+# Model modules (each registers its models on import):
