@@ -1,0 +1,32 @@
+"""Shared fixtures: the real public data beside the repo (skipped cleanly when absent)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+import aerialseg  # noqa: F401  (must come first: offline defaults and the torchvision fix)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AERIALSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; tests that need it skip when it is not there."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set AERIALSEG_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the calling test when it is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data missing: {path}")
+    return path
