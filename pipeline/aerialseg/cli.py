@@ -33,13 +33,372 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 # --- data path: labels -------------------------------------------------------------------
 
+@app.command("label-to-mask")
+def label_to_mask_command(
+    labels: Annotated[list[Path] | None, typer.Argument(
+        help="AnyLabeling/labelme JSON files, folders of them, or globs [data.labels].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder [masks.out].")] = None,
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="Folder to look up images whose imagePath does not resolve [data.images].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Rasterise label JSON into class masks (GeoTIFF on the scene grid, else PNG) + index.json."""
+    from aerialseg.labels import masks_stage
+    from aerialseg.params import load_params
+
+    written = masks_stage(load_params(params), labels=labels, out=out, images=images)
+    typer.echo(f"wrote {len(written)} mask(s) and {Path(written[0]).parent / 'index.json'}")
+
+
+@app.command("mask-to-label")
+def mask_to_label_command(
+    masks: Annotated[list[Path], typer.Argument(help="Class masks (GeoTIFF or PNG of class ids 0-4, 255).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder [the image's folder].")] = None,
+    image: Annotated[Path | None, typer.Option(
+        "--image", help="The image (one mask) or a folder of images named like the masks.")] = None,
+    min_area: Annotated[float | None, typer.Option(
+        "--min-area", help="Drop regions smaller than this many pixels [masks.min_area_px].")] = None,
+    simplify: Annotated[float | None, typer.Option(
+        "--simplify", help="Polygon simplification in px; <= 0.3 is exact [masks.simplify_px].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Polygonise class masks into AnyLabeling JSON that label-to-mask paints back to the same mask."""
+    from aerialseg.mask_to_label import masks_to_labels
+    from aerialseg.params import load_params
+
+    for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area):
+        typer.echo(f"wrote {path}")
+
+
 # --- data path: tiles, split, augment ----------------------------------------------------
+
+@app.command("tiles")
+def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Index overlapping patch windows of every masked scene (data/tiles/manifest.json); drop empty ones."""
+    from aerialseg.params import load_params
+    from aerialseg.tiling import describe, load_manifest, tiles_stage
+
+    manifest = tiles_stage(load_params(params))
+    typer.echo(describe(load_manifest(manifest)))
+    typer.echo(f"wrote {manifest}")
+
+
+@app.command("split")
+def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Seeded train/val/test split of the patches by scene or spatial block, with no shared pixel."""
+    from aerialseg.params import load_params
+    from aerialseg.split import split_stage
+
+    typer.echo(f"wrote {split_stage(load_params(params))}")
+
+
+@app.command("augment")
+def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
+    from aerialseg.augment import augment_stage
+    from aerialseg.params import load_params
+
+    typer.echo(f"wrote {augment_stage(load_params(params))}")
+
 
 # --- models: pretrain, train, distil, evaluate, report ------------------------------------
 
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output directory (default from params.yaml).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")]
+
+
+@app.command("pretrain")
+def pretrain_command(params: ParamsOpt = Path("params.yaml"), out: OutOpt = None, resume: ResumeOpt = False) -> None:
+    """Pretrain model.name on OpenEarthMap (pretrain.root), remapped to the 5 classes [pretrain]."""
+    from aerialseg.params import load_params
+    from aerialseg.pretrain import pretrain_run
+
+    record = pretrain_run(load_params(params), out, resume=resume)
+    typer.echo(f"pretraining: {record}")
+
+
+@app.command("train")
+def train_command(
+    params: ParamsOpt = Path("params.yaml"),
+    model: Annotated[str | None, typer.Option(help="Registered model name [model.name].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [train.seed].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs [train.epochs].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory [train.out].")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Train on the train split, validate on val; writes the run dir (model, checkpoints, curves)."""
+    from aerialseg.params import load_params
+    from aerialseg.train import apply_overrides, train_run
+
+    summary = train_run(apply_overrides(load_params(params), model, seed, epochs), out, resume=resume)
+    typer.echo(f"{summary['model']}: best val mIoU {summary['best_val_mIoU']:.4f} at epoch {summary['best_epoch']} "
+               f"({summary['epochs_run']} epochs, {summary['seconds_per_epoch']:.1f} s/epoch)")
+
+
+@app.command("distil")
+def distil_command(
+    params: ParamsOpt = Path("params.yaml"),
+    teacher: Annotated[Path | None, typer.Option(help="Trained teacher model dir [distil.teacher].")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model name [distil.student].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [train.seed].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Student run directory [distil.out].")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Distil a frozen teacher into a student: task loss + alpha * T^2 * KL [distil]."""
+    from aerialseg.distil import distil_run
+    from aerialseg.params import load_params
+    from aerialseg.train import apply_overrides
+
+    summary = distil_run(apply_overrides(load_params(params), seed=seed), out, resume, teacher, student)
+    typer.echo(f"{summary['model']}: best val mIoU {summary['best_val_mIoU']:.4f}, agreement with the teacher "
+               f"{summary.get('val_agreement_with_teacher', float('nan')):.4f}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    params: ParamsOpt = Path("params.yaml"),
+    model: Annotated[Path | None, typer.Option(help="Trained model dir [evaluate.model].")] = None,
+    split: Annotated[str | None, typer.Option(help="train | val | test [evaluate.split].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json, confusion.json, samples.npz go "
+                                                  "[evaluate.out].")] = None,
+) -> None:
+    """Metrics of a model on a split (one confusion matrix over whole scenes); writes metrics.json."""
+    from aerialseg.evaluate import evaluate_run
+    from aerialseg.params import load_params
+
+    metrics = evaluate_run(load_params(params), model, split, out)
+    typer.echo(f"{metrics['model']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
+               f"{metrics['pixel_accuracy']}, BF1 {metrics['bf1']}")
+
+
+@app.command("compare")
+def compare_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Directories of evaluated runs (metrics.json + model/seed); "
+                                                   "LABEL=DIR names the group.")],
+    out: Annotated[Path | None, typer.Option(help="JSON to write; .md and .png go beside it [stats.out].")] = None,
+    metric: Annotated[str | None, typer.Option(help="Primary metric [stats.primary].")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Compare every model with this one only.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Mean ± std over seeds per model and paired tests between models."""
+    from aerialseg.params import load_params
+    from aerialseg.stats import compare_stage
+
+    path = compare_stage(run_dirs, load_params(params), out=out, primary=metric, baseline=baseline)
+    typer.echo(f"wrote {path} ({path.with_suffix('.md').name}, {path.with_suffix('.png').name})")
+
+
+@app.command("run-seeds")
+def run_seeds_command(
+    model: Annotated[list[str] | None, typer.Option("--model", help="Model name, repeatable [stats.models].")] = None,
+    seed: Annotated[list[int] | None, typer.Option("--seed", help="Seed, repeatable [stats.seeds].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per run [stats.epochs].")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Where runs go: DIR/<model>/seed<N> [stats.runs_dir].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Comparison JSON to write [stats.out].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train and evaluate each (model, seed) through the CLI, then compare them."""
+    from aerialseg.params import load_params
+    from aerialseg.stats import compare_stage, run_seeds
+
+    cfg = load_params(params)
+    stats_cfg = cfg.get("stats") or {}
+    run_dirs = run_seeds(cfg, model or stats_cfg.get("models") or [], seed or stats_cfg.get("seeds") or [],
+                         epochs=epochs, runs_dir=runs_dir, params_path=params)
+    path = compare_stage(run_dirs, cfg, out=out)
+    typer.echo(f"wrote {path} ({len(run_dirs)} runs)")
+
+
+@app.command("profile-models")
+def profile_models_command(
+    model: Annotated[list[str] | None, typer.Option("--model", help="Registered name or model dir, repeatable "
+                                                    "[report.profile.models].")] = None,
+    tile: Annotated[int | None, typer.Option(help="Tile size in pixels [report.profile.tile].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads, 0 = all [report.profile.threads].")] = None,
+    runs: Annotated[int | None, typer.Option(help="Timed runs per model [report.profile.runs].")] = None,
+    onnx: Annotated[list[str] | None, typer.Option("--onnx", help="MODEL=FILE.onnx: also time ONNX Runtime.")] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON to write; .md beside it [report.profile.out].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Model table: parameters (total, used), GFLOPs at a tile size, CPU latency per tile."""
+    from aerialseg.params import load_params
+    from aerialseg.profile import profile_stage
+
+    pairs = [item.split("=", 1) for item in onnx or []]
+    if any(len(pair) != 2 for pair in pairs):
+        raise AerialsegError("--onnx takes MODEL=FILE.onnx", fix="e.g. --onnx pspnet=models/pspnet.onnx")
+    path = profile_stage(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
+                         onnx=dict(pairs))
+    typer.echo(f"wrote {path} ({path.with_suffix('.md').name})")
+
+
+@app.command("report")
+def report_command(params: ParamsOpt = Path("params.yaml")) -> None:
+    """reports/report.md with figures: metrics, confusion matrix, curves, samples, model table, seeds."""
+    from aerialseg.params import load_params
+    from aerialseg.report import report_stage
+
+    typer.echo(f"wrote {report_stage(load_params(params))}")
+
+
 # --- inference: infer-scene, bundle -------------------------------------------------------
 
+@app.command("infer-scene")
+def infer_scene_command(
+    scene: Annotated[Path, typer.Argument(help="Orthophoto (GeoTIFF, any size) to map.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Bundle dir or .zip (or a trained model dir) "
+                                                "[infer.model].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output map [infer.out_dir/<scene>_landcover.tif; "
+                                             "anylabeling: <scene>.json].")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Tile overlap in px [the bundle's].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Tiles per forward pass [infer.batch].")] = None,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Flip TTA [infer.tta].")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch | onnx [infer.backend].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [infer.device].")] = None,
+    confidence: Annotated[bool | None, typer.Option("--confidence/--no-confidence",
+                                                    help="Also write max-probability x 255 [infer.confidence].")] = None,
+    vectors: Annotated[bool | None, typer.Option("--vectors/--no-vectors",
+                                                 help="Also write polygons (GeoPackage) [infer.vectors].")] = None,
+    areas: Annotated[bool | None, typer.Option("--areas/--no-areas",
+                                               help="Also write per-class areas JSON [infer.areas].")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="geotiff | anylabeling [infer.format].")] = None,
+    resample: Annotated[bool | None, typer.Option("--resample/--no-resample", help="Read at the training GSD "
+                                                  "when the scene's differs > gsd_tolerance [infer.resample].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Map a whole scene: seam-free tiles, constant memory, a COG on the scene's grid (QGIS-ready)."""
+    from aerialseg.infer import InferOptions, infer_scene
+    from aerialseg.params import load_params, section
+
+    knobs = dict(section(load_params(params), "infer"))
+    model = model or (Path(knobs["model"]) if knobs.get("model") else None)
+    knobs.pop("model", None)
+    if model is None:
+        raise AerialsegError("no model given", fix="pass --model BUNDLE or set infer.model in params.yaml")
+    options = InferOptions.from_params(knobs, overlap=overlap, batch=batch, tta=tta, backend=backend, device=device,
+                                       confidence=confidence, vectors=vectors, areas=areas, format=fmt,
+                                       resample=resample)
+    typer.echo(infer_scene(scene, model, out, options).summary())
+
+
+@app.command("bundle")
+def bundle_command(
+    model_dir: Annotated[Path, typer.Argument(help="Trained model dir (model.safetensors + model.json).")],
+    out: Annotated[Path | None, typer.Option(help="Bundle dir (or .zip with --zip) [bundle.out; null = in place].")] = None,
+    archive: Annotated[bool | None, typer.Option("--zip/--no-zip", help="Write a .zip [bundle.zip].")] = None,
+    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx", help="Export model.onnx [bundle.onnx].")] = None,
+    tile_size: Annotated[int | None, typer.Option(help="Tile size [bundle.tile_size; null = the model's].")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Tile overlap px [bundle.overlap].")] = None,
+    gsd_m: Annotated[float | None, typer.Option(help="Training GSD m/px [bundle.gsd_m; null = data.gsd_m].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Package a trained model for infer-scene / QGIS: weights, ONNX, manifest (classes, GSD, tiles, metrics)."""
+    from aerialseg.bundle import build_bundle, read_model_record
+    from aerialseg.params import load_params, section
+
+    p = load_params(params)
+    cfg, exp = section(p, "bundle"), section(p, "export")
+    gsd = next((g for g in (gsd_m, cfg.get("gsd_m"), read_model_record(model_dir).get("gsd_m"),
+                            section(p, "data").get("gsd_m")) if g is not None), None)
+    dest = out if out is not None else (Path(cfg["out"]) if cfg.get("out") else None)
+    path = build_bundle(model_dir, dest, tile_size=tile_size or cfg.get("tile_size"),
+                        overlap=overlap if overlap is not None else cfg.get("overlap"), gsd_m=gsd,
+                        onnx=cfg.get("onnx", True) if onnx is None else onnx,
+                        archive=cfg.get("zip", False) if archive is None else archive,
+                        max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))
+    typer.echo(f"wrote bundle {path}")
+
+
+@app.command("export-onnx")
+def export_onnx_command(
+    model_dir: Annotated[Path, typer.Argument(help="Bundle or trained model dir.")],
+    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """ONNX at the bundle's tile size with Deepness metadata, checked against PyTorch (export.max_abs_diff)."""
+    from aerialseg.export import export_bundle_onnx
+    from aerialseg.params import load_params, section
+
+    exp = section(load_params(params), "export")
+    result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
+                                opset=int(exp.get("opset", 18)), parity_count=int(exp.get("parity_tiles", 2)))
+    parity = result["parity"]
+    typer.echo(f"wrote {result['onnx']} (max |logit diff| {parity['max_abs_diff']:.2e}, "
+               f"argmax agreement {parity['argmax_agreement']:.4f})")
+
+
 # --- seed models: postprocess, prune, export, quantize ------------------------------------
+
+@app.command("postprocess")
+def postprocess_command(
+    class_raster: Annotated[Path, typer.Argument(help="Single-band class raster (GeoTIFF), e.g. from infer-scene.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder [postprocess.out].")] = None,
+    classes: Annotated[str | None, typer.Option(help="Classes to count, ids or names, comma-separated "
+                                                "[postprocess.classes].")] = None,
+    min_area: Annotated[float | None, typer.Option(help="Keep objects at least this large [postprocess.min_area].")] = None,
+    max_area: Annotated[float | None, typer.Option(help="Keep objects at most this large [postprocess.max_area].")] = None,
+    min_aspect: Annotated[float | None, typer.Option(help="Min bbox long/short side [postprocess.min_aspect].")] = None,
+    max_aspect: Annotated[float | None, typer.Option(help="Max bbox long/short side [postprocess.max_aspect].")] = None,
+    area_unit: Annotated[str | None, typer.Option(help="Unit of the area filter: px | m2 [postprocess.area_unit].")] = None,
+    band_rows: Annotated[int | None, typer.Option(help="Rows read per band [postprocess.band_rows].")] = None,
+    clean: Annotated[bool | None, typer.Option("--clean/--no-clean", help="Also write the raster without the "
+                                               "filtered-out objects [postprocess.clean].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Objects per class (8-connected): count, area, centroid, bbox, aspect ratio -> GeoJSON + CSV."""
+    from aerialseg.params import load_params
+    from aerialseg.postprocess import postprocess_stage
+
+    summary = postprocess_stage(class_raster, load_params(params), out=out, classes=classes, min_area=min_area,
+                                max_area=max_area, min_aspect=min_aspect, max_aspect=max_aspect,
+                                area_unit=area_unit, band_rows=band_rows, clean=clean)
+    typer.echo(f"{summary['kept']} of {summary['objects']} objects kept; wrote {summary['files']['geojson']}, "
+               f"{summary['files']['csv']}")
+
+
+@app.command("prune")
+def prune_command(
+    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="Trained model [prune.model_dir].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output model folder [prune.out].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Taylor filter pruning (real channel removal) + fine-tune -> pruned model dir + prune.json."""
+    from aerialseg.compress import prune_run
+    from aerialseg.params import load_params
+
+    report = prune_run(load_params(params), model_dir=model_dir, out_dir=out)
+    typer.echo(f"pruned {report['model']}: {report['params_before'] / 1e6:.2f} M -> "
+               f"{report['params_after'] / 1e6:.2f} M parameters, loss {report['loss_before']:.4f} -> "
+               f"{report['loss_after_pruning']:.4f} (pruned) -> {report['loss_after_retrain']:.4f} (retrained); "
+               f"wrote {report['out']}")
+
+
+@app.command("quantize")
+def quantize_command(
+    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="Model to quantize [quantize.model_dir].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
+    from aerialseg.params import load_params
+    from aerialseg.quantize import INT8_NAME, quantize_run
+
+    report = quantize_run(load_params(params), model_dir=model_dir)
+    acc, lat = report["accuracy"], report["latency_ms"]
+    typer.echo(f"wrote {Path(report['model_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
+               f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
+               f"(Δ {acc['delta_miou_points']:.2f} points); {lat['onnx_int8']:.1f} ms/tile vs PyTorch fp32 "
+               f"{lat['torch_fp32']:.1f} ms ({lat['speedup_int8_vs_torch']:.2f}x, {lat['threads']} threads)")
+
+
+@app.command("compression-table")
+def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Backbone x pruned x quantized table (paper Table II) -> reports/compression.{json,md}."""
+    from aerialseg.params import load_params
+    from aerialseg.quantize import compression_table_run
+
+    result = compression_table_run(load_params(params))
+    typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")
+
 
 
 def main() -> None:

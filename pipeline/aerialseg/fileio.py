@@ -18,6 +18,9 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
         prefix=f".aerialseg-tmp-{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent
     )
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

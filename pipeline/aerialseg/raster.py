@@ -74,7 +74,7 @@ def write_class_geotiff(dest: str | Path, mask: np.ndarray, profile: dict[str, A
     """Write a (H, W) uint8 class mask as a GeoTIFF atomically, with an optional colour table."""
     with atomic_path(dest) as tmp:
         with rasterio.open(tmp, "w", **profile) as out:
-            out.write(mask, 1)
-            if colormap:
+            if colormap:  # before the pixels, or GDAL complains about PhotometricInterpretation
                 out.write_colormap(1, colormap)
+            out.write(mask, 1)
     return Path(dest)

@@ -1,0 +1,215 @@
+"""mask-to-label: polygons that label-to-mask paints back to the same mask (holes, nesting, real masks)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import rasterio
+
+from aerialseg import cli
+from aerialseg.classes import IGNORE
+from aerialseg.errors import AerialsegError
+from aerialseg.labels import LabelTable, MaskOptions, labels_to_masks
+from aerialseg.mask_to_label import (ANYLABELING_FORMAT_VERSION, mask_file_to_label, mask_to_shapes,
+                                     masks_to_labels, mid_edge_ring)
+from conftest import REPO, shared_path
+
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
+TABLE = LabelTable({"background": 0, "road": 1, "water": 2, "tree": 3, "building": 4, "__ignore__": IGNORE})
+PARAMS = {"masks": {"simplify_px": 0.25, "min_area_px": 0}}
+
+
+def make_sample_module():
+    spec = importlib.util.spec_from_file_location("make_sample", REPO / "data" / "sample" / "make_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dubai_part(tile: int, part: int) -> tuple[Path, np.ndarray]:
+    """A real Dubai part: its image path and its mask as aerialseg classes (SOURCE.md colours)."""
+    png = shared_path("dubai-aerial-cc0", f"tile_{tile}", "masks", f"image_part_{part:03d}.png")
+    module = make_sample_module()
+    return png.parents[1] / "images" / f"image_part_{part:03d}.jpg", module.colours_to_classes(
+        module.read_rgb(png), png)
+
+
+def nested_mask() -> np.ndarray:
+    """Rings in rings, islands in holes, diagonal-only contacts, 1-px lines, ignore inside a region."""
+    mask = np.zeros((90, 120), np.uint8)
+    mask[5:85, 5:70] = 4  # building
+    mask[15:75, 15:60] = 2  # water hole in the building
+    mask[25:65, 25:50] = 3  # tree island in the water
+    mask[35:55, 32:43] = 0  # background hole in the island
+    mask[40:50, 36:39] = 1  # road inside that hole
+    mask[44, 20:58] = 1  # a 1-px road crossing water, island and hole
+    mask[10:14, 75:79] = IGNORE  # ignore block outside, touching nothing
+    mask[60:70, 80:90] = IGNORE
+    mask[63:66, 83:86] = 3  # tree inside ignore
+    checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
+    mask[0:8, 100:108][checker] = 3  # diagonal-only contacts (4-connectivity)
+    mask[80:90, 110:120] = 2  # touching the image border
+    mask[20, 90] = 4  # single pixel
+    return mask
+
+
+def round_trip(mask: np.ndarray, tmp_path: Path, simplify_px: float = 0.25, min_area_px: float = 0.0) -> np.ndarray:
+    """mask -> PNG -> mask-to-label JSON -> label-to-mask -> mask, through the real file functions."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(tmp_path / "scene.png"), np.zeros((*mask.shape, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "scene_mask.png"), mask)
+    label_file = mask_file_to_label(tmp_path / "scene_mask.png", tmp_path / "labels", tmp_path / "scene.png",
+                                    simplify_px, min_area_px)
+    out = labels_to_masks([label_file], tmp_path / "back", TABLE, MaskOptions())[0]
+    return cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+
+
+def test_nested_regions_and_holes_round_trip_exactly(tmp_path):
+    mask = nested_mask()
+    assert np.array_equal(round_trip(mask, tmp_path), mask)
+
+
+def test_random_blobs_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(7)
+    noise = cv2.GaussianBlur(rng.normal(size=(160, 200)).astype(np.float32), (0, 0), 3)
+    mask = np.digitize(noise, np.quantile(noise, [0.2, 0.4, 0.6, 0.8, 0.95])).astype(np.uint8)
+    mask[mask == 5] = IGNORE
+    mask[rng.random(mask.shape) < 0.01] = 4  # salt: single pixels everywhere
+    assert np.array_equal(round_trip(mask, tmp_path), mask)
+
+
+def test_document_fields_order_and_labels(tmp_path):
+    mask = nested_mask()
+    cv2.imwrite(str(tmp_path / "scene.png"), np.zeros((*mask.shape, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    doc = json.loads(mask_file_to_label(tmp_path / "m.png", tmp_path / "json", tmp_path / "scene.png").read_text())
+    assert doc["version"] == ANYLABELING_FORMAT_VERSION and doc["flags"] == {} and doc["imageData"] is None
+    assert doc["imagePath"] == "../scene.png" and (doc["imageWidth"], doc["imageHeight"]) == (120, 90)
+    shape = doc["shapes"][0]
+    assert set(shape) == {"label", "points", "group_id", "description", "shape_type", "flags"}
+    assert shape["shape_type"] == "polygon" and shape["group_id"] is None and shape["description"] == ""
+    labels = [s["label"] for s in doc["shapes"]]
+    assert "__ignore__" in labels and labels.count("background") == 2  # only the hole (cut in two by the road)
+    big = [(s["label"], i) for i, s in enumerate(doc["shapes"]) if area(s["points"]) > 300]
+    order = [label for label, _ in sorted(big, key=lambda x: x[1])]
+    assert order == ["building", "water", "tree", "tree"]  # outer shapes before the shapes in their holes
+    assert labels.index("building") < min(i for i, lbl in enumerate(labels) if lbl == "background")
+
+
+def area(points: list[list[float]]) -> float:
+    x, y = np.asarray(points, float).T
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def test_mid_edge_contour_straightens_staircases():
+    ring = np.array([[0, 0], [1, 0], [1, 1], [2, 1], [2, 2], [3, 2], [3, 3], [0, 3], [0, 0]], float)
+    mids = mid_edge_ring(ring)
+    assert len(mids) == 12 and np.allclose(mids[0], [0.5, 0]) and np.allclose(mids[1], [1, 0.5])
+    staircase = np.tril(np.ones((40, 40), np.uint8))
+    shapes = mask_to_shapes(staircase)
+    assert len(shapes) == 1 and len(shapes[0]["points"]) <= 6  # a triangle with cut corners, not 80 steps
+
+
+def test_min_area_and_simplify(tmp_path):
+    mask = nested_mask()
+    assert "road" not in {s["label"] for s in mask_to_shapes(mask, min_area_px=50)[:3]}
+    small = [s for s in mask_to_shapes(mask, min_area_px=2) if len(s["points"]) == 4]
+    assert not any(s["label"] == "building" and len(s["points"]) == 4 for s in small)  # the 1-px building went
+    part = dubai_part(2, 5)[1]
+    exact, coarse = mask_to_shapes(part), mask_to_shapes(part, simplify_px=1.0)
+    assert sum(map(len, (s["points"] for s in coarse))) < 0.5 * sum(map(len, (s["points"] for s in exact)))
+    agreement = float((round_trip(part, tmp_path, simplify_px=1.0) == part).mean())
+    print(f"Dubai tile_2 part 5, --simplify 1.0: {agreement:.4%} pixel agreement")
+    assert 0.97 < agreement < 1.0
+
+
+@pytest.mark.parametrize("tile,part", [(1, 5), (2, 1), (4, 9), (6, 3)])
+def test_dubai_round_trip(tile, part, tmp_path):
+    image, mask = dubai_part(tile, part)
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    label_file = masks_to_labels([tmp_path / "mask.png"], PARAMS, tmp_path / "labels", image)[0]
+    assert json.loads(label_file.read_text())["imagePath"].endswith(f"images/image_part_{part:03d}.jpg")
+    back = cv2.imread(str(labels_to_masks([label_file], tmp_path / "back", TABLE)[0]), cv2.IMREAD_UNCHANGED)
+    agreement = float((back == mask).mean())
+    print(f"Dubai tile_{tile} part {part:03d}: round-trip pixel agreement {agreement:.4%}")
+    assert agreement >= 0.995
+
+
+def test_geotiff_mask_round_trip_keeps_nodata_as_ignore(tmp_path):
+    scene = shared_path("geotiff-samples", "webodm", "orthophoto.tif")
+    label = {"label": "tree", "points": [[30.0, 30.0], [180.0, 40.0], [120.0, 190.0]], "shape_type": "polygon"}
+    (tmp_path / "ortho.json").write_text(json.dumps({"shapes": [label], "imagePath": str(scene),
+                                                     "imageHeight": 212, "imageWidth": 212}))
+    first = labels_to_masks([tmp_path / "ortho.json"], tmp_path / "m1", TABLE)[0]
+    label_file = masks_to_labels([first], PARAMS, tmp_path / "labels", scene)[0]
+    second = labels_to_masks([label_file], tmp_path / "m2", TABLE)[0]
+    with rasterio.open(first) as a, rasterio.open(second) as b:
+        assert a.crs == b.crs and a.transform == b.transform
+        assert np.array_equal(a.read(1), b.read(1)) and (a.read(1) == IGNORE).sum() > 1000
+
+
+def test_palette_png_class_mask_is_read_as_indices(tmp_path):
+    mask = nested_mask()
+    with rasterio.open(tmp_path / "pal.png", "w", driver="PNG", width=120, height=90, count=1,
+                       dtype="uint8") as ds:
+        ds.write(mask, 1)
+        ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), 2: (0, 0, 255, 255),
+                              3: (0, 255, 0, 255), 4: (255, 255, 0, 255), 255: (9, 9, 9, 255)})
+    assert cv2.imread(str(tmp_path / "pal.png"), cv2.IMREAD_UNCHANGED).ndim == 3  # OpenCV would expand it
+    cv2.imwrite(str(tmp_path / "pal.jpg"), np.zeros((90, 120, 3), np.uint8))
+    label_file = masks_to_labels([tmp_path / "pal.png"], PARAMS)[0]  # image found by stem beside the mask
+    assert label_file == tmp_path / "pal.json"
+    back = cv2.imread(str(labels_to_masks([label_file], tmp_path / "back", TABLE)[0]), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(back, mask)
+
+
+def _run(args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["aerialseg", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_writes_json(tmp_path, monkeypatch, capsys):
+    cv2.imwrite(str(tmp_path / "m.png"), nested_mask())
+    cv2.imwrite(str(tmp_path / "img.png"), np.zeros((90, 120, 3), np.uint8))
+    code, err = _run(["mask-to-label", tmp_path / "m.png", "--image", tmp_path / "img.png", "--out",
+                      tmp_path / "o", "--min-area", "2", "--params", REPO / "params.yaml"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "img.json").read_text())["imagePath"] == "../img.png"
+
+
+@pytest.mark.parametrize("case", ["rgb mask", "stray values", "no image", "size mismatch"])
+def test_cli_bad_masks(case, tmp_path, monkeypatch, capsys):
+    mask = nested_mask()
+    image = tmp_path / "m.jpg"
+    cv2.imwrite(str(image), np.zeros((90, 120, 3), np.uint8))
+    if case == "rgb mask":
+        mask = cv2.cvtColor(mask, cv2.COLOR_GRAY2BGR)
+    elif case == "stray values":
+        mask[0, 0] = 7
+    elif case == "no image":
+        image.unlink()
+    else:
+        cv2.imwrite(str(image), np.zeros((91, 120, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "m.png"), mask)
+    code, err = _run(["mask-to-label", tmp_path / "m.png", "--out", tmp_path / "o"], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "m.png" in lines[0] and "fix:" in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mask_to_shapes_accepts_int_arrays_and_rejects_stray_values():
+    mask = nested_mask().astype(np.int64)  # e.g. an argmax output
+    assert mask_to_shapes(mask) == mask_to_shapes(mask.astype(np.uint8))
+    mask[3, 3] = 9
+    with pytest.raises(AerialsegError, match=r"value\(s\) \[9\]"):
+        mask_to_shapes(mask)
