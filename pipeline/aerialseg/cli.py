@@ -114,7 +114,11 @@ def pretrain_command(params: ParamsOpt = Path("params.yaml"), out: OutOpt = None
     from aerialseg.pretrain import pretrain_run
 
     record = pretrain_run(load_params(params), out, resume=resume)
-    typer.echo(f"pretraining: {record}")
+    if record["enabled"]:
+        typer.echo(f"pretrained {record['model']} on {record['train_images']} OpenEarthMap images: "
+                   f"best val mIoU {record['best_val_mIoU']:.4f}")
+    else:
+        typer.echo(f"pretraining disabled (pretrain.enabled: false): {record['reason']}")
 
 
 @app.command("train")
@@ -335,11 +339,16 @@ def postprocess_command(
     out: Annotated[Path | None, typer.Option(help="Output folder [postprocess.out].")] = None,
     classes: Annotated[str | None, typer.Option(help="Classes to count, ids or names, comma-separated "
                                                 "[postprocess.classes].")] = None,
-    min_area: Annotated[float | None, typer.Option(help="Keep objects at least this large [postprocess.min_area].")] = None,
-    max_area: Annotated[float | None, typer.Option(help="Keep objects at most this large [postprocess.max_area].")] = None,
-    min_aspect: Annotated[float | None, typer.Option(help="Min bbox long/short side [postprocess.min_aspect].")] = None,
-    max_aspect: Annotated[float | None, typer.Option(help="Max bbox long/short side [postprocess.max_aspect].")] = None,
-    area_unit: Annotated[str | None, typer.Option(help="Unit of the area filter: px | m2 [postprocess.area_unit].")] = None,
+    min_area: Annotated[float | None, typer.Option(help="Keep objects this large or larger "
+                                                   "[postprocess.min_area].")] = None,
+    max_area: Annotated[float | None, typer.Option(help="Keep objects this large or smaller "
+                                                   "[postprocess.max_area].")] = None,
+    min_aspect: Annotated[float | None, typer.Option(help="Min bbox long/short side "
+                                                     "[postprocess.min_aspect].")] = None,
+    max_aspect: Annotated[float | None, typer.Option(help="Max bbox long/short side "
+                                                     "[postprocess.max_aspect].")] = None,
+    area_unit: Annotated[str | None, typer.Option(help="Unit of the area filter: px | m2 "
+                                                  "[postprocess.area_unit].")] = None,
     band_rows: Annotated[int | None, typer.Option(help="Rows read per band [postprocess.band_rows].")] = None,
     clean: Annotated[bool | None, typer.Option("--clean/--no-clean", help="Also write the raster without the "
                                                "filtered-out objects [postprocess.clean].")] = None,
@@ -376,15 +385,17 @@ def prune_command(
 @app.command("quantize")
 def quantize_command(
     model_dir: Annotated[Path | None, typer.Option("--model-dir", help="Model to quantize [quantize.model_dir].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder [quantize.out, else the model dir; "
+                                             "ignored with --model-dir unless given].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
     from aerialseg.params import load_params
     from aerialseg.quantize import INT8_NAME, quantize_run
 
-    report = quantize_run(load_params(params), model_dir=model_dir)
+    report = quantize_run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
-    typer.echo(f"wrote {Path(report['model_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
+    typer.echo(f"wrote {Path(report['out_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
                f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
                f"(Δ {acc['delta_miou_points']:.2f} points); {lat['onnx_int8']:.1f} ms/tile vs PyTorch fp32 "
                f"{lat['torch_fp32']:.1f} ms ({lat['speedup_int8_vs_torch']:.2f}x, {lat['threads']} threads)")

@@ -17,3 +17,7 @@ from aerialseg.models.registry import (  # noqa: F401
 )
 
 # Model modules (each registers its models on import):
+from aerialseg.models import zoo  # noqa: F401
+from aerialseg.models import dasnet  # noqa: F401
+from aerialseg.models import lwirstnet  # noqa: F401
+from aerialseg.models import dinov2_unet  # noqa: F401

@@ -1,0 +1,76 @@
+"""Distillation: the KL term, its T^2 scaling and ignore masking, and a short run on real patches."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aerialseg.classes import IGNORE
+from aerialseg.distil import agreement, distil_run, student_params
+from aerialseg.errors import AerialsegError
+from aerialseg.losses import distillation_kl
+from aerialseg.models import create_model
+from aerialseg.train import train_run
+from test_train import small_datasets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kl_is_zero_for_identical_logits():
+    logits = torch.randn(2, 5, 8, 8)
+    for temperature in (1.0, 2.0, 4.0):
+        assert float(distillation_kl(logits, logits.clone(), None, temperature)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_temperature_scaling_and_ignore():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+    for t in (1.0, 3.0):
+        expected = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                            reduction="none").sum(1).mean() * t * t
+        assert torch.allclose(distillation_kl(student, teacher, None, t), expected, atol=1e-6)
+    # the gradient w.r.t. student logits is T * (p_s - p_t) / n: T^2 keeps it from vanishing as T grows
+    s = student.clone().requires_grad_(True)
+    distillation_kl(s, teacher, None, 4.0).backward()
+    manual = 4.0 * (torch.softmax(student / 4, 1) - torch.softmax(teacher / 4, 1)) / (2 * 8 * 8)
+    assert torch.allclose(s.grad, manual, atol=1e-6)
+    target = torch.randint(0, 5, (2, 8, 8))
+    target[:, :3] = IGNORE
+    changed = student.clone()
+    changed[:, :, :3] = 100 * torch.randn_like(changed[:, :, :3])
+    assert torch.allclose(distillation_kl(student, teacher, target, 2.0), distillation_kl(changed, teacher, target, 2.0))
+    assert float(distillation_kl(student, teacher, torch.full_like(target, IGNORE), 2.0)) == 0.0
+
+
+def test_student_params_take_distil_overrides():
+    params = {"model": {"name": "unet_efficientnet_lite0"}, "train": {"epochs": 50, "lr": 0.01, "init_from": "x"},
+              "distil": {"student": "segformer_b0", "student_kwargs": {"decoder_segmentation_channels": 64},
+                         "train": {"epochs": 3}}}
+    run = student_params(params)
+    assert run["model"] == {"name": "segformer_b0", "kwargs": {"decoder_segmentation_channels": 64}}
+    assert run["train"] == {"epochs": 3, "lr": 0.01, "init_from": None}
+    assert student_params(params, "pspnet_resnet18")["model"] == {"name": "pspnet_resnet18", "kwargs": {}}
+
+
+def test_short_distillation_raises_agreement_with_teacher(tmp_path):
+    datasets = small_datasets()
+    teacher_params = {"model": {"name": "pspnet_resnet18"}, "train": {"epochs": 3, "batch_size": 4, "lr": 3e-3}}
+    train_run(teacher_params, tmp_path / "teacher", datasets=datasets)
+    torch.manual_seed(42)  # the student's initial weights, as the run will build them
+    before = agreement(create_model("segformer_b0"), tmp_path / "teacher", datasets[1], "segformer_b0")
+    params = {"train": {"epochs": 3, "batch_size": 4, "lr": 3e-3},
+              "distil": {"student": "segformer_b0", "alpha": 2.0, "temperature": 2.0}}
+    with pytest.raises(AerialsegError, match="teacher"):
+        distil_run(params, tmp_path / "student", teacher_dir=tmp_path / "nowhere", datasets=datasets)
+    summary = distil_run(params, tmp_path / "student", teacher_dir=tmp_path / "teacher", datasets=datasets)
+    record = json.loads((tmp_path / "student" / "distil.json").read_text())
+    assert summary["teacher"] == record["teacher"] == "pspnet_resnet18" and record["student"] == "segformer_b0"
+    assert json.loads((tmp_path / "student" / "model.json").read_text())["teacher"] == "pspnet_resnet18"
+    assert record["val_agreement_with_teacher"] > before + 0.1, (before, record)

@@ -1,0 +1,269 @@
+"""Training loop, losses, schedules, checkpoints and resume, on real Dubai aerial patches (CPU)."""
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from aerialseg.augment import build_transform
+from aerialseg.classes import IGNORE
+from aerialseg.errors import AerialsegError
+from aerialseg.losses import build_loss, cross_entropy, dice_loss, focal_loss
+from aerialseg.metrics import ConfusionMatrix
+from aerialseg.models import create_model, load_model, load_state
+from aerialseg.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, apply_overrides, init_weights,
+                             load_checkpoint, train_run)
+from conftest import shared_path
+
+# Dubai mask colours (SOURCE.md) -> aerialseg classes; anything else is ignore.
+DUBAI_COLOURS = {(60, 16, 152): 4, (132, 41, 246): 0, (110, 193, 228): 1, (254, 221, 58): 3, (226, 169, 41): 2}
+FAST = "pspnet_resnet18"  # 0.85 M parameters: the quickest registered model to train
+AUGMENT = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5},
+           {"name": "RandomBrightnessContrast", "p": 0.5, "brightness_limit": 0.15, "contrast_limit": 0.15}]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine, 2 OpenMP threads can run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def dubai_part(tile: int, part: int, scale: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """One Dubai image part (RGB uint8) and its class mask, downscaled by ``scale``."""
+    root = shared_path("dubai-aerial-cc0", f"tile_{tile}")
+    image = cv2.cvtColor(cv2.imread(str(root / "images" / f"image_part_{part:03d}.jpg")), cv2.COLOR_BGR2RGB)
+    colours = cv2.cvtColor(cv2.imread(str(root / "masks" / f"image_part_{part:03d}.png")), cv2.COLOR_BGR2RGB)
+    mask = np.full(colours.shape[:2], IGNORE, np.uint8)
+    for colour, cls in DUBAI_COLOURS.items():
+        mask[(colours == colour).all(-1)] = cls
+    if scale != 1:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+    return image, mask
+
+
+def dubai_patches(parts: list[tuple[int, int]], size: int = 64, scale: float = 0.25) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Non-overlapping ``size`` crops of the given (tile, part)s."""
+    out = []
+    for tile, part in parts:
+        image, mask = dubai_part(tile, part, scale)
+        for y in range(0, image.shape[0] - size + 1, size):
+            for x in range(0, image.shape[1] - size + 1, size):
+                out.append((image[y:y + size, x:x + size].copy(), mask[y:y + size, x:x + size].copy()))
+    return out
+
+
+def small_datasets(augment: bool = False) -> tuple[ArrayPatchDataset, ArrayPatchDataset]:
+    """~10 train and 4 val 64 px patches of real Dubai parts; optional on-the-fly augmentation."""
+    transform = build_transform({"pipeline": AUGMENT}) if augment else None
+    return (ArrayPatchDataset(dubai_patches([(1, 1), (2, 1)]), transform),
+            ArrayPatchDataset(dubai_patches([(1, 5)])[:4]))
+
+
+def tiny_params(**train) -> dict:
+    return {"model": {"name": FAST}, "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 0.5,
+                                               **train}}
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(model_dir / CHECKPOINT)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+def test_cross_entropy_ignores_ignore_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+    target = torch.randint(0, 5, (2, 8, 8))
+    target[:, :4] = IGNORE
+    changed = logits.detach().clone()
+    changed[:, :, :4] += 10 * torch.randn_like(changed[:, :, :4])  # only ignored pixels change
+    assert torch.allclose(cross_entropy(logits, target), cross_entropy(changed, target))
+    all_ignored = torch.full_like(target, IGNORE)
+    loss = cross_entropy(logits, all_ignored)
+    loss.backward()  # still differentiable, and zero
+    assert float(loss) == 0.0
+
+
+def test_class_weights_focal_and_dice():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 5, 16, 16)
+    target = torch.randint(0, 5, (1, 16, 16))
+    plain = build_loss({"name": "ce"})(logits, target)
+    weighted = build_loss({"name": "ce", "class_weights": [0.1, 1, 1, 1, 5]})(logits, target)
+    assert not torch.allclose(plain, weighted)
+    assert torch.allclose(focal_loss(logits, target, gamma=0.0), plain, atol=1e-6)  # gamma 0 = CE
+    assert focal_loss(logits, target, gamma=2.0) < plain
+    perfect = torch.nn.functional.one_hot(target, 5).permute(0, 3, 1, 2).float() * 50
+    assert float(dice_loss(perfect, target)) < 1e-3
+    assert float(dice_loss(-perfect, target)) > 0.9
+    combo = build_loss({"name": "ce+dice", "dice_weight": 0.5})(logits, target)
+    assert torch.allclose(combo, plain + 0.5 * dice_loss(logits, target))
+    with pytest.raises(AerialsegError, match="class_weights"):
+        build_loss({"class_weights": [1, 2]})
+    with pytest.raises(AerialsegError, match="unknown loss"):
+        build_loss({"name": "lovasz"})
+
+
+def test_lr_schedules():
+    poly = LRFactor("poly", total_steps=100, warmup_steps=10, power=1.0, min_ratio=0.0)
+    assert poly(0) == pytest.approx(0.1) and poly(9) == pytest.approx(1.0)
+    assert poly(10) == pytest.approx(1.0) and poly(55) == pytest.approx(0.5) and poly(100) == 0.0
+    cosine = LRFactor("cosine", total_steps=100, warmup_steps=0, power=0.9, min_ratio=0.1)
+    assert cosine(0) == pytest.approx(1.0) and cosine(50) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
+    assert LRFactor("constant", 10, 0, 0.9, 0.0)(7) == 1.0
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(AerialsegError, match="unknown train key"):
+        TrainConfig.from_params({"train": {"epocs": 3}})
+    with pytest.raises(AerialsegError, match="optimizer"):
+        TrainConfig.from_params({"train": {"optimizer": "lamb"}})
+    params = apply_overrides({"model": {"name": "unet_efficientnet_lite0", "kwargs": {"pretrained_encoder": True}}},
+                             model=FAST, seed=7, epochs=3)
+    assert params["model"] == {"name": FAST, "kwargs": {}} and params["train"] == {"seed": 7, "epochs": 3}
+    with pytest.raises(AerialsegError, match="unknown model"):
+        apply_overrides({}, model="resnet9000")
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def test_training_writes_outputs_and_learns(tmp_path):
+    train_ds, val_ds = small_datasets()
+    summary = train_run(tiny_params(epochs=3), tmp_path, datasets=(train_ds, val_ds))
+    assert summary["epochs_run"] == 3 and summary["model"] == FAST and summary["seed"] == 42
+    for name in ("model.safetensors", "model.json", "history.csv", "curves.png", "train_summary.json", CHECKPOINT):
+        assert (tmp_path / name).is_file(), name
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_mIoU", "lr", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0]  # it learns something on real pixels
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["epoch"] == summary["best_epoch"]
+    assert meta["metrics"]["val_mIoU"] == pytest.approx(summary["best_val_mIoU"])
+    assert {"training_data_sha256", "gsd_m", "seed", "train"} <= set(meta)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    model, _ = load_model(tmp_path)  # the best epoch's weights rebuild from safetensors + model.json
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+def test_two_runs_give_identical_weights(tmp_path):
+    datasets = small_datasets(augment=True)
+    train_run(tiny_params(), tmp_path / "a", datasets=datasets)
+    train_run(tiny_params(), tmp_path / "b", datasets=datasets)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    train_run(tiny_params(seed=5), tmp_path / "c", datasets=datasets)
+    assert not torch.equal(weights(tmp_path / "a")["encoder.conv1.weight"],
+                           weights(tmp_path / "c")["encoder.conv1.weight"])
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
+    datasets = small_datasets(augment=True)
+    params = tiny_params(epochs=3, schedule="cosine")
+    full = train_run(params, tmp_path / "full", datasets=datasets)
+
+    def interrupt(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(params, tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt)
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["loop"]["epoch"] == 1
+    resumed = train_run(params, tmp_path / "cut", resume=True, datasets=datasets)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert resumed["best_val_mIoU"] == full["best_val_mIoU"] and resumed["epochs_run"] == 3
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((tmp_path / "full" / "history.csv").open())]
+    again = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((tmp_path / "cut" / "history.csv").open())]
+    assert strip == again
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(AerialsegError, match="no checkpoint"):
+        train_run(tiny_params(), tmp_path, resume=True, datasets=small_datasets())
+
+
+def test_early_stopping_keeps_best_epoch(tmp_path, monkeypatch):
+    """Scripted validation mIoU 0.2, 0.6, 0.4, 0.3, ...: patience 2 stops after epoch 4, best = epoch 2."""
+    import aerialseg.train as train_module
+
+    scripted = iter([0.2, 0.6, 0.4, 0.3, 0.9, 0.9])
+
+    class Scripted(ConfusionMatrix):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def summary(self, class_names=()):
+            return {"mIoU": self.value}
+
+    def fake_validate(job, loader):
+        value = next(scripted)
+        return 1.0 - value, Scripted(value)
+
+    monkeypatch.setattr(train_module, "validate", fake_validate)
+    summary = train_run(tiny_params(epochs=6, patience=2), tmp_path, datasets=small_datasets())
+    assert summary["epochs_run"] == 4 and summary["early_stopped"] is True
+    assert summary["best_epoch"] == 2 and summary["best_val_mIoU"] == 0.6
+    assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 2
+
+
+# --- weights: init_from, unsafe files ----------------------------------------------------------
+
+def test_init_from_loads_matching_model_and_skips_others(tmp_path, caplog):
+    train_run(tiny_params(epochs=1), tmp_path / "pre", datasets=small_datasets())
+    saved, _ = load_model(tmp_path / "pre")
+    model = create_model(FAST)
+    assert init_weights(model, tmp_path / "pre", FAST) == str(tmp_path / "pre")
+    assert_same_weights(model.state_dict(), saved.state_dict())
+    other = create_model("segformer_b0")
+    assert init_weights(other, tmp_path / "pre", "segformer_b0") is None
+    assert "not used" in caplog.text
+    (tmp_path / "off").mkdir()
+    (tmp_path / "off" / "pretrain.json").write_text('{"enabled": false}')
+    assert init_weights(model, tmp_path / "off", FAST) is None
+    with pytest.raises(AerialsegError, match="init_from not found"):
+        init_weights(model, tmp_path / "nowhere", FAST)
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious 'model file' does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pt"
+    with evil.open("wb") as f:
+        pickle.dump({"model": _Payload(marker)}, f)
+    torch_evil = tmp_path / "evil_torch.pt"
+    torch.save({"state_dict": _Payload(marker)}, torch_evil)
+    for path in (evil, torch_evil):
+        with pytest.raises(AerialsegError, match="refusing|safely"):
+            load_checkpoint(path)
+        with pytest.raises(AerialsegError, match="safely"):
+            load_state(create_model(FAST), path)
+    assert not marker.exists()
+    torch.load(torch_evil, weights_only=False)  # proves the payload is live: unsafe loading runs it
+    assert marker.exists()
