@@ -30,3 +30,14 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data missing: {path}")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests use small tensors: one torch thread avoids OpenMP thrash on CI's 2 shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

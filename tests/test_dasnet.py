@@ -13,14 +13,6 @@ from aerialseg.models import count_parameters, create_model, get_spec
 from aerialseg.models.dasnet import PAPER_PARAMS, VARIANTS, DyConvBlock
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids thread thrash on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_parameter_counts_match_paper(name: str) -> None:

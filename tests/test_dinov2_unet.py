@@ -12,14 +12,6 @@ from aerialseg.models.dinov2_unet import DinoV2UNet
 from aerialseg.models.registry import IMAGENET_MEAN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids thread thrash on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def small_skips() -> DinoV2UNet:

@@ -15,13 +15,6 @@ from aerialseg.train import train_run
 from test_train import small_datasets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_kl_is_zero_for_identical_logits():
     logits = torch.randn(2, 5, 8, 8)

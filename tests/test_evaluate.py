@@ -25,13 +25,6 @@ METRIC_KEYS = {"mIoU", "pixel_accuracy", "mF1", "mPrecision", "mRecall", "fwIoU"
                "seed", "patches", "per_scene"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def patch(scene, row, col, size=4):
     return {"scene_name": scene, "row": row, "col": col, "height": size, "width": size, "id": f"{scene}_{row}_{col}"}

@@ -9,14 +9,6 @@ from aerialseg.models import count_parameters, create_model, get_spec
 from aerialseg.models.lwirstnet import PAPER_FLOPS, PAPER_PARAMS, Bottleneck, LWIRSTNet, SoftIoULoss, thop_style_macs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread thrash on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_parameters_match_paper() -> None:
     params = count_parameters(LWIRSTNet(classes=1))

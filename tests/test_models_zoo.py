@@ -24,13 +24,6 @@ EXPECTED_M = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_all_zoo_models_are_registered():
     assert set(EXPECTED_M) <= set(list_models())

@@ -27,14 +27,6 @@ AUGMENT = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomRotate90", "p":
            {"name": "RandomBrightnessContrast", "p": 0.5, "brightness_limit": 0.15, "contrast_limit": 0.15}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, 2 OpenMP threads can run 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def dubai_part(tile: int, part: int, scale: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
     """One Dubai image part (RGB uint8) and its class mask, downscaled by ``scale``."""
