@@ -384,7 +384,8 @@ def prune_command(
 
 @app.command("quantize")
 def quantize_command(
-    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="Model to quantize [quantize.model_dir].")] = None,
+    model_dir: Annotated[Path | None, typer.Option("--model-dir",
+                                                   help="Model to quantize [quantize.model_dir].")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder [quantize.out, else the model dir; "
                                              "ignored with --model-dir unless given].")] = None,
     params: ParamsOpt = Path("params.yaml"),
