@@ -101,10 +101,14 @@ def test_save_load_identical_outputs(tmp_path):
     assert meta["pruning"]["format"].startswith("torch-pruning-history")
     loaded, _ = load_pruned_model(tmp_path / "pruned")
     again, _ = load_model_dir(tmp_path / "pruned")
+    from aerialseg.models import load_model  # what evaluate, bundle and infer-scene use
+
+    generic, _ = load_model(tmp_path / "pruned")
     x = synthetic_batches(1, seed=5)[0][0]
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded(x))
         assert torch.equal(model(x), again(x))
+        assert torch.equal(model(x), generic(x))
     assert count_parameters(loaded) == count_parameters(model)
 
 

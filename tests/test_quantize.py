@@ -262,6 +262,7 @@ def test_real_dubai_int8_within_one_miou_point(tmp_path):
     assert accuracy["prediction_agreement"] > 0.95
 
 
+@pytest.mark.slow
 def test_cli_prune_quantize_table_on_real_data_stages(tmp_path):
     """prune -> quantize (base and pruned) -> compression-table through the CLI on real Dubai stage outputs."""
     import yaml
