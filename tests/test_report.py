@@ -72,7 +72,10 @@ def build_inputs(root: Path, optional: bool = True) -> dict:
            "metrics": str(root / "reports/metrics.json"), "confusion": str(root / "reports/confusion.json"),
            "class_shares": str(root / "data/split/class_shares.json"),
            "history": str(root / "models/*/history.csv"), "samples": str(root / "reports/samples.npz"),
-           "models": str(root / "reports/models.json"), "compare": str(root / "reports/compare.json")}
+           "models": str(root / "reports/models.json"), "compare": str(root / "reports/compare.json"),
+           "compression": str(root / "reports/compression.md")}
+    (root / "reports").mkdir(parents=True, exist_ok=True)
+    (root / "reports/compression.md").write_text("# Compression\n\n| P | Q | mIoU % |\n|---|---|---|\n|  | x | 45.3 |\n")
     if not optional:
         return {"report": cfg}
     np.savez(root / "reports/samples.npz", images=images, truth=truth, pred=pred, ids=np.array(["a", "b", "c"]))
@@ -131,14 +134,14 @@ def test_full_report(tmp_path):
 def test_missing_optional_inputs_say_not_run(tmp_path):
     params = build_inputs(tmp_path)
     report_stage(params)
-    for name in ("reports/samples.npz", "reports/compare.json", "reports/models.json",
+    for name in ("reports/samples.npz", "reports/compare.json", "reports/models.json", "reports/compression.md",
                  "data/split/class_shares.json"):
         (tmp_path / name).unlink()
     for history in tmp_path.glob("models/*/history.csv"):
         history.unlink()
     (tmp_path / "reports/confusion.json").unlink()
     text = report_stage(params).read_text()
-    assert text.count("_not run_") == 6
+    assert text.count("_not run_") == 7
     assert [p.name for p in figure_links(tmp_path / "reports/report.md")] == ["per_class_iou.png"]
     assert sorted(p.name for p in (tmp_path / "reports/figures").iterdir()) == ["per_class_iou.png"]
 
@@ -198,3 +201,14 @@ def test_cli_report(tmp_path):
     result = CliRunner().invoke(app, ["report", "--params", str(params_file)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "reports/report.md").is_file()
+
+
+def test_compression_table_is_embedded_when_present(tmp_path):
+    from aerialseg.report import _compression_section
+
+    missing = _compression_section(tmp_path / "compression.md")
+    assert "not run" in missing
+    table = tmp_path / "compression.md"
+    table.write_text("# Compression\n\n| P | Q | mIoU % |\n|---|---|---|\n|  | x | 45.34 |\n")
+    section = _compression_section(table)
+    assert "| 45.34 |" in section and "# Compression\n" not in section

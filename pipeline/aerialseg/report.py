@@ -448,6 +448,14 @@ def _definitions(metrics: dict[str, Any], compare: dict[str, Any] | None) -> str
 
 # --- the stage -----------------------------------------------------------------------------------
 
+def _compression_section(path: Path) -> str:
+    """The pruning x int8 table written by `aerialseg compression-table`, embedded as it is."""
+    if not path.is_file():
+        return f"## Compression (pruning x int8)\n\n{NOT_RUN}: `{path}` not found (run `aerialseg compression-table`)."
+    body = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
+    return "## Compression (pruning x int8)\n\n" + "\n".join(body).strip()
+
+
 def _optional_json(path: Path) -> dict[str, Any] | None:
     return stats_module.read_json(path) if path.is_file() else None
 
@@ -504,6 +512,7 @@ def report_stage(params: dict[str, Any]) -> Path:
         _samples_section(samples, made.get("samples.png"), samples_path),
         _models_section(rows, _miou_lookup(metrics, compare, rows or []), models_path),
         _compare_section(compare, made.get("seeds.png"), compare_path),
+        _compression_section(Path(cfg.get("compression", "reports/compression.md"))),
         _definitions(metrics, compare),
     ]
     return write_text(out, "\n\n".join(sections) + "\n")
