@@ -20,7 +20,7 @@ from aerialseg.errors import AerialsegError
 from aerialseg.labels import (LabelTable, MaskOptions, labels_to_masks, load_label_json, masks_stage,
                               normalize_label, parse_shapes, rasterize_shapes)
 from aerialseg.params import load_params
-from conftest import REPO, shared_path
+from conftest import REPO, SHARED_DATA, shared_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
@@ -203,14 +203,14 @@ def test_masks_stage_uses_params_sections(tmp_path):
 # --- real label files ----------------------------------------------------------------------------
 
 def format_examples() -> list[Path]:
-    root = REPO.parent / "shared" / "data" / FORMATS
+    root = SHARED_DATA / FORMATS
     found = sorted(p for p in root.rglob("*.json") if '"shapes"' in p.read_text(encoding="utf-8"))
     return found or [root / "missing.json"]
 
 
 @pytest.mark.parametrize("path", format_examples(), ids=lambda p: p.name)
 def test_every_format_example_converts(path, tmp_path):
-    path = shared_path(FORMATS, str(path.relative_to(REPO.parent / "shared" / "data" / FORMATS)))
+    path = shared_path(FORMATS, str(path.relative_to(SHARED_DATA / FORMATS)))
     doc = load_label_json(path)
     labels = sorted({normalize_label(s["label"]) for s in doc["shapes"]})
     table = LabelTable({lbl: (IGNORE if lbl == "__ignore__" else 1 + i % 4) for i, lbl in enumerate(labels)})
