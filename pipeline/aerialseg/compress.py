@@ -37,7 +37,7 @@ from aerialseg.errors import AerialsegError
 from aerialseg.fileio import write_json
 from aerialseg.losses import build_loss, cross_entropy
 from aerialseg.models import count_parameters, create_model, get_spec, load_model, load_state, save_model
-from aerialseg.params import section
+from aerialseg.params import check_keys, section
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,7 @@ class PruneConfig:
     @classmethod
     def from_params(cls, values: dict[str, Any]) -> "PruneConfig":
         """Build from the params.yaml section; unknown keys are an error (typos must not pass silently)."""
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AerialsegError(f"unknown prune key(s) {', '.join(unknown)}", "params.yaml",
-                                 f"use only: {', '.join(cls.__dataclass_fields__)}")
+        check_keys("prune", values, cls.__dataclass_fields__)
         config = cls(**values)
         config.validate()
         return config

@@ -35,3 +35,11 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise AerialsegError(f"section '{name}' must be a mapping", DEFAULT_PARAMS)
     return value
+
+
+def check_keys(name: str, values: dict[str, Any], allowed: Any) -> None:
+    """Unknown keys in a section are an error: a typo must not pass silently."""
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise AerialsegError(f"unknown {name} key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
+                             f"use only: {', '.join(allowed)}")

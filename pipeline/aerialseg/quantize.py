@@ -47,7 +47,7 @@ from aerialseg.export import INPUT_NAME, check_parity, export_onnx, parity_tiles
 from aerialseg.fileio import atomic_path, write_json, write_text
 from aerialseg.metrics import BoundaryF1, ConfusionMatrix
 from aerialseg.models import ModelSpec, count_parameters, get_spec
-from aerialseg.params import section
+from aerialseg.params import check_keys, section
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ class QuantizeConfig:
     @classmethod
     def from_params(cls, values: dict[str, Any]) -> "QuantizeConfig":
         """Build from the params.yaml section; unknown keys are an error."""
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise AerialsegError(f"unknown quantize key(s) {', '.join(unknown)}", "params.yaml",
-                                 f"use only: {', '.join(cls.__dataclass_fields__)}")
+        check_keys("quantize", values, cls.__dataclass_fields__)
         config = cls(**values)
         config.validate()
         return config
@@ -505,9 +502,7 @@ def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[n
 def compression_table_run(params: dict[str, Any]) -> dict[str, Any]:
     """The `aerialseg compression-table` stage (entries from quantize.table)."""
     config = QuantizeConfig.from_params(section(params, "quantize"))
-    unknown = sorted(set(config.table) - set(TableConfig.__dataclass_fields__))
-    if unknown:
-        raise AerialsegError(f"unknown quantize.table key(s) {', '.join(unknown)}", "params.yaml")
+    check_keys("quantize.table", config.table, TableConfig.__dataclass_fields__)
     table = TableConfig(**config.table)
     if not table.entries:
         raise AerialsegError("quantize.table.entries is empty", "params.yaml",
