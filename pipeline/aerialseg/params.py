@@ -8,11 +8,14 @@ import yaml
 from aerialseg.errors import AerialsegError
 
 DEFAULT_PARAMS = Path("params.yaml")
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # editable install: the checkout's
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read params.yaml; check the named top-level sections are present."""
     path = Path(path)
+    if not path.is_file() and path == DEFAULT_PARAMS and REPO_PARAMS.is_file():
+        path = REPO_PARAMS  # outside the repository: the defaults of the checkout aerialseg runs from
     if not path.is_file():
         raise AerialsegError("params file not found", path, "run from the repository root or pass --params")
     try:
