@@ -424,14 +424,9 @@ def load_model_dir(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def open_split(params: dict[str, Any], split: str, augmented: bool = False) -> Any:
     """The data stage's PatchDataset of one split (augmented copies only when asked, train only)."""
-    from aerialseg.data import PatchDataset
+    from aerialseg.data import PatchDataset, stage_outputs
 
-    manifest = Path(section(params, "tiles").get("out", "data/tiles")) / "manifest.json"
-    split_file = Path(section(params, "split").get("out", "data/split")) / "split.json"
-    augmented_dir = Path(section(params, "augment").get("out", "data/augmented"))
-    for path, stage in ((manifest, "tiles"), (split_file, "split")):
-        if not path.is_file():
-            raise AerialsegError(f"{stage} stage output not found", path, f"run `aerialseg {stage}` first")
+    manifest, split_file, augmented_dir = stage_outputs(params)
     use_aug = augmented and split == "train" and augmented_dir.is_dir()
     dataset = PatchDataset(manifest, split_file, split, None, augmented_dir if use_aug else None)
     if len(dataset) == 0:

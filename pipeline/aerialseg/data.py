@@ -228,3 +228,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSeededSampler(base, dataset, generator),
                       num_workers=num_workers, collate_fn=collate_patches, worker_init_fn=seed_worker,
                       generator=generator, drop_last=drop_last, persistent_workers=False)
+
+
+def stage_outputs(params: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """(manifest, split file, augmented dir) from params; a missing tiles/split output is a user error."""
+    from aerialseg.params import section
+
+    manifest = Path(section(params, "tiles").get("out", "data/tiles")) / "manifest.json"
+    split_file = Path(section(params, "split").get("out", "data/split")) / "split.json"
+    augmented = Path(section(params, "augment").get("out", "data/augmented"))
+    for path, stage in ((manifest, "tiles"), (split_file, "split")):
+        if not path.is_file():
+            raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
+    return manifest, split_file, augmented

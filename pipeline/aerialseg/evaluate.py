@@ -84,13 +84,9 @@ def sample_indices(count: int, samples: int) -> set[int]:
 
 def split_dataset(params: dict[str, Any], split: str) -> Dataset:
     """The patches of one split (no augmentation) from the tiles and split stage outputs."""
-    from aerialseg.data import PatchDataset
+    from aerialseg.data import PatchDataset, stage_outputs
 
-    manifest = Path(section(params, "tiles").get("out", "data/tiles")) / "manifest.json"
-    split_file = Path(section(params, "split").get("out", "data/split")) / "split.json"
-    for path, stage in ((manifest, "tiles"), (split_file, "split")):
-        if not path.is_file():
-            raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
+    manifest, split_file, _ = stage_outputs(params)
     return PatchDataset(manifest, split_file, split)
 
 

@@ -44,3 +44,16 @@ def write_text(dest: str | Path, text: str) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(dest)
+
+
+def read_stage_json(path: str | Path, what: str, stage: str) -> Any:
+    """Read a stage's JSON output; missing or broken files name the stage to (re)run."""
+    from aerialseg.errors import AerialsegError
+
+    path = Path(path)
+    if not path.is_file():
+        raise AerialsegError(f"{what} not found", path, f"run aerialseg {stage} first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AerialsegError(f"not valid JSON ({exc})", path, f"rerun aerialseg {stage}") from None

@@ -413,15 +413,10 @@ def file_sha256(path: str | Path) -> str:
 
 def load_split(path: str | Path) -> dict[str, Any]:
     """Read data/split/split.json with a clear error when it is missing or broken."""
-    import json
+    from aerialseg.fileio import read_stage_json
 
     path = Path(path)
-    if not path.is_file():
-        raise AerialsegError("split file not found", path, "run aerialseg split first")
-    try:
-        split = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AerialsegError(f"not valid JSON ({exc})", path, "rerun aerialseg split") from None
+    split = read_stage_json(path, "split file", "split")
     if not isinstance(split, dict) or not isinstance(split.get("splits"), dict):
         raise AerialsegError("not a split file (no 'splits')", path, "rerun aerialseg split")
     return split

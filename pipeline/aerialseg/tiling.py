@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from aerialseg.classes import CLASS_NAMES, IGNORE, NUM_CLASSES, colorize
 from aerialseg.errors import AerialsegError
-from aerialseg.fileio import atomic_path, write_json, write_text
+from aerialseg.fileio import atomic_path, read_stage_json, write_json, write_text
 from aerialseg.params import DEFAULT_PARAMS, section
 from aerialseg.raster import is_georeferenced, open_raster, valid_mask
 
@@ -195,12 +195,7 @@ def patch_id(scene_name: str, row: int, col: int) -> str:
 
 def read_mask_index(path: Path) -> list[dict[str, Any]]:
     """data/masks/index.json: a list of {scene, mask, labels, georeferenced}."""
-    if not path.is_file():
-        raise AerialsegError("mask index not found", path, "run aerialseg label-to-mask first")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AerialsegError(f"not valid JSON ({exc})", path, "rerun aerialseg label-to-mask") from None
+    entries = read_stage_json(path, "mask index", "label-to-mask")
     if isinstance(entries, dict):  # tolerate {"scenes": [...]}
         entries = entries.get("scenes", entries.get("entries"))
     if not isinstance(entries, list) or not entries:
@@ -410,12 +405,7 @@ def totals(scenes: list[dict[str, Any]], patches: list[dict[str, Any]]) -> dict[
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read data/tiles/manifest.json with a clear error when it is missing or broken."""
     path = Path(path)
-    if not path.is_file():
-        raise AerialsegError("tile manifest not found", path, "run aerialseg tiles first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AerialsegError(f"not valid JSON ({exc})", path, "rerun aerialseg tiles") from None
+    manifest = read_stage_json(path, "tile manifest", "tiles")
     if not isinstance(manifest, dict) or "patches" not in manifest:
         raise AerialsegError("not a tile manifest (no 'patches')", path, "rerun aerialseg tiles")
     return manifest

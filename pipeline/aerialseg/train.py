@@ -693,14 +693,9 @@ def apply_overrides(params: dict[str, Any], model: str | None = None, seed: int 
 def patch_datasets(params: dict[str, Any]) -> tuple[tuple[Dataset, Dataset], dict[str, Any]]:
     """Train (augmented) and val datasets from the tiles/split/augment stage outputs, and their identity."""
     from aerialseg.augment import build_transform
-    from aerialseg.data import PatchDataset
+    from aerialseg.data import PatchDataset, stage_outputs
 
-    manifest = Path(section(params, "tiles").get("out", "data/tiles")) / "manifest.json"
-    split_file = Path(section(params, "split").get("out", "data/split")) / "split.json"
-    augmented = Path(section(params, "augment").get("out", "data/augmented"))
-    for path, stage in ((manifest, "tiles"), (split_file, "split")):
-        if not path.is_file():
-            raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
+    manifest, split_file, augmented = stage_outputs(params)
     online = bool(section(params, "train").get("online_augment", True))
     transform = build_transform(section(params, "augment")) if online else None
     train = PatchDataset(manifest, split_file, "train", transform, augmented if augmented.is_dir() else None)
