@@ -12,7 +12,7 @@ Parts (each result is merged into reports/bench_infer.json and printed as a tabl
 - throughput: Mpx/s of infer-scene with the PyTorch and the ONNX Runtime backends (same crop, model);
 - memory: peak RSS (VmHWM of a fresh subprocess; its ru_maxrss is also recorded, but on Linux it counts
   the parent's pages inherited through fork/exec) at 1x and 4x the scene's area, 4x = the same width
-  and 4x the height (memory depends on the width, not the height: see aerialseg.infer); with a tiny
+  and 4x the height (memory depends on the width, not the height: see aerialseg.inference.scene); with a tiny
   fully convolutional model (``bench_tiny_fcn``, 3x3 conv 3->8 + 1x1 conv 8->5) so the large runs finish
   in minutes on 2 shared cores; ``--wide`` also runs 2x width x 2x height (expected to grow with width);
 - naive: the same 1x scene through a naive implementation that holds the whole scene and a full
@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 import aerialseg  # noqa: F401
-from aerialseg.bundle import Bundle, build_bundle, open_bundle
-from aerialseg.infer import InferOptions, infer_scene
+from aerialseg.inference.bundle import Bundle, build_bundle, open_bundle
+from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.models import create_model, list_models, register_model, save_model
-from aerialseg.stitch import tile_starts
+from aerialseg.inference.stitch import tile_starts
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "bench_tiny_fcn"

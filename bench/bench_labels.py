@@ -19,9 +19,9 @@ import rasterio
 from affine import Affine
 
 import aerialseg  # noqa: F401
-from aerialseg.labels import (LabelTable, MaskOptions, apply_valid_mask, labels_to_masks, load_label_json,
+from aerialseg.annotations.labels import (LabelTable, MaskOptions, apply_valid_mask, labels_to_masks, load_label_json,
                               parse_shapes, rasterize_shapes, resolve_scene)
-from aerialseg.mask_to_label import mask_to_shapes
+from aerialseg.annotations.polygonize import mask_to_shapes
 
 LABELS = ("building", "road", "water", "tree", "background")
 

@@ -8,7 +8,7 @@ Per model, side by side in one run:
   torch.utils.flop_counter.FlopCounterMode: FLOPs = 2 x multiply-accumulates (conv and matmul);
 - CPU latency, median of ``--runs`` after ``--warmup``, one tile, ``--threads`` threads for both PyTorch
   (eager, inference_mode) and ONNX Runtime (intra-op threads, all graph optimisations): PyTorch fp32, ONNX
-  fp32 (aerialseg.export at a fixed tile size), ONNX int8 (static QDQ, per-channel, aerialseg.quantize;
+  fp32 (aerialseg.compression.onnx_export at a fixed tile size), ONNX int8 (static QDQ, per-channel, aerialseg.compression.quantize;
   calibrated on the data stage's train tiles with ``--model-dir``, else on smooth random tiles), and with
   ``--dynamic`` dynamic int8 too (slower than fp32 on conv nets);
 - int8 speed-up over PyTorch fp32 (goal >= 2.5x) and, with ``--model-dir`` (trained models), the ΔmIoU
@@ -30,11 +30,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import aerialseg  # noqa: F401  (offline defaults and the torchvision fix come first)
-from aerialseg.compress import load_model_dir
-from aerialseg.errors import AerialsegError
-from aerialseg.fileio import write_json
+from aerialseg.compression.prune import load_model_dir
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import write_json
 from aerialseg.models import count_parameters, create_model, get_spec, list_models
-from aerialseg.quantize import (
+from aerialseg.compression.quantize import (
     INT8_NAME,
     QuantizeConfig,
     TileCalibrationReader,
@@ -202,7 +202,7 @@ def load_data(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train (calibration) and val tiles of the data stage, for trained model directories only."""
     if not args.model_dir:
         return None
-    from aerialseg.params import load_params
+    from aerialseg.core.config import load_params
 
     params = load_params(args.params)
     train, _ = split_tiles(params, "train", args.calibration_tiles)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from aerialseg.augment import augment_stage, build_transform, seed_transform
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
-from aerialseg.split import split_stage
-from aerialseg.tiling import tiles_stage
+from aerialseg.data.augment import augment_stage, build_transform, seed_transform
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.data.split import split_stage
+from aerialseg.data.tiling import tiles_stage
 from test_tiling import dubai_pairs, dubai_scene, stage_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.bundle import MANIFEST, build_bundle, make_manifest, open_bundle, sha256_file
-from aerialseg.errors import AerialsegError
+from aerialseg.inference.bundle import MANIFEST, build_bundle, make_manifest, open_bundle, sha256_file
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models import list_models, register_model, save_model
 
 TOY = "toy_fcn_bundle"

@@ -7,8 +7,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from aerialseg.classes import IGNORE
-from aerialseg.compress import (
+from aerialseg.core.classes import IGNORE
+from aerialseg.compression.prune import (
     PruneConfig,
     TaylorFilterImportance,
     apply_pruning_plan,
@@ -25,7 +25,7 @@ from aerialseg.compress import (
     save_pruned_model,
     taylor_filter_scores,
 )
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models import count_parameters, create_model, save_model
 
 SIZE = 64

@@ -9,12 +9,12 @@ import pytest
 import rasterio
 import torch
 
-from aerialseg.augment import augment_stage, build_transform
-from aerialseg.classes import IGNORE
-from aerialseg.data import PatchDataset, collate_patches, make_loader, npz_member
-from aerialseg.errors import AerialsegError
-from aerialseg.split import split_stage
-from aerialseg.tiling import load_manifest, tiles_stage
+from aerialseg.data.augment import augment_stage, build_transform
+from aerialseg.core.classes import IGNORE
+from aerialseg.data.datasets import PatchDataset, collate_patches, make_loader, npz_member
+from aerialseg.core.errors import AerialsegError
+from aerialseg.data.split import split_stage
+from aerialseg.data.tiling import load_manifest, tiles_stage
 from conftest import shared_path
 from test_tiling import dubai_pairs, dubai_scene, stage_params, write_index
 

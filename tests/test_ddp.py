@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from aerialseg.ddp import DistInfo, env_info
-from aerialseg.train import TrainConfig, fit, make_train_loader
+from aerialseg.training.ddp import DistInfo, env_info
+from aerialseg.training.train import TrainConfig, fit, make_train_loader
 from conftest import shared_path
 from test_train import small_datasets
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models import count_parameters, create_model, get_spec, load_model, save_model
 from aerialseg.models.dinov2_unet import DinoV2UNet
 from aerialseg.models.registry import IMAGENET_MEAN

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aerialseg.classes import IGNORE
-from aerialseg.distil import agreement, distil_run, student_params
-from aerialseg.errors import AerialsegError
-from aerialseg.losses import distillation_kl
+from aerialseg.core.classes import IGNORE
+from aerialseg.training.distill import agreement, distil_run, student_params
+from aerialseg.core.errors import AerialsegError
+from aerialseg.training.losses import distillation_kl
 from aerialseg.models import create_model
-from aerialseg.train import train_run
+from aerialseg.training.train import train_run
 from test_train import small_datasets
 
 

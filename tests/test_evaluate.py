@@ -8,15 +8,15 @@ import pytest
 import rasterio
 import torch
 
-from aerialseg.augment import augment_stage
-from aerialseg.classes import CLASS_NAMES, IGNORE
-from aerialseg.errors import AerialsegError
-from aerialseg.evaluate import Ownership, evaluate_run, sample_indices
-from aerialseg.metrics import ConfusionMatrix
+from aerialseg.data.augment import augment_stage
+from aerialseg.core.classes import CLASS_NAMES, IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.evaluation.evaluate import Ownership, evaluate_run, sample_indices
+from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import create_model, get_spec, load_model, save_model
-from aerialseg.split import split_stage
-from aerialseg.tiling import tiles_stage
-from aerialseg.train import ArrayPatchDataset, forward_logits, patch_datasets, train_run
+from aerialseg.data.split import split_stage
+from aerialseg.data.tiling import tiles_stage
+from aerialseg.training.train import ArrayPatchDataset, forward_logits, patch_datasets, train_run
 from test_tiling import dubai_scene, stage_params, write_index, write_pair
 from test_train import small_datasets
 

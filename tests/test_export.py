@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.bundle import MANIFEST, build_bundle
-from aerialseg.errors import AerialsegError
-from aerialseg.export import (check_parity, deepness_metadata, export_bundle_onnx, export_onnx, onnx_session,
+from aerialseg.inference.bundle import MANIFEST, build_bundle
+from aerialseg.core.errors import AerialsegError
+from aerialseg.compression.onnx_export import (check_parity, deepness_metadata, export_bundle_onnx, export_onnx, onnx_session,
                               parity_tiles, run_onnx)
 from aerialseg.models import create_model, list_models, register_model, save_model
 

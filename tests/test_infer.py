@@ -14,11 +14,11 @@ from rasterio.transform import from_origin
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.bundle import build_bundle
-from aerialseg.errors import AerialsegError
-from aerialseg.infer import InferOptions, infer_scene, make_predictor
+from aerialseg.inference.bundle import build_bundle
+from aerialseg.core.errors import AerialsegError
+from aerialseg.inference.scene import InferOptions, infer_scene, make_predictor
 from aerialseg.models import list_models, register_model, save_model
-from aerialseg.raster import valid_mask
+from aerialseg.geo.raster import valid_mask
 
 from conftest import SHARED_DATA, shared_path
 
@@ -156,7 +156,7 @@ def test_gsd_mismatch_warns_and_resamples(bundle, tmp_path, caplog):
     coarse = rasterio.open(shared_path("geotiff-samples", "deepforest", "test_tiled.tif")).read(
         window=rasterio.windows.Window(100, 100, 300, 260))
     scene = _write_scene(tmp_path / "coarse.tif", coarse, transform=from_origin(300000, 2800000, 0.25, 0.25))
-    with caplog.at_level(logging.WARNING, logger="aerialseg.infer"):
+    with caplog.at_level(logging.WARNING, logger="aerialseg.inference.scene"):
         result = infer_scene(scene, bundle, tmp_path / "rs.tif", _opts(confidence=True))
     assert "training GSD" in caplog.text and result.scale == pytest.approx(2.5)
     assert result.tiles == 4 * 3  # 750 x 650 model-grid px in 256 px tiles, stride 224
@@ -164,7 +164,7 @@ def test_gsd_mismatch_warns_and_resamples(bundle, tmp_path, caplog):
         assert out.shape == src.shape and out.transform == src.transform
         assert np.all(out.read(1) < 5)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="aerialseg.infer"):
+    with caplog.at_level(logging.WARNING, logger="aerialseg.inference.scene"):
         native = infer_scene(scene, bundle, tmp_path / "native.tif", _opts(resample=False))
     assert "--resample" in caplog.text and native.scale == 1.0 and native.tiles == 4
 
@@ -175,7 +175,7 @@ class _Boom(RuntimeError):
 
 @pytest.mark.parametrize("error", [_Boom, KeyboardInterrupt])
 def test_interrupted_run_leaves_no_output(bundle, tmp_path, monkeypatch, error):
-    import aerialseg.infer as infer_mod
+    import aerialseg.inference.scene as infer_mod
 
     real = infer_mod.bundle_predictor
 
@@ -241,7 +241,7 @@ def test_cli_infer_scene_writes_map(bundle, tmp_path, capsys, repo_root):
 
 def test_anylabeling_format(bundle, tmp_path, monkeypatch):
     try:
-        from aerialseg.mask_to_label import mask_to_shapes  # noqa: F401
+        from aerialseg.annotations.polygonize import mask_to_shapes  # noqa: F401
     except ImportError:  # the real converter is another stage's; stand in with a minimal one
         from rasterio.features import shapes
 
@@ -251,7 +251,7 @@ def test_anylabeling_format(bundle, tmp_path, monkeypatch):
                      "group_id": None, "shape_type": "polygon", "flags": {}}
                     for g, v in shapes(mask, mask=mask != 255) if v != 0]
 
-        monkeypatch.setitem(sys.modules, "aerialseg.mask_to_label",
+        monkeypatch.setitem(sys.modules, "aerialseg.annotations.polygonize",
                             types.SimpleNamespace(mask_to_shapes=mask_to_shapes))
     pixels = _real_pixels(120, 160)
     scene = _write_scene(tmp_path / "scene.tif", pixels)

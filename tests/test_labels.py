@@ -15,11 +15,11 @@ import rasterio
 from affine import Affine
 
 from aerialseg import cli
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
-from aerialseg.labels import (LabelTable, MaskOptions, labels_to_masks, load_label_json, masks_stage,
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.annotations.labels import (LabelTable, MaskOptions, labels_to_masks, load_label_json, masks_stage,
                               normalize_label, parse_shapes, rasterize_shapes)
-from aerialseg.params import load_params
+from aerialseg.core.config import load_params
 from conftest import REPO, SHARED_DATA, shared_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

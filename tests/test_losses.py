@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from aerialseg.errors import AerialsegError
-from aerialseg.losses import LOSS_NAMES, build_loss
+from aerialseg.core.errors import AerialsegError
+from aerialseg.training.losses import LOSS_NAMES, build_loss
 
 
 def _confident(target: torch.Tensor, classes: int = 5) -> torch.Tensor:

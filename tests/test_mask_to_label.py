@@ -11,10 +11,10 @@ import pytest
 import rasterio
 
 from aerialseg import cli
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
-from aerialseg.labels import LabelTable, MaskOptions, labels_to_masks
-from aerialseg.mask_to_label import (ANYLABELING_FORMAT_VERSION, mask_file_to_label, mask_to_shapes,
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.annotations.labels import LabelTable, MaskOptions, labels_to_masks
+from aerialseg.annotations.polygonize import (ANYLABELING_FORMAT_VERSION, mask_file_to_label, mask_to_shapes,
                                      masks_to_labels, mid_edge_ring)
 from conftest import REPO, shared_path
 

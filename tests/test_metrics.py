@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from aerialseg.classes import IGNORE
-from aerialseg.metrics import BoundaryF1, ConfusionMatrix, class_boundary, summarize
+from aerialseg.core.classes import IGNORE
+from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix, class_boundary, summarize
 from conftest import shared_path
 
 DUBAI_COLORS = {(60, 16, 152): 4, (132, 41, 246): 0, (110, 193, 228): 1, (254, 221, 58): 3, (226, 169, 41): 2}

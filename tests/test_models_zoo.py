@@ -4,7 +4,7 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models import count_parameters, create_model, get_spec, list_models
 from aerialseg.models.zoo import load_lite0_encoder, lite0_weights_path
 

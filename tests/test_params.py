@@ -2,8 +2,8 @@
 
 import pytest
 
-from aerialseg.errors import AerialsegError
-from aerialseg.params import DEFAULT_PARAMS, check_keys, load_params
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.config import DEFAULT_PARAMS, check_keys, load_params
 
 
 def test_default_params_resolve_outside_the_repository(tmp_path, monkeypatch):

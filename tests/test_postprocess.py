@@ -13,9 +13,9 @@ from rasterio.errors import NotGeoreferencedWarning
 from affine import Affine
 from typer.testing import CliRunner
 
-from aerialseg.errors import AerialsegError
-from aerialseg.raster import open_raster
-from aerialseg.postprocess import (
+from aerialseg.core.errors import AerialsegError
+from aerialseg.geo.raster import open_raster
+from aerialseg.inference.postprocess import (
     ObjectFilter,
     UnionFind,
     border_pairs,

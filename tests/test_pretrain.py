@@ -9,11 +9,11 @@ import pytest
 import rasterio
 import torch
 
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models import create_model, load_model
-from aerialseg.pretrain import OpenEarthMapDataset, find_pairs, pretrain_run, split_names
-from aerialseg.train import init_weights
+from aerialseg.training.pretrain import OpenEarthMapDataset, find_pairs, pretrain_run, split_names
+from aerialseg.training.train import init_weights
 from conftest import shared_path
 
 # SOURCE.md: OEM value -> (paper class) -> aerialseg class.

@@ -12,9 +12,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from aerialseg.cli import app
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models import list_models, register_model, save_model
-from aerialseg.profile import (
+from aerialseg.reporting.profile import (
     count_flops,
     count_trained_parameters,
     count_used_parameters,

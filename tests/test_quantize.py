@@ -9,11 +9,11 @@ import onnx
 import pytest
 import torch
 
-from aerialseg.compress import PruneConfig, make_criterion, prune_model, save_pruned_model
-from aerialseg.errors import AerialsegError
-from aerialseg.export import export_onnx
+from aerialseg.compression.prune import PruneConfig, make_criterion, prune_model, save_pruned_model
+from aerialseg.core.errors import AerialsegError
+from aerialseg.compression.onnx_export import export_onnx
 from aerialseg.models import create_model, get_spec, save_model
-from aerialseg.quantize import (
+from aerialseg.compression.quantize import (
     INT8_NAME,
     QuantizeConfig,
     TableConfig,
@@ -90,7 +90,7 @@ def trained_dir(tmp_path_factory, toy_data) -> Path:
 
 @pytest.fixture(scope="module")
 def fp32_onnx(tmp_path_factory, trained_dir) -> Path:
-    from aerialseg.compress import load_model_dir
+    from aerialseg.compression.prune import load_model_dir
 
     model, _ = load_model_dir(trained_dir)
     return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx", SIZE)
@@ -188,7 +188,7 @@ def test_delta_miou_gate_fails_and_writes_nothing(tmp_path, toy_data):
 
 
 def test_compression_table_rows_and_files(tmp_path, trained_dir, toy_data):
-    from aerialseg.compress import load_model_dir
+    from aerialseg.compression.prune import load_model_dir
 
     model, _ = load_model_dir(trained_dir)
     batches = [(get_spec(NAME).normalize(torch.from_numpy(np.stack(toy_data["train_images"][:6])).permute(0, 3, 1, 2)),
@@ -268,10 +268,10 @@ def test_cli_prune_quantize_table_on_real_data_stages(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from aerialseg.augment import augment_stage
+    from aerialseg.data.augment import augment_stage
     from aerialseg.cli import app
-    from aerialseg.split import split_stage
-    from aerialseg.tiling import tiles_stage
+    from aerialseg.data.split import split_stage
+    from aerialseg.data.tiling import tiles_stage
     from test_tiling import dubai_pairs, stage_params
 
     dubai_pairs(tmp_path, ("tile_2",))

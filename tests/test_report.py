@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from aerialseg.classes import CLASS_NAMES, IGNORE
+from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.cli import app
-from aerialseg.errors import AerialsegError
-from aerialseg.fileio import write_json
-from aerialseg.metrics import BoundaryF1, ConfusionMatrix
-from aerialseg.report import load_class_shares, report_stage
-from aerialseg.stats import compare_runs, load_run, write_comparison
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import write_json
+from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
+from aerialseg.reporting.report import load_class_shares, report_stage
+from aerialseg.evaluation.stats import compare_runs, load_run, write_comparison
 from conftest import shared_path
 from test_metrics import DUBAI_COLORS
 from test_stats import make_run
@@ -204,7 +204,7 @@ def test_cli_report(tmp_path):
 
 
 def test_compression_table_is_embedded_when_present(tmp_path):
-    from aerialseg.report import _compression_section
+    from aerialseg.reporting.report import _compression_section
 
     missing = _compression_section(tmp_path / "compression.md")
     assert "not run" in missing

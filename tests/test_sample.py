@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from aerialseg.labels import masks_stage
-from aerialseg.params import load_params
+from aerialseg.annotations.labels import masks_stage
+from aerialseg.core.config import load_params
 from conftest import REPO, SHARED_DATA
 
 SAMPLE = REPO / "data" / "sample"

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aerialseg.errors import AerialsegError
-from aerialseg.split import (SPLITS, SplitParams, class_shares, find_leaks, make_split, overlapping_pairs,
+from aerialseg.core.errors import AerialsegError
+from aerialseg.data.split import (SPLITS, SplitParams, class_shares, find_leaks, make_split, overlapping_pairs,
                              share_table, split_params, split_stage)
-from aerialseg.tiling import load_manifest, tiles_stage
+from aerialseg.data.tiling import load_manifest, tiles_stage
 from test_tiling import dubai_pairs, stage_params
 
 REAL_TILES = ("tile_1", "tile_2", "tile_3")

@@ -12,10 +12,10 @@ from scipy import stats as sps
 from typer.testing import CliRunner
 
 from aerialseg.cli import app
-from aerialseg.errors import AerialsegError
-from aerialseg.fileio import write_json
-from aerialseg.metrics import summarize
-from aerialseg.stats import (
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import write_json
+from aerialseg.evaluation.metrics import summarize
+from aerialseg.evaluation.stats import (
     compare_runs,
     describe,
     holm,

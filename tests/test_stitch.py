@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from aerialseg.infer import make_predictor
-from aerialseg.stitch import BandAccumulator, axis_weights, blend_scene, pad_reflect, tile_starts
+from aerialseg.inference.scene import make_predictor
+from aerialseg.inference.stitch import BandAccumulator, axis_weights, blend_scene, pad_reflect, tile_starts
 
 
 def _stitch(image: np.ndarray, predict, channels: int, tile: int, overlap: int, margin: int,

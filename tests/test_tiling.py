@@ -16,9 +16,9 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
-from aerialseg.tiling import (COUNT_KEYS, TileParams, fresh_spans, grid_windows, load_manifest, patch_fate,
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.data.tiling import (COUNT_KEYS, TileParams, fresh_spans, grid_windows, load_manifest, patch_fate,
                               tiles_stage, window_offsets)
 from conftest import shared_path
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from aerialseg.augment import build_transform
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
-from aerialseg.losses import build_loss, cross_entropy, dice_loss, focal_loss
-from aerialseg.metrics import ConfusionMatrix
+from aerialseg.data.augment import build_transform
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.training.losses import build_loss, cross_entropy, dice_loss, focal_loss
+from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import create_model, load_model, load_state
-from aerialseg.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, apply_overrides, init_weights,
+from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, apply_overrides, init_weights,
                              load_checkpoint, train_run)
 from conftest import shared_path
 
@@ -191,7 +191,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_early_stopping_keeps_best_epoch(tmp_path, monkeypatch):
     """Scripted validation mIoU 0.2, 0.6, 0.4, 0.3, ...: patience 2 stops after epoch 4, best = epoch 2."""
-    import aerialseg.train as train_module
+    import aerialseg.training.train as train_module
 
     scripted = iter([0.2, 0.6, 0.4, 0.3, 0.9, 0.9])
 

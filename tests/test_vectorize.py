@@ -9,8 +9,8 @@ import rasterio
 import shapely
 from rasterio.transform import from_origin
 
-from aerialseg.classes import OEM_TO_AERIALSEG, lut
-from aerialseg.vectorize import class_areas, polygonize_blocks, vectorize_raster, write_gpkg
+from aerialseg.core.classes import OEM_TO_AERIALSEG, lut
+from aerialseg.geo.vectorize import class_areas, polygonize_blocks, vectorize_raster, write_gpkg
 
 from conftest import shared_path
 

@@ -89,7 +89,7 @@ def scene_transform(tile: int) -> Affine:
 
 
 def write_scene(dest: Path, image: np.ndarray, transform: Affine) -> None:
-    from aerialseg.fileio import atomic_path
+    from aerialseg.core.fileio import atomic_path
 
     profile = {"driver": "GTiff", "width": image.shape[1], "height": image.shape[0], "count": 3,
                "dtype": "uint8", "crs": CRS, "transform": transform, "compress": "JPEG",
@@ -100,8 +100,8 @@ def write_scene(dest: Path, image: np.ndarray, transform: Affine) -> None:
 
 
 def write_labels(dest: Path, mask: np.ndarray, scene: Path) -> None:
-    from aerialseg.fileio import write_text
-    from aerialseg.mask_to_label import anylabeling_document, dumps_label_json, mask_to_shapes
+    from aerialseg.core.fileio import write_text
+    from aerialseg.annotations.polygonize import anylabeling_document, dumps_label_json, mask_to_shapes
 
     shapes = mask_to_shapes(mask)  # exact (simplify 0.25 px on the mid-edge contour)
     rel = Path("..") / scene.parent.name / scene.name
@@ -110,7 +110,7 @@ def write_labels(dest: Path, mask: np.ndarray, scene: Path) -> None:
 
 def check_round_trip(label_file: Path, mask: np.ndarray) -> float:
     """Fraction of pixels label-to-mask paints back as in `mask` (1.0 expected)."""
-    from aerialseg.labels import LabelTable, MaskOptions, load_label_json, parse_shapes, rasterize_shapes
+    from aerialseg.annotations.labels import LabelTable, MaskOptions, load_label_json, parse_shapes, rasterize_shapes
 
     table = LabelTable({"background": 0, "road": 1, "water": 2, "tree": 3, "building": 4, "__ignore__": 255})
     h, w = mask.shape

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import aerialseg  # noqa: F401  (offline defaults and the torchvision fix come first)
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 
 app = typer.Typer(
     help="aerialseg: labelled drone surveys -> land-cover models -> georeferenced maps.",
@@ -43,8 +43,8 @@ def label_to_mask_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Rasterise label JSON into class masks (GeoTIFF on the scene grid, else PNG) + index.json."""
-    from aerialseg.labels import masks_stage
-    from aerialseg.params import load_params
+    from aerialseg.annotations.labels import masks_stage
+    from aerialseg.core.config import load_params
 
     written = masks_stage(load_params(params), labels=labels, out=out, images=images)
     typer.echo(f"wrote {len(written)} mask(s) and {Path(written[0]).parent / 'index.json'}")
@@ -63,8 +63,8 @@ def mask_to_label_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Polygonise class masks into AnyLabeling JSON that label-to-mask paints back to the same mask."""
-    from aerialseg.mask_to_label import masks_to_labels
-    from aerialseg.params import load_params
+    from aerialseg.annotations.polygonize import masks_to_labels
+    from aerialseg.core.config import load_params
 
     for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area):
         typer.echo(f"wrote {path}")
@@ -75,8 +75,8 @@ def mask_to_label_command(
 @app.command("tiles")
 def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Index overlapping patch windows of every masked scene (data/tiles/manifest.json); drop empty ones."""
-    from aerialseg.params import load_params
-    from aerialseg.tiling import describe, load_manifest, tiles_stage
+    from aerialseg.core.config import load_params
+    from aerialseg.data.tiling import describe, load_manifest, tiles_stage
 
     manifest = tiles_stage(load_params(params))
     typer.echo(describe(load_manifest(manifest)))
@@ -86,8 +86,8 @@ def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command("split")
 def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Seeded train/val/test split of the patches by scene or spatial block, with no shared pixel."""
-    from aerialseg.params import load_params
-    from aerialseg.split import split_stage
+    from aerialseg.core.config import load_params
+    from aerialseg.data.split import split_stage
 
     typer.echo(f"wrote {split_stage(load_params(params))}")
 
@@ -95,8 +95,8 @@ def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command("augment")
 def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
-    from aerialseg.augment import augment_stage
-    from aerialseg.params import load_params
+    from aerialseg.data.augment import augment_stage
+    from aerialseg.core.config import load_params
 
     typer.echo(f"wrote {augment_stage(load_params(params))}")
 
@@ -110,8 +110,8 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/che
 @app.command("pretrain")
 def pretrain_command(params: ParamsOpt = Path("params.yaml"), out: OutOpt = None, resume: ResumeOpt = False) -> None:
     """Pretrain model.name on OpenEarthMap (pretrain.root), remapped to the 5 classes [pretrain]."""
-    from aerialseg.params import load_params
-    from aerialseg.pretrain import pretrain_run
+    from aerialseg.core.config import load_params
+    from aerialseg.training.pretrain import pretrain_run
 
     record = pretrain_run(load_params(params), out, resume=resume)
     if record["enabled"]:
@@ -131,8 +131,8 @@ def train_command(
     resume: ResumeOpt = False,
 ) -> None:
     """Train on the train split, validate on val; writes the run dir (model, checkpoints, curves)."""
-    from aerialseg.params import load_params
-    from aerialseg.train import apply_overrides, train_run
+    from aerialseg.core.config import load_params
+    from aerialseg.training.train import apply_overrides, train_run
 
     summary = train_run(apply_overrides(load_params(params), model, seed, epochs), out, resume=resume)
     typer.echo(f"{summary['model']}: best val mIoU {summary['best_val_mIoU']:.4f} at epoch {summary['best_epoch']} "
@@ -149,9 +149,9 @@ def distil_command(
     resume: ResumeOpt = False,
 ) -> None:
     """Distil a frozen teacher into a student: task loss + alpha * T^2 * KL [distil]."""
-    from aerialseg.distil import distil_run
-    from aerialseg.params import load_params
-    from aerialseg.train import apply_overrides
+    from aerialseg.training.distill import distil_run
+    from aerialseg.core.config import load_params
+    from aerialseg.training.train import apply_overrides
 
     summary = distil_run(apply_overrides(load_params(params), seed=seed), out, resume, teacher, student)
     typer.echo(f"{summary['model']}: best val mIoU {summary['best_val_mIoU']:.4f}, agreement with the teacher "
@@ -167,8 +167,8 @@ def evaluate_command(
                                                   "[evaluate.out].")] = None,
 ) -> None:
     """Metrics of a model on a split (one confusion matrix over whole scenes); writes metrics.json."""
-    from aerialseg.evaluate import evaluate_run
-    from aerialseg.params import load_params
+    from aerialseg.evaluation.evaluate import evaluate_run
+    from aerialseg.core.config import load_params
 
     metrics = evaluate_run(load_params(params), model, split, out)
     typer.echo(f"{metrics['model']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
@@ -185,8 +185,8 @@ def compare_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Mean ± std over seeds per model and paired tests between models."""
-    from aerialseg.params import load_params
-    from aerialseg.stats import compare_stage
+    from aerialseg.core.config import load_params
+    from aerialseg.evaluation.stats import compare_stage
 
     path = compare_stage(run_dirs, load_params(params), out=out, primary=metric, baseline=baseline)
     typer.echo(f"wrote {path} ({path.with_suffix('.md').name}, {path.with_suffix('.png').name})")
@@ -202,8 +202,8 @@ def run_seeds_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Train and evaluate each (model, seed) through the CLI, then compare them."""
-    from aerialseg.params import load_params
-    from aerialseg.stats import compare_stage, run_seeds
+    from aerialseg.core.config import load_params
+    from aerialseg.evaluation.stats import compare_stage, run_seeds
 
     cfg = load_params(params)
     stats_cfg = cfg.get("stats") or {}
@@ -225,8 +225,8 @@ def profile_models_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Model table: parameters (total, used), GFLOPs at a tile size, CPU latency per tile."""
-    from aerialseg.params import load_params
-    from aerialseg.profile import profile_stage
+    from aerialseg.core.config import load_params
+    from aerialseg.reporting.profile import profile_stage
 
     pairs = [item.split("=", 1) for item in onnx or []]
     if any(len(pair) != 2 for pair in pairs):
@@ -239,8 +239,8 @@ def profile_models_command(
 @app.command("report")
 def report_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """reports/report.md with figures: metrics, confusion matrix, curves, samples, model table, seeds."""
-    from aerialseg.params import load_params
-    from aerialseg.report import report_stage
+    from aerialseg.core.config import load_params
+    from aerialseg.reporting.report import report_stage
 
     typer.echo(f"wrote {report_stage(load_params(params))}")
 
@@ -271,8 +271,8 @@ def infer_scene_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Map a whole scene: seam-free tiles, constant memory, a COG on the scene's grid (QGIS-ready)."""
-    from aerialseg.infer import InferOptions, infer_scene
-    from aerialseg.params import load_params, section
+    from aerialseg.inference.scene import InferOptions, infer_scene
+    from aerialseg.core.config import load_params, section
 
     knobs = dict(section(load_params(params), "infer"))
     model = model or (Path(knobs["model"]) if knobs.get("model") else None)
@@ -297,8 +297,8 @@ def bundle_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Package a trained model for infer-scene / QGIS: weights, ONNX, manifest (classes, GSD, tiles, metrics)."""
-    from aerialseg.bundle import build_bundle, read_model_record
-    from aerialseg.params import load_params, section
+    from aerialseg.inference.bundle import build_bundle, read_model_record
+    from aerialseg.core.config import load_params, section
 
     p = load_params(params)
     cfg, exp = section(p, "bundle"), section(p, "export")
@@ -320,8 +320,8 @@ def export_onnx_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """ONNX at the bundle's tile size with Deepness metadata, checked against PyTorch (export.max_abs_diff)."""
-    from aerialseg.export import export_bundle_onnx
-    from aerialseg.params import load_params, section
+    from aerialseg.compression.onnx_export import export_bundle_onnx
+    from aerialseg.core.config import load_params, section
 
     exp = section(load_params(params), "export")
     result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
@@ -355,8 +355,8 @@ def postprocess_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Objects per class (8-connected): count, area, centroid, bbox, aspect ratio -> GeoJSON + CSV."""
-    from aerialseg.params import load_params
-    from aerialseg.postprocess import postprocess_stage
+    from aerialseg.core.config import load_params
+    from aerialseg.inference.postprocess import postprocess_stage
 
     summary = postprocess_stage(class_raster, load_params(params), out=out, classes=classes, min_area=min_area,
                                 max_area=max_area, min_aspect=min_aspect, max_aspect=max_aspect,
@@ -372,8 +372,8 @@ def prune_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Taylor filter pruning (real channel removal) + fine-tune -> pruned model dir + prune.json."""
-    from aerialseg.compress import prune_run
-    from aerialseg.params import load_params
+    from aerialseg.compression.prune import prune_run
+    from aerialseg.core.config import load_params
 
     report = prune_run(load_params(params), model_dir=model_dir, out_dir=out)
     typer.echo(f"pruned {report['model']}: {report['params_before'] / 1e6:.2f} M -> "
@@ -391,8 +391,8 @@ def quantize_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
-    from aerialseg.params import load_params
-    from aerialseg.quantize import INT8_NAME, quantize_run
+    from aerialseg.core.config import load_params
+    from aerialseg.compression.quantize import INT8_NAME, quantize_run
 
     report = quantize_run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
@@ -405,8 +405,8 @@ def quantize_command(
 @app.command("compression-table")
 def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Backbone x pruned x quantized table (paper Table II) -> reports/compression.{json,md}."""
-    from aerialseg.params import load_params
-    from aerialseg.quantize import compression_table_run
+    from aerialseg.core.config import load_params
+    from aerialseg.compression.quantize import compression_table_run
 
     result = compression_table_run(load_params(params))
     typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")

@@ -1,9 +1,14 @@
 """Model registry and the models registered in it.
 
 Each model module registers itself on import; add a new module to the imports below.
+The torchvision repair runs first: smp and timm import torchvision at import time.
 """
 
-from aerialseg.models.registry import (  # noqa: F401
+from aerialseg.models.torchvision_fix import patch_torchvision_ops
+
+patch_torchvision_ops()
+
+from aerialseg.models.registry import (  # noqa: E402, F401
     ModelSpec,
     count_parameters,
     create_model,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
 
 PATCH = 14

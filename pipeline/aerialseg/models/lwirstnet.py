@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aerialseg.classes import IGNORE
-from aerialseg.errors import AerialsegError
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models.registry import register_model
 
 PAPER_PARAMS = 0.1632e6  # table II

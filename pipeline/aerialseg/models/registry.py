@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aerialseg.errors import AerialsegError
-from aerialseg.fileio import atomic_path, write_json
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import atomic_path, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -144,7 +144,7 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     model = create_model(meta["name"], classes=meta["classes"], in_channels=meta["in_channels"], **meta["kwargs"])
     if "pruning" in meta:  # a pruned model: replay its channel-removal plan (plain JSON) before loading weights
-        from aerialseg.compress import apply_pruning_plan
+        from aerialseg.compression.prune import apply_pruning_plan
 
         apply_pruning_plan(model, meta["pruning"])
     load_state(model, directory / "model.safetensors")

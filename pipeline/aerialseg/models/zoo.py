@@ -14,7 +14,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from aerialseg.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError
 from aerialseg.models.registry import register_model
 
 HALF = (0.5, 0.5, 0.5)

@@ -1,0 +1,258 @@
+"""The model bundle: everything needed to run a trained model on a new scene, in one folder or .zip.
+
+Layout (a directory, or a .zip holding the same files at its top level):
+- ``model.safetensors`` + ``model.json``: weights and how to rebuild them (aerialseg.models.save_model);
+- ``model.onnx``: the same model for ONNX Runtime / QGIS Deepness (aerialseg.compression.onnx_export);
+- ``bundle.json``: the manifest — classes and colours, band order, normalisation, tile size, overlap,
+  training GSD, training data hash and metrics (copied from model.json extras), file checksums.
+
+A plain model directory without bundle.json still opens: its manifest is derived from model.json.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from aerialseg.core.classes import CLASS_NAMES, COLORS
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "bundle.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+ONNX = "model.onnx"
+BUNDLE_FILES = (WEIGHTS, CONFIG, ONNX, MANIFEST)
+_RECORD_KEYS = {"name", "classes", "in_channels", "kwargs", "preprocessing"}
+_DATA_HASH_KEYS = ("data_hash", "dataset_hash", "train_data_hash", "data_sha256")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_model_record(model_dir: Path) -> dict[str, Any]:
+    """model.json of a saved model (clear error when missing or unreadable)."""
+    path = Path(model_dir) / CONFIG
+    if not path.is_file():
+        raise AerialsegError("no model.json here", model_dir, "point at a directory written by `aerialseg train`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AerialsegError(f"model.json is not valid JSON (line {exc.lineno})", path, "re-save the model") from None
+
+
+def class_table(count: int) -> list[dict[str, Any]]:
+    """[{id, name, color}] for a model with ``count`` output classes (aerialseg names when they fit)."""
+    names = CLASS_NAMES if count == len(CLASS_NAMES) else tuple(f"class_{i}" for i in range(count))
+    return [{"id": i, "name": name, "color": list(COLORS[i % len(COLORS)])} for i, name in enumerate(names)]
+
+
+def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap: int | None = None,
+                  gsd_m: float | None = None) -> dict[str, Any]:
+    """A bundle manifest from a model.json record; explicit arguments win over the record's extras."""
+    pre = record.get("preprocessing") or {}
+    extras = {k: v for k, v in record.items() if k not in _RECORD_KEYS}
+    tile = int(tile_size or extras.get("tile_size") or pre.get("tile_size") or 512)
+    overlap = int(overlap if overlap is not None else extras.get("overlap", tile // 8))
+    if not 0 <= overlap < tile:
+        raise AerialsegError(f"overlap {overlap} must be >= 0 and smaller than the tile size {tile}",
+                             fix="set bundle.overlap in params.yaml")
+    gsd = gsd_m if gsd_m is not None else extras.get("gsd_m")
+    return {
+        "format": "aerialseg-bundle",
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": record["name"], "classes": int(record["classes"]),
+                  "in_channels": int(record["in_channels"]), "kwargs": record.get("kwargs") or {}},
+        "classes": class_table(int(record["classes"])),
+        "band_order": list(pre.get("band_order") or ("red", "green", "blue")[: int(record["in_channels"])]),
+        "normalization": {"mean": list(pre.get("mean") or (0.485, 0.456, 0.406)),
+                          "std": list(pre.get("std") or (0.229, 0.224, 0.225)),
+                          "formula": "(pixel / 255 - mean) / std"},
+        "pad_multiple": int(pre.get("pad_multiple") or 32),
+        "tile_size": tile,
+        "overlap": overlap,
+        "gsd_m": float(gsd) if gsd is not None else None,
+        "data_hash": next((extras[k] for k in _DATA_HASH_KEYS if k in extras), None),
+        "metrics": extras.get("metrics"),
+        "training": extras,
+    }
+
+
+def manifest_for(model_dir: str | Path, overlap: int | None = None) -> dict[str, Any]:
+    """bundle.json of a bundle directory, or a manifest derived from model.json when there is none."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise AerialsegError(f"bundle.json is not valid JSON (line {exc.lineno})", path,
+                                 "rebuild it with `aerialseg bundle`") from None
+    return make_manifest(read_model_record(model_dir), overlap=overlap)
+
+
+def file_records(bundle_dir: Path) -> dict[str, Any]:
+    """{file name: {bytes, sha256}} for the bundle files present in a directory."""
+    return {name: {"bytes": (bundle_dir / name).stat().st_size, "sha256": sha256_file(bundle_dir / name)}
+            for name in (WEIGHTS, CONFIG, ONNX) if (bundle_dir / name).is_file()}
+
+
+def update_manifest_files(bundle_dir: str | Path, parity: dict[str, Any] | None = None) -> None:
+    """Refresh the checksums (and the ONNX parity report) in an existing bundle.json; no-op without one."""
+    bundle_dir = Path(bundle_dir)
+    if not (bundle_dir / MANIFEST).is_file():
+        return
+    manifest = manifest_for(bundle_dir)
+    manifest["files"] = file_records(bundle_dir)
+    if parity is not None:
+        manifest["onnx_parity"] = parity
+    write_json(bundle_dir / MANIFEST, manifest)
+
+
+def build_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
+                 overlap: int | None = None, gsd_m: float | None = None, onnx: bool = True,
+                 archive: bool = False, max_abs_diff: float = 1e-3, opset: int = 18) -> Path:
+    """Bundle a trained model directory: copy weights, write bundle.json, export and check model.onnx.
+
+    ``out`` None bundles in place. The bundle is assembled in a temp folder beside ``out`` and renamed
+    into place (or zipped to ``out`` with a .zip suffix when ``archive``). Returns the bundle path.
+    """
+    from aerialseg.compression.onnx_export import export_bundle_onnx
+
+    model_dir = Path(model_dir)
+    record = read_model_record(model_dir)
+    if not (model_dir / WEIGHTS).is_file():
+        raise AerialsegError("no model.safetensors here", model_dir,
+                             "point at a directory written by `aerialseg train`")
+    out = Path(out) if out is not None else model_dir
+    manifest = make_manifest(record, tile_size, overlap, gsd_m)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".aerialseg-tmp-bundle-", dir=out.parent) as tmp_name:
+        stage = Path(tmp_name)
+        for name in (WEIGHTS, CONFIG):
+            shutil.copy2(model_dir / name, stage / name)
+        write_json(stage / MANIFEST, manifest)
+        if onnx:
+            export_bundle_onnx(stage, max_abs_diff=max_abs_diff, opset=opset)
+        update_manifest_files(stage)
+        if archive:
+            return _write_zip(stage, out.with_suffix(".zip"))
+        return _install_dir(stage, out)
+
+
+def _write_zip(stage: Path, dest: Path) -> Path:
+    """Zip the bundle files of ``stage`` (flat) atomically to ``dest``."""
+    with atomic_path(dest) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in BUNDLE_FILES:
+                if (stage / name).is_file():
+                    zf.write(stage / name, arcname=name)
+    return dest
+
+
+def _install_dir(stage: Path, dest: Path) -> Path:
+    """Put the staged bundle files into ``dest``: file by file (atomic renames) when it exists, else one rename.
+
+    Bundling in place (dest = the model dir) keeps the trained files; an ONNX file the stage lacks is removed.
+    """
+    if dest.exists():
+        for name in BUNDLE_FILES:
+            if (stage / name).is_file():
+                os.replace(stage / name, dest / name)
+            elif name == ONNX:
+                (dest / name).unlink(missing_ok=True)  # a stale export would not match the new weights
+        return dest
+    os.replace(stage, dest)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dest, 0o777 & ~umask)  # the temp folder was private (0700)
+    stage.mkdir()  # TemporaryDirectory cleans up the (now empty) stage path
+    return dest
+
+
+@dataclass
+class Bundle:
+    """An opened bundle: its folder and manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.manifest["tile_size"])
+
+    @property
+    def overlap(self) -> int:
+        return int(self.manifest["overlap"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.manifest["model"]["in_channels"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["model"]["classes"])
+
+    @property
+    def gsd_m(self) -> float | None:
+        gsd = self.manifest.get("gsd_m")
+        return float(gsd) if gsd else None
+
+    @property
+    def mean(self) -> list[float]:
+        return [float(v) for v in self.manifest["normalization"]["mean"]]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(v) for v in self.manifest["normalization"]["std"]]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / ONNX
+
+    def load_torch(self) -> nn.Module:
+        """The PyTorch model in eval mode (weights-only load)."""
+        from aerialseg.models import load_model
+
+        return load_model(self.root)[0]
+
+
+@contextmanager
+def open_bundle(path: str | Path, overlap: int | None = None) -> Iterator[Bundle]:
+    """Open a bundle directory or .zip (extracted to a temp folder removed on exit)."""
+    path = Path(path)
+    if path.is_dir():
+        yield Bundle(path, manifest_for(path, overlap=overlap))
+        return
+    if not path.is_file():
+        raise AerialsegError("model bundle not found", path, "give a bundle directory or .zip (`aerialseg bundle`)")
+    if not zipfile.is_zipfile(path):
+        raise AerialsegError("not a bundle directory or .zip archive", path, "rebuild it with `aerialseg bundle --zip`")
+    with tempfile.TemporaryDirectory(prefix="aerialseg-bundle-") as tmp_name:
+        root = Path(tmp_name)
+        with zipfile.ZipFile(path) as zf:
+            names = {Path(n).name: n for n in zf.namelist() if Path(n).name in BUNDLE_FILES}
+            for name, member in names.items():  # only known flat names: no path traversal
+                with zf.open(member) as src, open(root / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        yield Bundle(root, manifest_for(root, overlap=overlap))

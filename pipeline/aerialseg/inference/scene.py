@@ -1,0 +1,498 @@
+"""infer-scene: a trained model over a whole orthophoto of any size -> a map that opens in QGIS as it is.
+
+The scene is read one band of tile rows at a time (``aerialseg.inference.stitch.blend_scene``): overlapping tiles,
+blended with weights that sum to one at every pixel, so there are no seams and no dropped edges.
+Finished rows go straight to a tiled GeoTIFF temp file (whole block rows at a time); at the end that
+file becomes a Cloud-Optimized GeoTIFF (deflate, mode overviews, colour table, nodata 255) on the
+scene's grid, renamed into place only when everything succeeded.
+
+Memory does not depend on the scene's height or area, only on its width W, the tile size T, the
+number of classes K, the input bands B and the batch N (bytes):
+
+    peak ~= model + activations(N x T x T) + 4*N*T*T*(B + 2K)         (one batch in and out)
+            + 4*K*T*W                                                 (float32 band accumulator)
+            + B*T*W (+ B*T*W when resampling)                         (the band's pixels)
+            + 2*(512 + T)*W                                           (class/confidence row buffers)
+            + GDAL block cache (capped: infer.gdal_cache_mb, 128 MB)
+
+e.g. K=5, B=3, T=512, N=8, W=8192: accumulator 84 MB, pixels 13 MB, buffers 17 MB. With ``--resample``
+the same holds on the model's grid (W scaled by scene GSD / model GSD).
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+from tqdm import tqdm
+
+from aerialseg.inference.bundle import Bundle, open_bundle
+from aerialseg.core.classes import IGNORE, colorize, colormap
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import atomic_path
+from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2, valid_mask
+from aerialseg.inference.stitch import ReadRows, blend_scene, tile_starts
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx")
+FORMATS = ("geotiff", "anylabeling")
+FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+EMIT_ROWS = 128  # rows classified at a time (bounds argmax temporaries)
+
+
+@dataclass
+class InferOptions:
+    """Every knob of infer-scene (params.yaml section ``infer``; CLI flags override)."""
+
+    overlap: int | None = None  # px; None = the bundle's
+    margin_px: int | None = None  # px of each inner overlap a tile does not vote on; None = overlap // 4
+    batch: int = 8
+    tta: bool = False
+    backend: str = "torch"
+    device: str = "auto"  # auto | cpu | cuda
+    confidence: bool = False
+    vectors: bool = False
+    areas: bool = False
+    preview: bool = True
+    format: str = "geotiff"
+    resample: bool = True
+    gsd_tolerance: float = 1.5
+    min_area_px: float = 16.0
+    simplify_px: float = 0.0
+    vector_skip: list[str] = field(default_factory=lambda: ["background"])
+    vector_block: int = 2048
+    cog_blocksize: int = 512
+    gdal_cache_mb: int = 128  # GDAL block cache cap (its default, 5 % of RAM, would grow with the scene)
+    out_dir: str = "outputs/infer"
+    progress: bool = True
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], **overrides: Any) -> "InferOptions":
+        """Options from a params section; overrides that are not None win; unknown keys are errors."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise AerialsegError(f"unknown key(s) in section 'infer': {', '.join(unknown)}", "params.yaml",
+                                 f"use: {', '.join(sorted(names))}")
+        values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise AerialsegError(f"unknown backend '{self.backend}'", fix=f"use one of: {', '.join(BACKENDS)}")
+        if self.format not in FORMATS:
+            raise AerialsegError(f"unknown format '{self.format}'", fix=f"use one of: {', '.join(FORMATS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise AerialsegError(f"unknown device '{self.device}'", fix="use auto, cpu or cuda")
+        if self.batch < 1:
+            raise AerialsegError(f"batch must be >= 1, got {self.batch}", fix="pass --batch 1 or more")
+
+
+@dataclass
+class InferResult:
+    """What infer-scene wrote and how long it took."""
+
+    outputs: dict[str, str]
+    width: int
+    height: int
+    tiles: int
+    seconds: float
+    mpx_per_s: float
+    scale: float
+    backend: str
+    device: str
+
+    def summary(self) -> str:
+        return (f"infer-scene: {self.width}x{self.height} px, {self.tiles} tiles, {self.seconds:.1f} s, "
+                f"{self.mpx_per_s:.2f} Mpx/s ({self.backend}/{self.device}) -> {self.outputs.get('map')}")
+
+
+# --- the model as a function of uint8 tiles ---------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AerialsegError("CUDA requested but not available", fix="use --device cpu or auto")
+    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def make_predictor(logits_fn: Callable[[torch.Tensor], torch.Tensor], mean: list[float], std: list[float],
+                   device: torch.device, tta: bool = False, activation: str = "softmax",
+                   pad_multiple: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 (N, B, T, T) -> float32 (N, K, T, T): normalise, run, softmax, mean over flips when ``tta``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    scale_t, shift_t = 1.0 / std_t, -mean_t / std_t
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = logits_fn(x).float()
+        return torch.softmax(out, dim=1) if activation == "softmax" else out
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(tiles)).to(device, torch.float32, copy=True)
+            x = x.mul_(scale_t).add_(shift_t)  # (x - mean) / std, in place
+            h, w = x.shape[-2:]
+            ph, pw = (-h) % pad_multiple, (-w) % pad_multiple
+            if ph or pw:
+                x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
+            probs = run(x)
+            if tta:
+                for dims in FLIPS[1:]:
+                    probs = probs + run(x.flip(dims)).flip(dims)
+                probs = probs / len(FLIPS)
+            return probs[..., :h, :w].cpu().numpy()
+
+    return predict
+
+
+def bundle_predictor(bundle: Bundle, backend: str, device: torch.device,
+                     tta: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """The bundle's model (PyTorch or ONNX Runtime) as a uint8-tiles -> probabilities function."""
+    if backend == "onnx":
+        from aerialseg.compression.onnx_export import onnx_session, run_onnx
+
+        session = onnx_session(bundle.onnx_path, "cuda" if device.type == "cuda" else "cpu")
+
+        def logits_fn(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(run_onnx(session, x.cpu().numpy())).to(device)
+
+        return make_predictor(logits_fn, bundle.mean, bundle.std, device, tta)
+    model = bundle.load_torch().to(device)
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            out = model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    pad_multiple = int(bundle.manifest.get("pad_multiple") or 1)
+    return make_predictor(logits_fn, bundle.mean, bundle.std, device, tta, pad_multiple=pad_multiple)
+
+
+# --- the scene -------------------------------------------------------------------------------
+
+def scene_bands(ds: rasterio.DatasetReader, expected: int, path: Path) -> list[int]:
+    """1-based band indexes to feed the model: all bands but alpha; wrong count -> AerialsegError."""
+    bands = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
+    if len(bands) != expected:
+        alpha = ds.count - len(bands)
+        raise AerialsegError(f"scene has {len(bands)} image band(s){f' (+{alpha} alpha)' if alpha else ''}, "
+                             f"the model expects {expected}", path,
+                             f"give a {expected}-band scene in the model's band order")
+    return bands
+
+
+def scene_gsd_m(ds: rasterio.DatasetReader) -> float | None:
+    """Pixel size in metres (square root of the pixel area); geographic CRSs approximated at the centre."""
+    area = pixel_area_m2(ds)
+    if area:
+        return math.sqrt(area)
+    if not is_georeferenced(ds) or not ds.crs.is_geographic:
+        return None
+    _, lat = ds.transform * (ds.width / 2, ds.height / 2)
+    dx = abs(ds.transform.a) * 111_320.0 * math.cos(math.radians(lat))
+    dy = abs(ds.transform.e) * 110_574.0
+    return math.sqrt(dx * dy) if dx > 0 and dy > 0 else None
+
+
+def resample_scale(ds: rasterio.DatasetReader, bundle: Bundle, options: InferOptions, path: Path) -> float:
+    """Model-grid pixels per scene pixel: 1, or scene GSD / bundle GSD when far apart and resampling is on."""
+    gsd, trained = scene_gsd_m(ds), bundle.gsd_m
+    if gsd is None or not trained:
+        if trained:
+            log.warning("%s: pixel size unknown (no usable georeference): running at native resolution", path)
+        return 1.0
+    factor = gsd / trained
+    if max(factor, 1.0 / factor) <= options.gsd_tolerance:
+        return 1.0
+    if not options.resample:
+        log.warning("%s: pixel size %.3g m is %.2fx the training GSD %.3g m; predictions may suffer "
+                    "(--resample reads windows at the training GSD)", path, gsd, factor, trained)
+        return 1.0
+    log.warning("%s: pixel size %.3g m is %.2fx the training GSD %.3g m: reading windows at %.3g m, "
+                "writing on the scene's grid", path, gsd, factor, trained, trained)
+    return factor
+
+
+@dataclass
+class Grid:
+    """The model's grid over the scene: ``scale`` model pixels per scene pixel (1 = the scene's grid)."""
+
+    height: int
+    width: int
+    scale: float = 1.0
+
+    @property
+    def model_height(self) -> int:
+        return max(1, int(self.height * self.scale)) if self.scale != 1.0 else self.height
+
+    @property
+    def model_width(self) -> int:
+        return max(1, int(self.width * self.scale)) if self.scale != 1.0 else self.width
+
+    def model_index(self, n: int, model_n: int) -> np.ndarray:
+        """Model-grid index of each scene pixel centre along one axis (nearest)."""
+        return np.minimum(((np.arange(n) + 0.5) * self.scale).astype(np.int64), model_n - 1)
+
+
+def make_reader(ds: rasterio.DatasetReader, bands: list[int], grid: Grid) -> ReadRows:
+    """read_rows(row, rows) on the model grid: windowed reads, resampled when the grid's scale is not 1."""
+    if grid.scale == 1.0:
+        return lambda row, rows: ds.read(bands, window=Window(0, row, ds.width, rows))
+    method = Resampling.average if grid.scale < 1.0 else Resampling.bilinear
+
+    def read_rows(row: int, rows: int) -> np.ndarray:
+        top = row / grid.scale
+        height = min(rows / grid.scale, ds.height - top)
+        return ds.read(bands, window=Window(0, top, ds.width, height),
+                       out_shape=(len(bands), rows, grid.model_width), resampling=method)
+
+    return read_rows
+
+
+class RowWriter:
+    """Writes consecutive full-width rows into band 1 of a tiled GeoTIFF, whole block rows at a time."""
+
+    def __init__(self, dst: rasterio.io.DatasetWriter, block_rows: int):
+        self.dst, self.block_rows = dst, block_rows
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.next_row = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        if self.pending_rows >= self.block_rows:
+            self._flush(self.pending_rows - self.pending_rows % self.block_rows)
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, count: int) -> None:
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.dst.write(data[:count], 1, window=Window(0, self.next_row, self.dst.width, count))
+        self.next_row += count
+        rest = data[count:]
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
+
+
+def emit_rows(band: np.ndarray, band_top: int, row_index: np.ndarray | None, col_index: np.ndarray | None,
+              confidence: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Finished model-grid rows (K, d, w) -> (scene row, classes uint8, confidence uint8 or None) chunks.
+
+    ``row_index``/``col_index`` map scene pixels to model-grid pixels (None: the same grid).
+    """
+    if row_index is None:
+        first, last = band_top, band_top + band.shape[1]
+    else:
+        first = int(np.searchsorted(row_index, band_top, side="left"))
+        last = int(np.searchsorted(row_index, band_top + band.shape[1], side="left"))
+    for start in range(first, last, EMIT_ROWS):
+        stop = min(start + EMIT_ROWS, last)
+        if row_index is None:
+            probs = band[:, start - band_top:stop - band_top]
+        else:
+            probs = band[:, row_index[start:stop] - band_top][:, :, col_index]
+        classes = probs.argmax(axis=0).astype(np.uint8)
+        conf = np.clip(probs.max(axis=0) * 255.0 + 0.5, 0, 255).astype(np.uint8) if confidence else None
+        yield start, classes, conf
+
+
+def temp_profile(ds: rasterio.DatasetReader, nodata: int, blocksize: int) -> dict[str, Any]:
+    """Tiled deflate (level 1) uint8 profile on the scene's grid for the stripe temp files."""
+    return {"driver": "GTiff", "width": ds.width, "height": ds.height, "count": 1, "dtype": "uint8",
+            "crs": ds.crs, "transform": ds.transform, "nodata": nodata, "tiled": True,
+            "blockxsize": blocksize, "blockysize": blocksize, "compress": "deflate", "zlevel": 1,
+            "bigtiff": "if_safer"}
+
+
+def predict_scene(ds: rasterio.DatasetReader, bands: list[int], predict: Callable[[np.ndarray], np.ndarray],
+                  classes: int, tile: int, overlap: int, margin: int, batch: int, grid: Grid, class_path: Path,
+                  confidence_path: Path | None = None, blocksize: int = 512,
+                  progress: bool = True) -> tuple[np.ndarray, int]:
+    """Blend tiles over the scene into a class GeoTIFF (+ confidence); returns (pixel counts per value, tiles)."""
+    mh, mw = grid.model_height, grid.model_width
+    row_index = None if grid.scale == 1.0 else grid.model_index(ds.height, mh)
+    col_index = None if grid.scale == 1.0 else grid.model_index(ds.width, mw)
+    n_tiles = len(tile_starts(mh, tile, overlap)) * len(tile_starts(mw, tile, overlap))
+    counts = np.zeros(256, dtype=np.int64)
+    with ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        cls_dst = stack.enter_context(rasterio.open(class_path, "w", **temp_profile(ds, IGNORE, blocksize)))
+        cls_dst.write_colormap(1, colormap())  # before any pixel: TIFF tags are fixed once data is written
+        cls_dst.set_band_description(1, "landcover class")
+        writers = [RowWriter(cls_dst, blocksize)]
+        if confidence_path is not None:
+            conf_dst = stack.enter_context(rasterio.open(confidence_path, "w", **temp_profile(ds, 0, blocksize)))
+            writers.append(RowWriter(conf_dst, blocksize))
+        bar = stack.enter_context(tqdm(total=n_tiles, unit="tile", desc="infer", disable=not progress,
+                                       dynamic_ncols=True))
+        for top, band in blend_scene(make_reader(ds, bands, grid), mh, mw, predict, classes, tile, overlap,
+                                     margin, batch, on_tiles=bar.update):
+            for row, cls, conf in emit_rows(band, top, row_index, col_index, confidence_path is not None):
+                invalid = ~valid_mask(ds, Window(0, row, ds.width, cls.shape[0]))
+                cls[invalid] = IGNORE
+                counts += np.bincount(cls.ravel(), minlength=256)
+                writers[0].write(cls)
+                if conf is not None:
+                    conf[invalid] = 0
+                    writers[1].write(conf)
+        for writer in writers:
+            writer.close()
+    return counts, n_tiles
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[str, Path]:
+    """Every file this run will write, keyed by role (map, confidence, vectors, areas, preview)."""
+    if out is not None and out.is_dir():
+        out = out / (f"{scene.stem}.json" if options.format == "anylabeling" else f"{scene.stem}_landcover.tif")
+    if options.format == "anylabeling":
+        main = out or scene.with_suffix(".json")
+        if out is None and main.exists():
+            raise AerialsegError("a label file already exists beside the scene", main,
+                                 "pass --out to write the prediction elsewhere, or move the file")
+    else:
+        main = out or Path(options.out_dir) / f"{scene.stem}_landcover.tif"
+    stem = main.with_suffix("")
+    paths = {"map": main}
+    if options.confidence:
+        paths["confidence"] = Path(f"{stem}_confidence.tif")
+    if options.vectors:
+        paths["vectors"] = Path(f"{stem}_polygons.gpkg")
+    if options.areas:
+        paths["areas"] = Path(f"{stem}_areas.json")
+    if options.preview:
+        paths["preview"] = Path(f"{stem}_preview.png")
+    return paths
+
+
+def write_cog(src: Path, dest: Path, resampling: str, blocksize: int) -> None:
+    """Convert a tiled GeoTIFF into a Cloud-Optimized GeoTIFF with overviews (GDAL COG driver)."""
+    from rasterio.shutil import copy as rio_copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        rio_copy(src, dest, driver="COG", compress="deflate", blocksize=blocksize,
+                 overview_resampling=resampling, bigtiff="if_safer")
+
+
+def write_preview(src: Path, dest: Path, max_side: int = 1024) -> None:
+    """A colourised PNG quick-look of a class raster (longest side <= max_side)."""
+    import cv2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(src) as ds:
+            f = max(ds.width, ds.height) / max_side
+            shape = (max(1, round(ds.height / f)), max(1, round(ds.width / f))) if f > 1 else (ds.height, ds.width)
+            mask = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
+    if not cv2.imwrite(str(dest), colorize(mask)[:, :, ::-1]):
+        raise AerialsegError("cannot write the preview PNG", dest, "check the output folder")
+
+
+def write_anylabeling(src: Path, dest: Path, scene: Path, options: InferOptions) -> int:
+    """The prediction as AnyLabeling JSON polygons (annotators correct it); returns the shape count.
+
+    Uses aerialseg.annotations.polygonize (polygons that paint back to the mask); simplify_px 0 = its exact default.
+    """
+    try:
+        from aerialseg.annotations import polygonize as mask_to_label
+    except ImportError as exc:
+        raise AerialsegError(f"AnyLabeling output needs aerialseg.annotations.polygonize ({exc})",
+                             fix="use --format geotiff") from None
+    with rasterio.open(src) as ds:
+        mask = ds.read(1)
+    simplify = options.simplify_px or getattr(mask_to_label, "EXACT_SIMPLIFY_PX", 0.0)
+    shapes = mask_to_label.mask_to_shapes(mask, simplify, options.min_area_px)
+    image_path = os.path.relpath(scene.resolve(), dest.resolve().parent)
+    if hasattr(mask_to_label, "anylabeling_document"):
+        record = mask_to_label.anylabeling_document(shapes, image_path, mask.shape[1], mask.shape[0])
+    else:
+        record = {"version": "5.5.0", "flags": {}, "shapes": shapes, "imagePath": image_path, "imageData": None,
+                  "imageHeight": int(mask.shape[0]), "imageWidth": int(mask.shape[1])}
+    dest.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return len(shapes)
+
+
+def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: dict[str, Path],
+                    counts: np.ndarray, options: InferOptions, class_names: tuple[str, ...]) -> None:
+    """Turn the stripe temp files into the requested outputs (all still at their temp paths)."""
+    from aerialseg.geo.vectorize import class_areas, vectorize_raster
+
+    classes_tif = work / "classes.tif"
+    if options.format == "geotiff":
+        write_cog(classes_tif, tmp["map"], "mode", options.cog_blocksize)
+    else:
+        write_anylabeling(classes_tif, tmp["map"], scene, options)
+    if "confidence" in tmp:
+        write_cog(work / "confidence.tif", tmp["confidence"], "average", options.cog_blocksize)
+    if "vectors" in tmp:
+        skip = [class_names.index(n) for n in options.vector_skip if n in class_names]
+        vectorize_raster(classes_tif, tmp["vectors"], options.vector_block, skip + [IGNORE],
+                         options.min_area_px, options.simplify_px, class_names)
+    if "areas" in tmp:
+        reason = None if is_georeferenced(ds) else "scene not georeferenced: areas are pixel counts"
+        areas = class_areas(counts, pixel_area_m2(ds), class_names, reason)
+        areas["scene"] = str(scene)
+        tmp["areas"].write_text(json.dumps(areas, indent=2) + "\n", encoding="utf-8")
+    if "preview" in tmp:
+        write_preview(tmp["map"] if options.format == "geotiff" else classes_tif, tmp["preview"])
+
+
+def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = None,
+                options: InferOptions | None = None) -> InferResult:
+    """Run a model bundle over a whole scene and write the map (+ optional side outputs) atomically."""
+    options = options or InferOptions()
+    options.check()
+    scene, out = Path(scene), (Path(out) if out is not None else None)
+    start = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds, \
+            open_bundle(model) as bundle:
+        bands = scene_bands(ds, bundle.in_channels, scene)
+        overlap = bundle.overlap if options.overlap is None else int(options.overlap)
+        if not 0 <= overlap < bundle.tile_size:
+            raise AerialsegError(f"overlap {overlap} px must be >= 0 and below the tile size {bundle.tile_size}",
+                                 fix="pass a smaller --overlap")
+        margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
+        if options.backend == "onnx" and not bundle.onnx_path.is_file():
+            raise AerialsegError("the bundle has no model.onnx", bundle.root,
+                                 "run `aerialseg export-onnx` on it, or use --backend torch")
+        grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
+        paths = output_paths(scene, out, options)
+        device = resolve_device(options.device)
+        predict = bundle_predictor(bundle, options.backend, device, options.tta)
+        class_names = tuple(c["name"] for c in bundle.manifest["classes"])
+        main = paths["map"]
+        main.parent.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".aerialseg-tmp-", dir=main.parent)))
+            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in paths.items()}
+            counts, n_tiles = predict_scene(
+                ds, bands, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
+                work / "classes.tif", work / "confidence.tif" if options.confidence else None,
+                options.cog_blocksize, options.progress)
+            _finish_outputs(ds, scene, work, tmp, counts, options, class_names)
+        width, height = ds.width, ds.height
+    seconds = time.perf_counter() - start
+    result = InferResult({k: str(v) for k, v in paths.items()}, width, height, n_tiles, seconds,
+                         width * height / 1e6 / max(seconds, 1e-9), grid.scale, options.backend, device.type)
+    log.debug(result.summary())  # the CLI prints it
+    return result
