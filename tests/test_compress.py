@@ -195,7 +195,7 @@ def test_all_ignore_batches_cannot_score():
 def test_prune_run_writes_model_dir(tmp_path):
     base = tmp_path / "base"
     save_model(deeplab(), base, "deeplabv3plus_resnet18")
-    params = {"prune": {"model_dir": str(base), "out": str(tmp_path / "pruned"), "iterations": 1,
+    params = {"prune": {"enabled": True, "model_dir": str(base), "out": str(tmp_path / "pruned"), "iterations": 1,
                         "ratio_per_iteration": 0.3, "score_batches": 2, "retrain_epochs": 1, "example_size": SIZE}}
     report = prune_run(params, batches=synthetic_batches(2))
     assert report["params_after"] < report["params_before"]
@@ -207,4 +207,14 @@ def test_prune_run_writes_model_dir(tmp_path):
 
 def test_prune_run_without_model_is_a_user_error(tmp_path):
     with pytest.raises(AerialsegError, match="trained model not found"):
-        prune_run({"prune": {"model_dir": str(tmp_path / "none")}})
+        prune_run({"prune": {"enabled": True, "model_dir": str(tmp_path / "none")}})
+
+
+def test_disabled_prune_stage_writes_only_its_marker(tmp_path):
+    out = tmp_path / "pruned"
+    record = prune_run({"prune": {"model_dir": str(tmp_path / "none"), "out": str(out)}})  # off by default
+    assert record["enabled"] is False and "docs/training.md" in record["reason"]
+    assert json.loads((out / "prune.json").read_text()) == record
+    assert sorted(p.name for p in out.iterdir()) == ["prune.json"]
+    with pytest.raises(AerialsegError, match="unknown prune key"):
+        prune_run({"prune": {"enable": True}})

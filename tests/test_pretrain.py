@@ -12,7 +12,7 @@ import torch
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.models import create_model, load_model
-from aerialseg.training.pretrain import OpenEarthMapDataset, find_pairs, pretrain_run, split_names
+from aerialseg.training.pretrain import OpenEarthMapDataset, find_pairs, pretrain_enabled, pretrain_run, split_names
 from aerialseg.training.train import init_weights
 from conftest import shared_path
 
@@ -116,6 +116,21 @@ def test_disabled_stage_writes_a_marker_that_train_skips(tmp_path):
     assert record["enabled"] is False
     assert json.loads((tmp_path / "pre" / "pretrain.json").read_text())["enabled"] is False
     assert init_weights(create_model("pspnet_resnet18"), tmp_path / "pre", "pspnet_resnet18") is None
+
+
+def test_auto_runs_only_when_the_root_holds_images(tmp_path):
+    missing = {"enabled": "auto", "root": str(tmp_path / "oem")}
+    enabled, reason = pretrain_enabled(missing)
+    assert not enabled and "holds no OpenEarthMap images" in reason
+    record = pretrain_run({"pretrain": {**missing}}, tmp_path / "pre")
+    assert record == {"enabled": False, "reason": reason}
+    (tmp_path / "oem" / "images").mkdir(parents=True)
+    assert pretrain_enabled(missing) == (True, "")
+    (tmp_path / "regions" / "aachen" / "images").mkdir(parents=True)
+    assert pretrain_enabled({"enabled": "auto", "root": str(tmp_path / "regions")})[0]
+    assert not pretrain_enabled({"enabled": "auto", "root": None})[0]
+    with pytest.raises(AerialsegError, match="true, false or auto"):
+        pretrain_enabled({"enabled": "yes"})
 
 
 def test_pretrain_on_oem_samples_then_init_train(oem, tmp_path):

@@ -132,6 +132,27 @@ def test_config_rejects_unknown_keys_and_bad_values():
         apply_overrides({}, model="resnet9000")
 
 
+def test_distillation_temperature_schedule():
+    constant = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 3.0}})
+    assert [constant.temperature_at(e) for e in range(5)] == [3.0] * 5
+    annealed = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 4.0,
+                                                                           "final_temperature": 1.0}})
+    assert [annealed.temperature_at(e) for e in range(5)] == [4.0, 3.25, 2.5, 1.75, 1.0]
+    assert annealed.temperature_at(9) == 1.0
+    with pytest.raises(AerialsegError, match="final_temperature"):
+        TrainConfig.from_params({"distil": {"final_temperature": 0}})
+
+
+def test_code_defaults_equal_params_yaml():
+    """A key missing from a params file must behave as the shipped params.yaml says."""
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
+    defaults = TrainConfig()
+    for key in ("threads", "num_workers", "channels_last", "batch_size", "optimizer", "lr", "amp"):
+        assert getattr(defaults, key) == shipped[key], key
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 def test_training_writes_outputs_and_learns(tmp_path):
@@ -152,6 +173,14 @@ def test_training_writes_outputs_and_learns(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     model, _ = load_model(tmp_path)  # the best epoch's weights rebuild from safetensors + model.json
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+def test_channels_last_trains_to_the_same_result(tmp_path):
+    datasets = small_datasets()
+    plain = train_run(tiny_params(), tmp_path / "a", datasets=datasets)
+    nhwc = train_run(tiny_params(channels_last=True), tmp_path / "b", datasets=datasets)
+    assert nhwc["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-3)
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["train"]["channels_last"] is True
 
 
 def test_two_runs_give_identical_weights(tmp_path):

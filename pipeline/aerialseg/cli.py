@@ -376,6 +376,7 @@ def prune_command(
     from aerialseg.core.config import load_params
 
     report = prune_run(load_params(params), model_dir=model_dir, out_dir=out)
+    if not report["enabled"]: return typer.echo(f"pruning disabled: {report['reason']}")  # noqa: E701
     typer.echo(f"pruned {report['model']}: {report['params_before'] / 1e6:.2f} M -> "
                f"{report['params_after'] / 1e6:.2f} M parameters, loss {report['loss_before']:.4f} -> "
                f"{report['loss_after_pruning']:.4f} (pruned) -> {report['loss_after_retrain']:.4f} (retrained); "

@@ -2,7 +2,9 @@
 
 The student trains with the ordinary loop (``aerialseg.training.train``) on
 ``loss = task loss + alpha * T^2 * KL(teacher_T || student_T)`` per pixel (softmax at temperature T,
-pixels labelled ignore left out of the KL; ``aerialseg.training.losses.distillation_kl``). The thesis distils
+pixels labelled ignore left out of the KL; ``aerialseg.training.losses.distillation_kl``); with
+``distil.final_temperature`` T moves linearly from ``distil.temperature`` in the first epoch to it in the last
+(soft targets early, sharp ones late). The thesis distils
 UPerNet-ConvNeXt-Tiny into SegFormer-B0 and PSPNet-R18 (``distil.teacher``, ``distil.student``).
 ``distil.train`` overrides keys of the ``train`` section for the student run.
 After training, ``distil.json`` in the output dir records the teacher, alpha, T and the student's
@@ -80,7 +82,8 @@ def distil_run(params: dict[str, Any], out_dir: str | Path | None = None, resume
     device = str(resolve_device(str(section(params, "train").get("device", "auto"))))
     agree = agreement(out_dir, teacher, datasets[1], device=device)
     record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"], "alpha": float(cfg.get("alpha", 0.5)),
-              "temperature": float(cfg.get("temperature", 2.0)), "val_agreement_with_teacher": round(agree, 6),
+              "temperature": float(cfg.get("temperature", 2.0)), "final_temperature": cfg.get("final_temperature"),
+              "val_agreement_with_teacher": round(agree, 6),
               "best_val_mIoU": summary["best_val_mIoU"]}
     write_json(out_dir / "distil.json", record)
     log.info("student %s agrees with the teacher on %.1f %% of val pixels", summary["model"], 100 * agree)

@@ -11,7 +11,8 @@ Ground sampling distance: OpenEarthMap is 0.25-0.5 m per pixel, drone surveys ar
 turns 0.5 m into 0.25 m): images with area interpolation, labels with nearest neighbour. A patch of
 ``patch_size`` px is cut from a ``patch_size / f`` px source window, so memory does not grow with f.
 
-With ``pretrain.enabled: false`` (the default: the embedded sample has no OpenEarthMap data and the
+With ``pretrain.enabled: auto`` pretraining runs when ``pretrain.root`` holds OpenEarthMap
+``images/`` (the GPU profile). With ``pretrain.enabled: false`` (the default: the embedded sample has no OpenEarthMap data and the
 OpenEarthMap labels are CC BY-NC-SA, so none ship with aerialseg) the stage writes only
 ``pretrain.json`` saying so, and ``train.init_from`` pointing at that folder starts from the default
 initialisation.
@@ -199,6 +200,20 @@ def pretrain_datasets(cfg: dict[str, Any]) -> tuple[OpenEarthMapDataset, OpenEar
     return train, val
 
 
+def pretrain_enabled(cfg: dict[str, Any]) -> tuple[bool, str]:
+    """Whether to pretrain, and why not: ``enabled`` true / false, or ``auto`` = when ``root`` holds images."""
+    enabled = cfg.get("enabled", False)
+    if enabled == "auto":
+        root = Path(str(cfg.get("root") or ""))
+        found = bool(cfg.get("root")) and any((d / "images").is_dir() for d in [root, *root.glob("*")]
+                                              if root.is_dir())
+        return found, "" if found else f"pretrain.enabled is auto and {root} holds no OpenEarthMap images/: " \
+                                       "train starts from the default init"
+    if not isinstance(enabled, bool):
+        raise AerialsegError(f"pretrain.enabled must be true, false or auto, not {enabled!r}", DEFAULT_PARAMS)
+    return enabled, "" if enabled else "pretrain.enabled is false: train starts from the default init"
+
+
 def pretrain_run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Pretrain ``model.name`` on OpenEarthMap (``pretrain`` params; ``pretrain.train`` overrides ``train``).
 
@@ -207,8 +222,9 @@ def pretrain_run(params: dict[str, Any], out_dir: str | Path | None = None, resu
     """
     cfg = section(params, "pretrain")
     out_dir = Path(out_dir or cfg.get("out", "models/pretrained"))
-    if not cfg.get("enabled", False):
-        record = {"enabled": False, "reason": "pretrain.enabled is false: train starts from the default init"}
+    enabled, reason = pretrain_enabled(cfg)
+    if not enabled:
+        record = {"enabled": False, "reason": reason}
         write_json(out_dir / "pretrain.json", record)
         log.info("pretraining disabled: wrote %s", out_dir / "pretrain.json")
         return record

@@ -87,8 +87,10 @@ class TrainConfig:
     grad_clip: float | None = None
     threads: int | None = None  # torch CPU threads (None = torch's default)
     online_augment: bool = True  # also apply augment.pipeline on the fly (offline copies are used either way)
+    channels_last: bool = False  # NHWC memory format for model and batches (see bench/bench_train.py)
     alpha: float = 0.5  # distillation weight of the KL term
-    temperature: float = 2.0  # distillation temperature
+    temperature: float = 2.0  # distillation temperature (of the first epoch when annealed)
+    final_temperature: float | None = None  # distillation temperature of the last epoch (None = constant)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
@@ -105,6 +107,8 @@ class TrainConfig:
                   **train)
         cfg.alpha = float(distil.get("alpha", cfg.alpha))
         cfg.temperature = float(distil.get("temperature", cfg.temperature))
+        final = distil.get("final_temperature")
+        cfg.final_temperature = None if final is None else float(final)
         cfg.check()
         return cfg
 
@@ -117,10 +121,17 @@ class TrainConfig:
             problems.append(f"train.optimizer '{self.optimizer}' is not adamw, adam or sgd")
         if self.schedule not in ("poly", "cosine", "constant"):
             problems.append(f"train.schedule '{self.schedule}' is not poly, cosine or constant")
-        if self.lr <= 0 or self.temperature <= 0:
-            problems.append("train.lr and distil.temperature must be > 0")
+        if self.lr <= 0 or self.temperature <= 0 or (self.final_temperature is not None and self.final_temperature <= 0):
+            problems.append("train.lr, distil.temperature and distil.final_temperature must be > 0")
         if problems:
             raise AerialsegError("; ".join(problems), DEFAULT_PARAMS)
+
+    def temperature_at(self, epoch: int) -> float:
+        """Distillation temperature of ``epoch`` (0-based): linear from ``temperature`` to ``final_temperature``."""
+        if self.final_temperature is None or self.epochs < 2:
+            return self.temperature
+        progress = min(max(epoch, 0), self.epochs - 1) / (self.epochs - 1)
+        return self.temperature + (self.final_temperature - self.temperature) * progress
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -448,6 +459,7 @@ class Job:
     device: torch.device
     info: ddp.DistInfo
     teacher: Teacher | None = None
+    epoch: int = 0  # the epoch being trained (0-based): the distillation temperature follows it
 
 
 def _num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> int:
@@ -489,6 +501,8 @@ def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
     images, masks = random_crop(images, masks, job.cfg.patch_size)
     images = images.to(job.device, non_blocking=True)
     masks = masks.to(job.device, non_blocking=True)
+    if job.cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     with autocast(job.device, job.cfg.amp):
         logits, aux = forward_logits(job.net, job.spec, images, train=True)
         loss = job.loss_fn(logits, masks)
@@ -496,7 +510,8 @@ def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
             loss = loss + job.spec.aux_weight * job.loss_fn(aux_logits, masks)
         if job.teacher is not None:
             teacher_logits = job.teacher.logits(images, tuple(logits.shape[-2:]))
-            loss = loss + job.cfg.alpha * distillation_kl(logits, teacher_logits, masks, job.cfg.temperature)
+            loss = loss + job.cfg.alpha * distillation_kl(logits, teacher_logits, masks,
+                                                          job.cfg.temperature_at(job.epoch))
     job.optimizer.zero_grad(set_to_none=True)
     job.scaler.scale(loss).backward()
     if job.cfg.grad_clip:
@@ -511,6 +526,7 @@ def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
 def train_epoch(job: Job, loader: DataLoader, epoch: int) -> float:
     """One pass over this rank's shard; returns the mean loss over all ranks."""
     job.net.train()
+    job.epoch = epoch
     loader.sampler.set_epoch(epoch)
     loader.generator.manual_seed(epoch_seed(job.cfg.seed, epoch, job.info.rank))
     seed_everything(epoch_seed(job.cfg.seed, epoch, job.info.rank), loader.dataset)
@@ -638,6 +654,8 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     model = create_model(cfg.model, **cfg.model_kwargs)
     init_used = init_weights(model, cfg.init_from, cfg.model) if cfg.init_from and not resume else None
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     loaders = (make_train_loader(train_ds, cfg, device, info), make_eval_loader(val_ds, cfg.batch_size, info))
     optimizer = build_optimizer(model, cfg)
     job = Job(cfg, get_spec(cfg.model), model, model, build_loss(cfg.loss), optimizer,

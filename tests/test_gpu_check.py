@@ -1,0 +1,74 @@
+"""The GPU recipe: profiles/gpu.yaml fits the code, and bench/gpu_check.sh runs end to end (tiny, on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aerialseg.training.distill import student_params
+from aerialseg.training.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_check  # noqa: E402
+
+
+def test_merge_is_key_by_key_and_does_not_touch_its_inputs():
+    base = {"train": {"epochs": 6, "loss": {"name": "ce", "focal_gamma": 2.0}}, "model": {"name": "a"}}
+    overlay = {"train": {"loss": {"name": "ce+dice"}}, "model": {"name": "b"}, "new": [1, 2]}
+    merged = gpu_check.merge(base, overlay)
+    assert merged == {"train": {"epochs": 6, "loss": {"name": "ce+dice", "focal_gamma": 2.0}},
+                      "model": {"name": "b"}, "new": [1, 2]}
+    assert base["train"]["loss"]["name"] == "ce" and base["model"]["name"] == "a"
+
+
+def test_gpu_profile_is_the_thesis_recipe_and_every_key_is_known(tmp_path):
+    params = gpu_check.build_params([REPO / "profiles/gpu.yaml"], tiny=False, oem=None)
+    cfg = TrainConfig.from_params(params)  # unknown train / distil keys would raise here
+    assert cfg.model == "upernet_convnext_tiny" and cfg.amp and cfg.batch_size == 16
+    assert params["tiles"]["size"] == 512 and params["pretrain"]["enabled"] == "auto"
+    assert cfg.epochs == gpu_check.SHORT["train"]["epochs"]  # the short run's override
+    student = TrainConfig.from_params(student_params(params))
+    assert student.model == "segformer_b0" and student.temperature_at(0) == 4.0
+    assert student.temperature_at(student.epochs - 1) == 1.0
+    full = yaml.safe_load((REPO / "profiles/gpu.yaml").read_text())
+    assert full["train"]["epochs"] > cfg.epochs  # the profile itself keeps the full budget
+    oem = gpu_check.build_params([REPO / "profiles/gpu.yaml"], tiny=True, oem=str(tmp_path))
+    assert oem["pretrain"]["enabled"] is True and oem["pretrain"]["root"] == str(tmp_path.resolve())
+    assert oem["tiles"]["size"] == 64 and oem["model"]["name"] == "upernet_convnext_tiny"
+
+
+def test_ci_profile_still_applies():
+    params = gpu_check.build_params([REPO / "profiles/ci.yaml"], tiny=False, oem=None)
+    assert TrainConfig.from_params(params).model == "unet_efficientnet_lite0"
+
+
+def test_unknown_option_is_a_one_line_error():
+    result = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--fast"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: --fast: unknown option — fix:")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", "--keep", str(work)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert "images/s" in out and "gpu_check: done" in out
+    for name in gpu_check.FPS_MODELS:
+        assert f"| {name} |" in out
+    speed = json.loads((work / "speed.json").read_text())
+    assert speed["train"]["images_per_s"] > 0 and all(v["fp32"] > 0 for v in speed["fps"].values())
+    rows = json.loads((work / "gpu_check.json").read_text())
+    assert rows["pretrain (OpenEarthMap)"] is None  # no OpenEarthMap given: the stage only wrote its marker
+    assert json.loads((work / "models/pretrained/pretrain.json").read_text())["enabled"] is False
+    teacher, student = rows["teacher"], rows["student (distilled)"]
+    assert teacher["model"] == "upernet_convnext_tiny" and student["model"] == "segformer_b0"
+    assert 0.0 < teacher["val_mIoU"] <= 1.0 and 0.0 < student["val_mIoU"] <= 1.0
+    assert json.loads((work / "models/student/distil.json").read_text())["teacher"] == "upernet_convnext_tiny"
