@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_prune.py [--model NAME] [--model-dir models/default] [--ratios 0.1,0.2,0.34,0.5]
         [--round-to 8,16] [--tile 512] [--threads 1] [--rounds 5] [--runs 3] [--quick] [--json out.json]
+    .venv/bin/python bench/bench_prune.py --dirs models/default,models/pruned [--tile 512] [--threads 1]
 
 For every (total ratio, round_to) the model is pruned structurally the way ``aerialseg prune`` does
 (aerialseg.compression.prune.prune_model, local scope, Taylor scores over a few batches; ``iterations``
@@ -9,7 +10,9 @@ rounds of ``1 - (1 - total)^(1/iterations)``), exported to fp32 ONNX at ``--tile
 Runtime (``--threads`` intra-op threads). Latency does not depend on what the weights hold, so the
 pruned weights are not fine-tuned here; accuracy is measured by ``aerialseg prune`` + ``compression-table``.
 The models are timed interleaved (each round times every model once, ``--runs`` runs, median) and the
-table shows the median over rounds of the per-round ratio to the unpruned model.
+table shows the median over rounds of the per-round ratio to the unpruned model. ``--dirs`` times saved
+model dirs (plain or pruned, e.g. the outputs of ``aerialseg train`` and ``aerialseg prune``) instead, the
+first one being the baseline.
 """
 
 import aerialseg  # noqa: F401  (first: offline defaults and OMP_WAIT_POLICY=PASSIVE, set before torch loads)
@@ -78,18 +81,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="CI size: 128 px, 1 ratio, 2 rounds")
+    parser.add_argument("--dirs", default="", help="comma-separated model dirs to time (first = baseline)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.tile, args.ratios, args.round_to, args.rounds, args.runs, args.iterations = 128, "0.34", "8", 2, 1, 2
     ratios = [float(r) for r in args.ratios.split(",") if r]
     round_tos = [int(r) or None for r in args.round_to.split(",") if r]
+    dirs = [Path(d) for d in args.dirs.split(",") if d]
     variants = [("unpruned", 0.0, None)] + [(f"-{r:.0%} r{t or 1}", r, t) for r in ratios for t in round_tos]
+    if dirs:
+        variants = [(str(d), 0.0, None) for d in dirs]
     x = np.random.default_rng(0).standard_normal((1, 3, args.tile, args.tile)).astype(np.float32)
     sessions, params = {}, {}
     with tempfile.TemporaryDirectory(prefix="aerialseg-bench-prune-") as tmp:
         for name, total, round_to in variants:
-            model = pruned_copy(args.model, args.model_dir, total, round_to, args.iterations, args.tile)
+            if dirs:
+                model = load_model_dir(name)[0].eval()
+            else:
+                model = pruned_copy(args.model, args.model_dir, total, round_to, args.iterations, args.tile)
             params[name] = count_parameters(model)
             path = Path(tmp) / f"{len(sessions)}.onnx"
             export_onnx(model, path, args.tile, 3)
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 times[name].append(time_once(sessions[name], x, args.runs))
     rows = []
     for name, total, round_to in variants:
-        ratios_to_base = [t / b for t, b in zip(times[name], times["unpruned"])]
+        ratios_to_base = [t / b for t, b in zip(times[name], times[variants[0][0]])]
         rows.append({"variant": name, "removed": total, "round_to": round_to, "params_m": round(params[name] / 1e6, 3),
                      "onnx_ms": round(statistics.median(times[name]), 2),
                      "latency_vs_unpruned": round(statistics.median(ratios_to_base), 3)})

@@ -1,6 +1,7 @@
 """Taylor filter pruning: importance, real channel removal, safe save/load, retraining."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -192,6 +193,14 @@ def test_all_ignore_batches_cannot_score():
         taylor_filter_scores(deeplab(), [(images, torch.full_like(masks, IGNORE))], max_batches=1)
 
 
+def test_code_defaults_equal_params_yaml(repo_root):
+    import yaml
+
+    shipped = yaml.safe_load((repo_root / "params.yaml").read_text())["prune"]
+    defaults = asdict(PruneConfig())
+    assert {k: defaults[k] for k in shipped} == shipped
+
+
 def test_prune_run_writes_model_dir(tmp_path):
     base = tmp_path / "base"
     save_model(deeplab(), base, "deeplabv3plus_resnet18")
@@ -212,8 +221,8 @@ def test_prune_run_without_model_is_a_user_error(tmp_path):
 
 def test_disabled_prune_stage_writes_only_its_marker(tmp_path):
     out = tmp_path / "pruned"
-    record = prune_run({"prune": {"model_dir": str(tmp_path / "none"), "out": str(out)}})  # off by default
-    assert record["enabled"] is False and "docs/training.md" in record["reason"]
+    record = prune_run({"prune": {"enabled": False, "model_dir": str(tmp_path / "none"), "out": str(out)}})
+    assert record["enabled"] is False and "prune.enabled" in record["reason"]
     assert json.loads((out / "prune.json").read_text()) == record
     assert sorted(p.name for p in out.iterdir()) == ["prune.json"]
     with pytest.raises(AerialsegError, match="unknown prune key"):
