@@ -177,10 +177,12 @@ def test_training_writes_outputs_and_learns(tmp_path):
 
 def test_channels_last_trains_to_the_same_result(tmp_path):
     datasets = small_datasets()
-    plain = train_run(tiny_params(), tmp_path / "a", datasets=datasets)
+    plain = train_run(tiny_params(channels_last=False), tmp_path / "a", datasets=datasets)
     nhwc = train_run(tiny_params(channels_last=True), tmp_path / "b", datasets=datasets)
     assert nhwc["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-3)
     assert json.loads((tmp_path / "b" / "model.json").read_text())["train"]["channels_last"] is True
+    model, _ = load_model(tmp_path / "b")  # saved NHWC weights load into a plain model
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
 
 
 def test_two_runs_give_identical_weights(tmp_path):
