@@ -133,7 +133,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 
 def test_distillation_temperature_schedule():
-    constant = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 3.0}})
+    constant = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 3.0, "final_temperature": None}})
     assert [constant.temperature_at(e) for e in range(5)] == [3.0] * 5
     annealed = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 4.0,
                                                                            "final_temperature": 1.0}})
@@ -151,6 +151,9 @@ def test_code_defaults_equal_params_yaml():
     defaults = TrainConfig()
     for key in ("threads", "num_workers", "channels_last", "batch_size", "optimizer", "lr", "amp"):
         assert getattr(defaults, key) == shipped[key], key
+    distil = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["distil"]
+    for key in ("alpha", "temperature", "final_temperature"):
+        assert getattr(defaults, key) == distil[key], key
 
 
 # --- the loop ----------------------------------------------------------------------------------

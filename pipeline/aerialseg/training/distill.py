@@ -25,7 +25,7 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.models import get_spec, load_model
 from aerialseg.core.config import section
-from aerialseg.training.train import forward_logits, patch_datasets, resolve_device, train_run
+from aerialseg.training.train import TrainConfig, forward_logits, patch_datasets, resolve_device, train_run
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ def distil_run(params: dict[str, Any], out_dir: str | Path | None = None, resume
         return summary
     device = str(resolve_device(str(section(params, "train").get("device", "auto"))))
     agree = agreement(out_dir, teacher, datasets[1], device=device)
-    record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"], "alpha": float(cfg.get("alpha", 0.5)),
-              "temperature": float(cfg.get("temperature", 2.0)), "final_temperature": cfg.get("final_temperature"),
+    run = TrainConfig.from_params(run_params)
+    record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"], "alpha": run.alpha,
+              "temperature": run.temperature, "final_temperature": run.final_temperature,
               "val_agreement_with_teacher": round(agree, 6),
               "best_val_mIoU": summary["best_val_mIoU"]}
     write_json(out_dir / "distil.json", record)

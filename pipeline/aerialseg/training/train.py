@@ -89,8 +89,8 @@ class TrainConfig:
     online_augment: bool = True  # also apply augment.pipeline on the fly (offline copies are used either way)
     channels_last: bool = True  # NHWC memory format for model and batches: faster on CPU (bench/bench_train.py)
     alpha: float = 0.5  # distillation weight of the KL term
-    temperature: float = 2.0  # distillation temperature (of the first epoch when annealed)
-    final_temperature: float | None = None  # distillation temperature of the last epoch (None = constant)
+    temperature: float = 4.0  # distillation temperature (of the first epoch when annealed)
+    final_temperature: float | None = 1.0  # distillation temperature of the last epoch (None = constant)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
@@ -107,7 +107,7 @@ class TrainConfig:
                   **train)
         cfg.alpha = float(distil.get("alpha", cfg.alpha))
         cfg.temperature = float(distil.get("temperature", cfg.temperature))
-        final = distil.get("final_temperature")
+        final = distil.get("final_temperature", cfg.final_temperature)
         cfg.final_temperature = None if final is None else float(final)
         cfg.check()
         return cfg
