@@ -38,7 +38,7 @@ TINY: dict[str, Any] = {
     "tiles": {"size": 64, "overlap": 0},
     "split": {"block_px": 256, "fractions": [0.4, 0.3, 0.3]},
     "augment": {"copies": 0},
-    "pretrain": {"patch_size": 64, "crops_per_image": 1, "train": {"epochs": 1, "batch_size": 4}},
+    "pretrain": {"patch_size": 64, "resample_factor": 0.25, "crops_per_image": 4, "train": {"epochs": 1, "batch_size": 4}},
     "train": {"epochs": 1, "batch_size": 8, "patch_size": 32, "warmup_epochs": 0, "num_workers": 0, "threads": 1},
     "distil": {"train": {"epochs": 1}},
 }

@@ -11,6 +11,7 @@ import yaml
 
 from aerialseg.training.distill import student_params
 from aerialseg.training.train import TrainConfig
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -54,10 +55,13 @@ def test_unknown_option_is_a_one_line_error():
 
 @pytest.mark.slow
 def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    """One tiny run; with the OpenEarthMap samples beside the repo it pretrains on them first."""
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", "--keep", str(work)],
-                            capture_output=True, text=True, env=env, timeout=600)
+    oem = SHARED_DATA / "openearthmap-samples"
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "AERIALSEG_OEM_ROOT": ""}
+    cmd = ["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", "--keep", str(work)]
+    result = subprocess.run(cmd + (["--oem", str(oem)] if oem.is_dir() else []), capture_output=True, text=True,
+                            env=env, timeout=600)
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     assert "images/s" in out and "gpu_check: done" in out
@@ -66,8 +70,14 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     speed = json.loads((work / "speed.json").read_text())
     assert speed["train"]["images_per_s"] > 0 and all(v["fp32"] > 0 for v in speed["fps"].values())
     rows = json.loads((work / "gpu_check.json").read_text())
-    assert rows["pretrain (OpenEarthMap)"] is None  # no OpenEarthMap given: the stage only wrote its marker
-    assert json.loads((work / "models/pretrained/pretrain.json").read_text())["enabled"] is False
+    pretrain = json.loads((work / "models/pretrained/pretrain.json").read_text())
+    teacher_summary = json.loads((work / "models/default/train_summary.json").read_text())
+    if oem.is_dir():  # pretrained on OpenEarthMap, and the teacher started from it
+        assert pretrain["enabled"] and rows["pretrain (OpenEarthMap)"]["model"] == "upernet_convnext_tiny"
+        assert teacher_summary["init_from"] == "models/pretrained"
+    else:  # no OpenEarthMap given: the stage only wrote its marker
+        assert pretrain["enabled"] is False and rows["pretrain (OpenEarthMap)"] is None
+        assert teacher_summary["init_from"] is None
     teacher, student = rows["teacher"], rows["student (distilled)"]
     assert teacher["model"] == "upernet_convnext_tiny" and student["model"] == "segformer_b0"
     assert 0.0 < teacher["val_mIoU"] <= 1.0 and 0.0 < student["val_mIoU"] <= 1.0
