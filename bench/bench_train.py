@@ -38,7 +38,7 @@ from aerialseg.core.config import load_params, section
 from aerialseg.core.fileio import write_json
 from aerialseg.models import create_model, get_spec
 from aerialseg.training.losses import build_loss
-from aerialseg.training.train import ArrayPatchDataset, forward_logits
+from aerialseg.training.train import ArrayPatchDataset, forward_logits, to_channels_last
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "fp32"
@@ -70,7 +70,7 @@ def build_runner(model_name: str, variant: Variant, loss_cfg: dict[str, Any], se
     kwargs = {"pretrained_encoder": False} if model_name == "unet_efficientnet_lite0" else {}
     model = create_model(model_name, **kwargs).train()
     if variant.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     net = torch.compile(model) if variant.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     spec, loss_fn = get_spec(model_name), build_loss(loss_cfg)

@@ -17,7 +17,7 @@ from aerialseg.training.losses import build_loss, cross_entropy, dice_loss, foca
 from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import create_model, load_model, load_state
 from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, apply_overrides, init_weights,
-                             load_checkpoint, train_run)
+                             load_checkpoint, to_channels_last, train_run)
 from conftest import shared_path
 
 # Dubai mask colours (SOURCE.md) -> aerialseg classes; anything else is ignore.
@@ -186,6 +186,18 @@ def test_channels_last_trains_to_the_same_result(tmp_path):
     assert json.loads((tmp_path / "b" / "model.json").read_text())["train"]["channels_last"] is True
     model, _ = load_model(tmp_path / "b")  # saved NHWC weights load into a plain model
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+def test_channels_last_leaves_higher_rank_weights_alone():
+    model = to_channels_last(create_model("thin_dyunet").train())  # DAS-Net family: rank-5 dynamic kernels
+    ranks = {p.dim() for p in model.parameters()}
+    assert 5 in ranks and 4 in ranks
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    x = torch.rand(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    out = model(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    out.mean().backward()
+    assert out.shape == (2, 5, 128, 128)
 
 
 def test_two_runs_give_identical_weights(tmp_path):

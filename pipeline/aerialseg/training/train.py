@@ -252,6 +252,15 @@ def init_weights(model: nn.Module, init_from: str | Path, model_name: str) -> st
     return str(path)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC memory format for every 4-D parameter and buffer, in place (higher-rank ones, e.g. DAS-Net's
+    dynamic kernels, which ``model.to(memory_format=...)`` refuses, stay as they are)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, Adam or SGD (momentum, Nesterov) over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -655,7 +664,7 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     init_used = init_weights(model, cfg.init_from, cfg.model) if cfg.init_from and not resume else None
     model.to(device)
     if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     loaders = (make_train_loader(train_ds, cfg, device, info), make_eval_loader(val_ds, cfg.batch_size, info))
     optimizer = build_optimizer(model, cfg)
     job = Job(cfg, get_spec(cfg.model), model, model, build_loss(cfg.loss), optimizer,
