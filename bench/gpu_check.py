@@ -145,10 +145,18 @@ def speed(models: list[str], teacher: str, size: int, batch: int, runs: int, war
     result["train"] = {"model": teacher, "batch": batch, "amp": device.type == "cuda",
                        "images_per_s": round(train_images_per_s(teacher, batch, size, device, True, steps), 2)}
     for name in models:
-        fp16 = inference_fps(name, size, device, True, runs, warmup) if device.type == "cuda" else None
-        result["fps"][name] = {"fp32": round(inference_fps(name, size, device, False, runs, warmup), 2),
-                               "fp16": None if fp16 is None else round(fp16, 2)}
+        result["fps"][name] = {"fp32": _fps_or_error(name, size, device, False, runs, warmup),
+                               "fp16": _fps_or_error(name, size, device, True, runs, warmup)
+                               if device.type == "cuda" else None}
     return result
+
+
+def _fps_or_error(name: str, size: int, device: Any, half: bool, runs: int, warmup: int) -> float | str:
+    """FPS rounded, or the error in one line: one model failing must not hide the other figures."""
+    try:
+        return round(inference_fps(name, size, device, half, runs, warmup), 2)
+    except Exception as exc:  # e.g. a kernel without float16 support on this GPU
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
 
 
 def print_speed(result: dict[str, Any]) -> None:
@@ -157,9 +165,11 @@ def print_speed(result: dict[str, Any]) -> None:
           f"(AMP {'on' if t['amp'] else 'off'}): {t['images_per_s']:.2f} images/s")
     print(f"\n| model | FPS {result['size']}² bs 1 fp32 | fp16 |")
     print("|---|---:|---:|")
+    def cell(value: float | str | None) -> str:
+        return "n/a (no CUDA)" if value is None else value if isinstance(value, str) else f"{value:.2f}"
+
     for name, fps in result["fps"].items():
-        fp16 = "n/a (no CUDA)" if fps["fp16"] is None else f"{fps['fp16']:.2f}"
-        print(f"| {name} | {fps['fp32']:.2f} | {fp16} |")
+        print(f"| {name} | {cell(fps['fp32'])} | {cell(fps['fp16'])} |")
 
 
 def summary(workdir: Path) -> dict[str, Any]:
