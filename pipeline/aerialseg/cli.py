@@ -412,6 +412,54 @@ def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
     typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")
 
 
+# --- model-assisted labelling: serve, rank-scenes ------------------------------------------
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[list[Path], typer.Option("--model", help="Bundle dir or .zip; repeat for several models "
+                                              "(model id = its folder or file name).")],
+    host: Annotated[str | None, typer.Option(help="Address to bind [serve.host: 127.0.0.1, this machine only].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [serve.port; 0 = any free port].")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        "--api-key-file", help="File holding the API key (else $AERIALSEG_API_KEY; none = no key).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [serve.device].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Inference threads [serve.workers].")] = None,
+    queue: Annotated[int | None, typer.Option(help="Requests admitted at once; more get 503 [serve.queue].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve bundles to X-AnyLabeling (its Remote-Server model): pre-label images while you annotate."""
+    import os
+
+    from aerialseg.core.config import load_params, section
+    from aerialseg.inference.server import ServeOptions, read_api_key, serve
+
+    options = ServeOptions.from_params(section(load_params(params), "serve"), host=host, port=port, device=device,
+                                       workers=workers, queue=queue)
+    serve(model, options, read_api_key(api_key_file, dict(os.environ)))
+
+
+@app.command("rank-scenes")
+def rank_scenes_command(
+    scenes: Annotated[list[Path], typer.Argument(help="Unlabelled orthophotos (GeoTIFF) to rank windows of.")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle dir or .zip (`aerialseg bundle`).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder [rank.out].")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Windows to write [rank.top_k].")] = None,
+    window: Annotated[int | None, typer.Option(help="Window side, px [rank.window].")] = None,
+    crops: Annotated[bool | None, typer.Option("--crops/--no-crops", help="Write each window's GeoTIFF + "
+                                               "AnyLabeling pre-label [rank.crops].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [rank.device].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Which windows to label next: model uncertainty (rare classes weighted) -> CSV, GeoPackage, pre-labels."""
+    from aerialseg.core.config import load_params, section
+    from aerialseg.inference.ranking import RankOptions, rank_scenes
+
+    options = RankOptions.from_params(section(load_params(params), "rank"), out=str(out) if out else None,
+                                      top_k=top_k, window=window, crops=crops, device=device)
+    typer.echo(rank_scenes(scenes, model, options).summary())
+
+
+
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
