@@ -173,6 +173,12 @@ def test_bad_input_is_one_line_exit_2(memorised, tmp_path):
         rank_scenes([seen[0], seen[0]], bundle, options(tmp_path))
     with pytest.raises(AerialsegError, match="top_k"):
         rank_scenes([seen[0]], bundle, options(tmp_path, top_k=0))
+    empty = tmp_path / "nodata.tif"
+    with rasterio.open(empty, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", nodata=0) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(AerialsegError, match="no window"):
+        rank_scenes([empty], bundle, options(tmp_path / "empty"))
+    assert not (tmp_path / "empty").exists()
     grey = tmp_path / "grey.tif"
     with rasterio.open(grey, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as dst:
         dst.write(np.zeros((1, 64, 64), np.uint8))

@@ -192,6 +192,26 @@ def test_transparent_pixels_are_not_labelled(server):
     assert min(p[0] for s in shapes for p in s["points"]) >= 119.5
 
 
+def geotiff_bytes(pixels: np.ndarray, gsd_m: float) -> bytes:
+    """(B, H, W) uint8 as an in-memory deflate GeoTIFF in UTM 40N with ``gsd_m`` pixels."""
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_origin
+
+    with MemoryFile() as memfile:
+        with memfile.open(driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=pixels.shape[0],
+                          dtype="uint8", crs="EPSG:32640", transform=from_origin(301000, 2790000, gsd_m, gsd_m),
+                          compress="deflate") as dst:
+            dst.write(pixels)
+        return memfile.read()
+
+
+def test_geotiff_upload_matches_png_of_the_same_pixels(server, image):
+    rgb = sample_rgb()
+    from_png = predict(server, image.read_bytes()).json()["data"]["shapes"]
+    from_tif = predict(server, geotiff_bytes(rgb.transpose(2, 0, 1), 0.5)).json()["data"]["shapes"]
+    assert from_tif == from_png
+
+
 def png_bomb(width: int, height: int) -> bytes:
     """A valid RGB PNG of width x height black pixels that compresses to a few hundred KB."""
     compressor = zlib.compressobj(9)
@@ -219,6 +239,7 @@ ONE_PIXEL = png_bytes(np.zeros((1, 1, 3), np.uint8))
     ("one pixel", 422, "IMAGE_TOO_SMALL"),
     ("100 MPix PNG bomb", 413, "IMAGE_TOO_LARGE"),
     ("16-bit image", 422, "INVALID_IMAGE"),
+    ("GeoTIFF 10x the training GSD", 413, "IMAGE_TOO_LARGE"),
     ("truncated JSON", 400, "INVALID_JSON"),
     ("JSON not an object", 422, "INVALID_REQUEST"),
     ("unknown model", 404, "MODEL_NOT_FOUND"),
@@ -242,6 +263,8 @@ def test_bad_input_is_a_clean_4xx_and_the_server_keeps_serving(server, image, ca
         "one pixel": lambda: predict(server, ONE_PIXEL),
         "100 MPix PNG bomb": lambda: predict(server, png_bomb(10_000, 10_000)),
         "16-bit image": lambda: predict(server, sixteen_bit),
+        "GeoTIFF 10x the training GSD": lambda: predict(server, geotiff_bytes(np.zeros((3, 1000, 1000), np.uint8),
+                                                                              5.0)),
         "truncated JSON": lambda: httpx.post(url, content=b'{"model": "bundle", "ima', headers=headers),
         "JSON not an object": lambda: httpx.post(url, content=b'[1, 2]', headers=headers),
         "unknown model": lambda: predict(server, good, model="no-such-model"),

@@ -31,6 +31,7 @@ import io
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
@@ -332,7 +333,8 @@ def write_gpkg(dest: Path, ranked: list[RankedWindow], georef: list[tuple[Any, A
     level = pyogrio_log.level
     pyogrio_log.setLevel(logging.WARNING)
     try:
-        with atomic_path(dest) as tmp:
+        with atomic_path(dest) as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*crs.*not provided")  # scenes without georeference
             tmp.unlink()  # GPKG: a fresh file, not an empty one GDAL would try to open
             write(tmp, shapely.to_wkb(np.array(geoms, dtype=object)) if geoms else np.array([], dtype=object),
                   list(columns.values()), list(columns), layer="windows", driver="GPKG", geometry_type="Polygon",
@@ -378,6 +380,9 @@ def rank_scenes(scenes: list[Path], model: Path, options: RankOptions | None = N
                    for scene, (scale, _) in zip(scenes, plans)]
         weights = class_weights(scanned, options.rarity_power)
         ranked_all = rank_windows(scanned, weights, options)
+        if not ranked_all:
+            raise AerialsegError(f"no window has {options.min_valid:.0%} valid (not nodata) pixels", scenes[0],
+                                 "pass scenes with image data, or lower rank.min_valid / --window")
         ranked = ranked_all[:options.top_k]
         if options.crops:
             for window in ranked:

@@ -260,7 +260,7 @@ def load_models(paths: list[Path], options: ServeOptions, stack: ExitStack) -> d
 def predict_array(model: ServedModel, image: np.ndarray,
                   on_tiles: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B, H, W) -> (classes uint8, confidence float32) (H, W): infer-scene's stitcher over the image."""
-    bands, height, width = image.shape
+    _, height, width = image.shape
     classes = np.empty((height, width), np.uint8)
     confidence = np.empty((height, width), np.float32)
     bundle = model.bundle
@@ -273,16 +273,19 @@ def predict_array(model: ServedModel, image: np.ndarray,
     return classes, confidence
 
 
-def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader,
+def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: float,
                     on_tiles: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An opened image -> (classes, confidence) on its grid, read at the training GSD like infer-scene;
-    nodata/alpha pixels are IGNORE."""
+    """An opened image -> (classes, confidence) on its grid, read at the training GSD like infer-scene
+    (at most ``max_pixels`` there); nodata/alpha pixels are IGNORE."""
     try:
         bands = scene_bands(ds, model.bundle.in_channels, Path("image"))
     except AerialsegError as exc:
         raise ApiError(422, "INVALID_IMAGE", str(exc).removeprefix("image: ")) from None
     scale = resample_scale(ds, model.bundle, InferOptions(), Path("image")) if is_georeferenced(ds) else 1.0
     grid = Grid(ds.height, ds.width, scale)
+    if grid.model_height * grid.model_width > max_pixels:
+        raise ApiError(413, "IMAGE_TOO_LARGE", f"at the training GSD the image is {grid.model_width}x"
+                                               f"{grid.model_height} px, above the limit of {max_pixels / 1e6:g} MPix")
     try:
         pixels = make_reader(ds, bands, grid)(0, grid.model_height)
         valid = ds.dataset_mask() > 0
@@ -405,7 +408,7 @@ def handle_predict(models: dict[str, ServedModel], options: ServeOptions, body: 
 
     check_deadline()
     with open_image(raw, options) as ds:
-        classes, confidence = predict_dataset(model, ds, check_deadline)
+        classes, confidence = predict_dataset(model, ds, options.max_megapixels * 1e6, check_deadline)
     del raw
     shapes = scored_shapes(
         classes, confidence, model.class_names,
