@@ -22,7 +22,6 @@ from typing import Any
 import cv2
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
@@ -31,6 +30,7 @@ from aerialseg.core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES, colorize
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, read_stage_json, write_json, write_text
 from aerialseg.core.config import DEFAULT_PARAMS, section
+from aerialseg.geo.scene import SceneReader, window_label
 from aerialseg.geo.raster import is_georeferenced, open_raster, valid_mask
 
 log = logging.getLogger(__name__)
@@ -106,34 +106,9 @@ def grid_windows(height: int, width: int, size: int, stride: int) -> Iterator[tu
 
 # --- reading windows (shared with data.py and augment.py) ------------------------------------------
 
-def rgb_bands(ds: rasterio.DatasetReader) -> list[int]:
-    """Band indexes giving R, G, B: the first three colour bands, or band 1 three times for grey."""
-    colour = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
-    if len(colour) >= 3:
-        return colour[:3]
-    return [colour[0] if colour else 1] * 3
-
-
-def check_scene(ds: rasterio.DatasetReader, path: str | Path) -> None:
-    """A scene must be 8-bit RGB(A), grey, or a palette image."""
-    if ds.dtypes[0] != "uint8":
-        raise AerialsegError(f"scene is {ds.dtypes[0]}, aerialseg reads 8-bit images", path,
-                             "convert it, e.g. gdal_translate -ot Byte -scale in.tif out.tif")
-
-
 def read_rgb(ds: rasterio.DatasetReader, window: Window, path: str | Path = "") -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a window of a scene (palette scenes are expanded)."""
-    try:
-        if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette:
-            table = np.zeros((256, 3), dtype=np.uint8)
-            for value, rgba in ds.colormap(1).items():
-                table[value] = rgba[:3]
-            return table[ds.read(1, window=window)]
-        bands = ds.read(rgb_bands(ds), window=window)
-    except RasterioError as exc:
-        raise AerialsegError(f"cannot read window {window_label(window)} ({str(exc)[:100]})", path or ds.name,
-                             "re-export the file; it is corrupt or truncated") from None
-    return np.ascontiguousarray(bands.transpose(1, 2, 0))
+    """(H, W, 3) uint8 RGB of a window of a scene, read by the one scene reader (aerialseg.geo.scene)."""
+    return SceneReader(ds, path or ds.name).read_hwc(window)
 
 
 def read_labels(mask_ds: rasterio.DatasetReader, scene_ds: rasterio.DatasetReader, window: Window,
@@ -153,10 +128,6 @@ def read_labels_valid(mask_ds: rasterio.DatasetReader, scene_ds: rasterio.Datase
                              mask_path or mask_ds.name, "re-export the file; it is corrupt or truncated") from None
     labels[~valid] = IGNORE
     return labels, valid
-
-
-def window_label(window: Window) -> str:
-    return f"row {int(window.row_off)} col {int(window.col_off)} {int(window.height)}x{int(window.width)}"
 
 
 # --- counting and keeping -------------------------------------------------------------------------
@@ -222,7 +193,7 @@ def scene_names(entries: list[dict[str, Any]]) -> list[str]:
 def check_pair(scene_ds: rasterio.DatasetReader, mask_ds: rasterio.DatasetReader, scene_path: str,
                mask_path: str, size: int) -> None:
     """Scene and mask must share a grid, hold 8-bit data, and be at least one patch large."""
-    check_scene(scene_ds, scene_path)
+    SceneReader(scene_ds, scene_path)  # refuses scenes the models cannot read (dtype, bands)
     if mask_ds.dtypes[0] != "uint8":
         raise AerialsegError(f"mask is {mask_ds.dtypes[0]}, expected uint8 classes", mask_path,
                              "rebuild it with aerialseg label-to-mask")

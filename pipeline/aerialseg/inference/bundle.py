@@ -27,6 +27,7 @@ from torch import nn
 
 from aerialseg.core.classes import CLASS_NAMES, COLORS
 from aerialseg.core.errors import AerialsegError
+from aerialseg.geo.scene import BandPolicy
 from aerialseg.core.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
                   "in_channels": int(record["in_channels"]), "kwargs": record.get("kwargs") or {}},
         "classes": class_table(int(record["classes"])),
         "band_order": list(pre.get("band_order") or ("red", "green", "blue")[: int(record["in_channels"])]),
+        "band_policy": BandPolicy(int(record["in_channels"]), _value_range(extras)).to_json(),
         "normalization": {"mean": list(pre.get("mean") or (0.485, 0.456, 0.406)),
                           "std": list(pre.get("std") or (0.229, 0.224, 0.225)),
                           "formula": "(pixel / 255 - mean) / std"},
@@ -96,6 +98,12 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
         "metrics": extras.get("metrics"),
         "training": extras,
     }
+
+
+def _value_range(extras: dict[str, Any]) -> tuple[float, float] | None:
+    """The training data's declared value range (model.json ``value_range``), if any."""
+    vr = extras.get("value_range")
+    return (float(vr[0]), float(vr[1])) if vr else None
 
 
 def manifest_for(model_dir: str | Path, overlap: int | None = None) -> dict[str, Any]:
@@ -225,6 +233,11 @@ class Bundle:
     @property
     def std(self) -> list[float]:
         return [float(v) for v in self.manifest["normalization"]["std"]]
+
+    @property
+    def band_policy(self) -> BandPolicy:
+        """How scenes are read for this model (aerialseg.geo.scene); older bundles: 8-bit, in_channels."""
+        return BandPolicy.from_json(self.manifest.get("band_policy") or {"channels": self.in_channels})
 
     @property
     def onnx_path(self) -> Path:
