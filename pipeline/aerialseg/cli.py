@@ -161,17 +161,17 @@ def distil_command(
 @app.command("evaluate")
 def evaluate_command(
     params: ParamsOpt = Path("params.yaml"),
-    model: Annotated[Path | None, typer.Option(help="Trained model dir [evaluate.model].")] = None,
+    model: Annotated[Path | None, typer.Option(help="Bundle or trained model dir [evaluate.model].")] = None,
     split: Annotated[str | None, typer.Option(help="train | val | test [evaluate.split].")] = None,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json, confusion.json, samples.npz go "
                                                   "[evaluate.out].")] = None,
 ) -> None:
-    """Metrics of a model on a split (one confusion matrix over whole scenes); writes metrics.json."""
-    from aerialseg.evaluation.evaluate import evaluate_run
+    """Metrics of the stitched scene maps (infer-scene's path) on a split; writes metrics.json."""
     from aerialseg.core.config import load_params
+    from aerialseg.stages import evaluate
 
-    metrics = evaluate_run(load_params(params), model, split, out)
-    typer.echo(f"{metrics['model']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
+    metrics = evaluate.run(load_params(params), model, split, out)
+    typer.echo(f"{metrics['model_dir']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
                f"{metrics['pixel_accuracy']}, BF1 {metrics['bf1']}")
 
 
