@@ -220,3 +220,25 @@ def test_mask_to_shapes_accepts_int_arrays_and_rejects_stray_values():
     mask[3, 3] = 9
     with pytest.raises(AerialsegError, match=r"value\(s\) \[9\]"):
         mask_to_shapes(mask)
+
+
+def test_infer_scene_anylabeling_puts_no_image_beside_the_scenes(tmp_path):
+    """infer-scene --format anylabeling: the JSON beside the scene, its preview PNG in infer.out_dir."""
+    from aerialseg.inference.scene import InferOptions, output_paths, write_anylabeling
+
+    scene = tmp_path / "scenes" / "x.png"
+    scene.parent.mkdir()
+    mask = nested_mask()
+    cv2.imwrite(str(scene), np.zeros((*mask.shape, 3), np.uint8))
+    with rasterio.open(tmp_path / "classes.tif", "w", driver="GTiff", width=mask.shape[1], height=mask.shape[0],
+                       count=1, dtype="uint8") as ds:
+        ds.write(mask, 1)
+    options = InferOptions(format="anylabeling", out_dir=str(tmp_path / "maps"), min_area_px=0)
+    paths = output_paths(scene, None, options)
+    assert paths["map"] == scene.with_suffix(".json") and paths["preview"].parent == tmp_path / "maps"
+    assert write_anylabeling(tmp_path / "classes.tif", paths["map"], scene, options) > 0
+    doc = json.loads(paths["map"].read_text())
+    assert doc["imagePath"] == "x.png" and doc["shapes"] == mask_to_shapes(mask)
+    assert len(paths["map"].read_text().splitlines()) == len(doc["shapes"]) + 10  # one shape per line
+    back = labels_to_masks([paths["map"]], tmp_path / "back", TABLE)[0]
+    assert np.array_equal(cv2.imread(str(back), cv2.IMREAD_UNCHANGED), mask)
