@@ -515,6 +515,7 @@ BAD_CASES = {
                        "unsupported shape_type 'spline'"),
     "bad rectangle": (lambda f: write_case(f, [poly("road", [(0, 0), (1, 1), (2, 2)], "rectangle")]),
                       "rectangle with 3 points"),
+    "huge circle": (lambda f: write_case(f, [poly("tree", [(0, 0), (1e6, 0)], "circle")]), "circle of radius"),
     "corrupt tiff": (_corrupt_tiff, "cannot read raster"),
     "truncated tiff": (_truncated_tiff, "scene.tif"),
 }

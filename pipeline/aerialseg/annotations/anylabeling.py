@@ -43,6 +43,7 @@ SKIPPED_TYPES = {"cuboid"}
 PAINTED_TYPES = POLYGON_TYPES | LINE_TYPES | POINT_TYPES | {"rectangle", "circle", "mask"}
 POINT_COUNTS = {"rectangle": (2, 4), "circle": (2,), "mask": (2,)}
 MAX_COORD = 1e7  # |coordinate| above this is a corrupt file, not a vertex slightly outside the image
+MAX_CIRCLE_RADIUS_PX = 20_000  # Pillow's ellipse arithmetic overflows beyond ~27,000 px
 CLASS_IDS: dict[str, int] = {**{name: i for i, name in enumerate(CLASS_NAMES)}, "ignore": IGNORE}
 PARAMS_FIX = "add it to classes.labels in params.yaml (e.g. `car: ignore`)"
 ANYLABELING_FORMAT_VERSION = "2.4.0"  # the X-AnyLabeling file format written (labelme reads it too)
@@ -206,7 +207,8 @@ def _points(shape: dict[str, Any], path: Path, index: int) -> np.ndarray:
     except (TypeError, ValueError, IndexError):
         pts = np.zeros((0, 0))
     if pts.ndim != 2 or pts.shape[1] != 2:
-        raise AerialsegError(f"{name}: points must be [x, y] number pairs", path, f"redraw shape {index} in AnyLabeling")
+        raise AerialsegError(f"{name}: points must be [x, y] number pairs", path,
+                             f"redraw shape {index} in AnyLabeling")
     if not np.isfinite(pts).all():
         raise AerialsegError(f"{name} has NaN or infinite coordinates", path,
                              f"delete or redraw shape {index} in AnyLabeling")
@@ -244,6 +246,9 @@ def parse_shape(raw: dict[str, Any], index: int, cls_id: int, path: Path, stats:
     if allowed and len(pts) not in allowed:
         raise AerialsegError(f"shape {index} is a {kind} with {len(pts)} points, expected "
                              f"{' or '.join(map(str, allowed))}", path, f"redraw shape {index} in AnyLabeling")
+    if kind == "circle" and np.hypot(*(pts[1] - pts[0])) > MAX_CIRCLE_RADIUS_PX:
+        raise AerialsegError(f"shape {index} is a circle of radius {np.hypot(*(pts[1] - pts[0])):.0f} px, more than "
+                             f"{MAX_CIRCLE_RADIUS_PX}", path, f"redraw shape {index} as a polygon")
     bitmap = _bitmap(raw, path, index) if kind == "mask" else None
     return Shape(index, str(raw["label"]), cls_id, kind, pts, bitmap)
 

@@ -25,9 +25,8 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from aerialseg.annotations.anylabeling import (IMAGE_SUFFIXES, LabelTable, Scene, Shape, ShapeStats,  # noqa: F401
-                                               find_label_files, load_label_json, normalize_label, parse_shapes,
-                                               resolve_scene, unknown_labels, unknown_labels_error)
+from aerialseg.annotations.anylabeling import (LabelTable, Scene, Shape, ShapeStats, find_label_files, load_label_json,
+                                               parse_shapes, resolve_scene, unknown_labels, unknown_labels_error)
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_intersecting, unpainted_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
 from aerialseg.core.config import section

@@ -25,8 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from aerialseg.annotations.anylabeling import (ANYLABELING_FORMAT_VERSION, IMAGE_SUFFIXES, Shape,  # noqa: F401
-                                               anylabeling_document, dumps_label_json)
+from aerialseg.annotations.anylabeling import IMAGE_SUFFIXES, Shape, anylabeling_document, dumps_label_json
 from aerialseg.annotations.rasterize import rasterize_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.config import section

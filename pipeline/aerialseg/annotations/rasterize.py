@@ -38,7 +38,6 @@ from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 
 CONVENTIONS = ("center", "corner")
-MAX_CIRCLE_RADIUS_PX = 20_000  # Pillow's ellipse arithmetic overflows beyond ~27,000 px
 CIRCLE_TOLERANCE_PX = 0.25  # corner rule: max gap between a circle and its polygon
 
 
@@ -110,10 +109,7 @@ def _draw(draw: ImageDraw.ImageDraw, image: Image.Image, shape: Shape, options: 
         draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=ink)
     elif kind == "circle":
         (cx, cy), (px, py) = pts
-        radius = math.sqrt((cx - px) ** 2 + (cy - py) ** 2)
-        if radius > MAX_CIRCLE_RADIUS_PX:
-            raise AerialsegError(f"shape {shape.index} is a circle of radius {radius:.0f} px "
-                                 f"(at most {MAX_CIRCLE_RADIUS_PX})", None, "redraw it as a polygon")
+        radius = math.sqrt((cx - px) ** 2 + (cy - py) ** 2)  # as labelme computes it
         draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=ink)
     elif kind in LINE_TYPES:
         draw.line(_flat(pts if len(pts) > 1 else np.repeat(pts, 2, axis=0)), fill=ink, width=options.line_width_px)
