@@ -174,8 +174,8 @@ def self_intersecting(shapes: Sequence[Shape]) -> list[int]:
 def _crosses_itself(points: np.ndarray) -> bool:
     """Whether two edges of a closed ring cross at a point inside both (GEOS `crosses`)."""
     segments = shapely.linestrings(np.stack([points, np.roll(points, -1, axis=0)], axis=1))
-    first, second = shapely.STRtree(segments).query(segments, predicate="crosses")
-    return bool(len(first))
+    pairs = shapely.STRtree(segments).query(segments, predicate="crosses")
+    return pairs.shape[1] > 0
 
 
 # --- the GIS rule (pixel corners) ----------------------------------------------------------------
