@@ -42,7 +42,7 @@ def label_to_mask_command(
         "--images", help="Folder to look up images whose imagePath does not resolve [data.images].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rasterise label JSON into class masks (GeoTIFF on the scene grid, else PNG) + index.json."""
+    """Paint label JSON into class masks as the annotation tools do (GeoTIFF on the scene grid, else PNG)."""
     from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
 
@@ -59,10 +59,10 @@ def mask_to_label_command(
     min_area: Annotated[float | None, typer.Option(
         "--min-area", help="Drop regions smaller than this many pixels [masks.min_area_px].")] = None,
     simplify: Annotated[float | None, typer.Option(
-        "--simplify", help="Polygon simplification in px; <= 0.3 is exact [masks.simplify_px].")] = None,
+        "--simplify", help="Polygon simplification in px (Douglas-Peucker); 0 is exact [masks.simplify_px].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Polygonise class masks into AnyLabeling JSON that label-to-mask paints back to the same mask."""
+    """Polygonise class masks into AnyLabeling JSON that label-to-mask (and labelme, X-AnyLabeling) paint back."""
     from aerialseg.annotations.polygonize import masks_to_labels
     from aerialseg.core.config import load_params
 
