@@ -95,10 +95,10 @@ def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command("augment")
 def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages import augment
     from aerialseg.core.config import load_params
 
-    typer.echo(f"wrote {augment_stage(load_params(params))}")
+    typer.echo(f"wrote {augment.run(load_params(params))}")
 
 
 # --- models: pretrain, train, distil, evaluate, report ------------------------------------
