@@ -227,12 +227,12 @@ def profile_models_command(
 ) -> None:
     """Model table: parameters (total, used), GFLOPs at a tile size, CPU latency per tile."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.profile import profile_stage
+    from aerialseg.stages import profile
 
     pairs = [item.split("=", 1) for item in onnx or []]
     if any(len(pair) != 2 for pair in pairs):
         raise AerialsegError("--onnx takes MODEL=FILE.onnx", fix="e.g. --onnx pspnet=models/pspnet.onnx")
-    path = profile_stage(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
+    path = profile.run(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
                          onnx=dict(pairs))
     typer.echo(f"wrote {path} ({path.with_suffix('.md').name})")
 
@@ -241,9 +241,9 @@ def profile_models_command(
 def report_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """reports/report.md with figures: metrics, confusion matrix, curves, samples, model table, seeds."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.report import report_stage
+    from aerialseg.stages import report
 
-    typer.echo(f"wrote {report_stage(load_params(params))}")
+    typer.echo(f"wrote {report.run(load_params(params))}")
 
 
 # --- inference: infer-scene, bundle -------------------------------------------------------
@@ -393,9 +393,10 @@ def quantize_command(
 ) -> None:
     """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import INT8_NAME, quantize_run
+    from aerialseg.compression.quantize import INT8_NAME
+    from aerialseg.stages import quantize
 
-    report = quantize_run(load_params(params), model_dir=model_dir, out_dir=out)
+    report = quantize.run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
     typer.echo(f"wrote {Path(report['out_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
                f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
@@ -407,9 +408,9 @@ def quantize_command(
 def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Backbone x pruned x quantized table (paper Table II) -> reports/compression.{json,md}."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import compression_table_run
+    from aerialseg.stages import compression
 
-    result = compression_table_run(load_params(params))
+    result = compression.run(load_params(params))
     typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")
 
 
