@@ -415,6 +415,36 @@ def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 
+@app.command("apply-profile")
+def apply_profile_command(
+    profile: Annotated[str, typer.Argument(help="Profile name (profiles/NAME.yaml) or a YAML file of params sections.")],
+    out: Annotated[Path, typer.Option(help="Params file to write; `dvc repro` reads params.yaml.")] = Path(
+        "params.yaml"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Merge a profile (e.g. ci, gpu) over params into OUT, so `dvc repro` runs it and dvc.lock records it.
+
+    The file replaced is kept as OUT.bak (an existing backup is never overwritten).
+    """
+    import yaml
+
+    from aerialseg.core.config import load_params, load_profile, merge_profile
+    from aerialseg.core.fileio import write_text
+
+    source, overlay = load_profile(profile)
+    merged = merge_profile(load_params(params), overlay)
+    replaced = out.exists()
+    if replaced:
+        backup = out.with_name(out.name + ".bak")
+        if backup.exists():
+            raise AerialsegError("a backup from an earlier apply-profile exists", backup,
+                                 "restore or remove it first, or pass --out elsewhere")
+        backup.write_bytes(out.read_bytes())
+    header = f"# {out.name}: {params} with profile {source} merged over it (aerialseg apply-profile)\n"
+    write_text(out, header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
