@@ -69,10 +69,10 @@ def load_model(meta: dict[str, str], input_shape: list[Any]) -> Settings:
     if "standardization_mean" in meta and "standardization_std" in meta:
         mean = np.array([float(v) for v in _value(meta, "standardization_mean")], dtype=np.float32)
         std = np.array([float(v) for v in _value(meta, "standardization_std")], dtype=np.float32)
-    model_type = _value(meta, "model_type")
+    model_type, batch = _value(meta, "model_type"), input_shape[0]
     return Settings(model_type=None if model_type is None else str(model_type).capitalize(),
                     class_names=parse_class_names(meta), mean=mean, std=std, tile_size=int(input_shape[-1]),
-                    batch_size=None if isinstance(input_shape[0], str) or input_shape[0] is None else int(input_shape[0]))
+                    batch_size=None if isinstance(batch, str) or batch is None else int(batch))
 
 
 def load_default_parameters(settings: Settings, meta: dict[str, str]) -> Settings:

@@ -60,7 +60,8 @@ def test_load_default_parameters_reproduce_aerialseg(bundle):
     _, ready, _, _ = deepness_view(bundle / "model.deepness.onnx")
     assert ready.resolution_cm == pytest.approx(7.5)
     assert ready.tile_size == 96
-    assert rules.overlap_px(ready.tile_size, ready.overlap_percent) >= 20 > rules.overlap_px(96, ready.overlap_percent - 1)
+    percent = ready.overlap_percent
+    assert rules.overlap_px(96, percent) >= 20 > rules.overlap_px(96, percent - 1), "the smallest percent covering 20 px"
     assert not ready.threshold_enabled and not ready.small_segment_enabled
     assert rules.median_kernel(ready) == 1, "median filter of size 1: no pixel changes"
     probs = np.array([[0.19, 0.21, 0.2, 0.2, 0.2], [0.5, 0.1, 0.1, 0.1, 0.2]], np.float32).reshape(2, 5, 1, 1)

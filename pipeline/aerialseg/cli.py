@@ -317,7 +317,8 @@ def bundle_command(
 @app.command("export-onnx")
 def export_onnx_command(
     model_dir: Annotated[Path, typer.Argument(help="Bundle or trained model dir.")],
-    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx].")] = None,
+    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx]; "
+                                                  "*.deepness.onnx goes beside it.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """ONNX at the bundle's tile size: logits for infer-scene, and *.deepness.onnx for QGIS; both checked."""

@@ -207,7 +207,8 @@ def probabilities_model(logits_model: Any) -> Any:
     opset = _main_opset(proto)
     if not 13 <= opset <= DEEPNESS_MAX_OPSET:
         raise AerialsegError(f"ONNX opset {opset}: QGIS Deepness needs 13..{DEEPNESS_MAX_OPSET} "
-                             f"(onnxruntime {DEEPNESS_ONNXRUNTIME})", fix=f"set export.opset to 13..{DEEPNESS_MAX_OPSET}")
+                             f"(onnxruntime {DEEPNESS_ONNXRUNTIME})",
+                             fix=f"set export.opset to 13..{DEEPNESS_MAX_OPSET}")
     logits = proto.graph.output[0]
     probs = copy.deepcopy(logits)
     probs.name = PROBS_NAME
