@@ -22,7 +22,7 @@ import torch
 
 import deepness_runner
 from aerialseg.inference.bundle import build_bundle, open_bundle
-from aerialseg.inference.scene import make_predictor
+from aerialseg.inference.predictor import Predictor
 from aerialseg.models import create_model, save_model
 
 MODEL, TILE = "unet_efficientnet_lite0", 64   # a real architecture (Resize, Pad, Clip, depthwise convs)
@@ -51,11 +51,9 @@ def scene_tiles(repo_root) -> np.ndarray:
 
 
 def aerialseg_probabilities(bundle_dir: Path, tiles: np.ndarray) -> np.ndarray:
-    """infer-scene's per-tile predictor (PyTorch): uint8 (N, C, T, T) -> probabilities (N, K, T, T)."""
+    """infer-scene's predictor (PyTorch) on uint8 (N, T, T, C) tiles -> probabilities (N, K, T, T)."""
     with open_bundle(bundle_dir) as bundle:
-        model = bundle.load_torch()
-        predict = make_predictor(lambda x: model(x), bundle.mean, bundle.std, torch.device("cpu"))
-        return predict(tiles.transpose(0, 3, 1, 2))
+        return Predictor.from_bundle(bundle, "torch", "cpu")(tiles.transpose(0, 3, 1, 2))
 
 
 def assert_same_classes(deepness_classes: np.ndarray, probs: np.ndarray) -> None:

@@ -72,6 +72,19 @@ def test_deepness_metadata_format():
     assert "resolution" not in deepness_metadata(manifest), "no GSD: Deepness keeps the layer's resolution"
 
 
+def test_deepness_standardisation_folds_in_a_declared_value_range():
+    """A uint16 model (value_range 1000..5000 -> 0..255): Deepness's raw / 255 input must give aerialseg's."""
+    manifest = {"classes": [{"id": 0, "name": "background"}], "tile_size": 64, "overlap": 8,
+                "band_policy": {"channels": 3, "value_range": [1000, 5000]},
+                "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.1]}}
+    meta = {k: json.loads(v) for k, v in deepness_metadata(manifest).items()}
+    raw = np.array([1000.0, 2345.0, 5000.0])[:, None]
+    mean, std = np.array(manifest["normalization"]["mean"]), np.array(manifest["normalization"]["std"])
+    aerialseg = ((raw - 1000) * 255 / 4000 / 255 - mean) / std
+    deepness = (raw / 255 - np.array(meta["standardization_mean"])) / np.array(meta["standardization_std"])
+    np.testing.assert_allclose(deepness, aerialseg, atol=1e-9)
+
+
 @pytest.mark.parametrize("tile", [64, 100, 256, 512, 1000])
 def test_deepness_overlap_is_the_smallest_percent_covering_the_overlap(tile):
     def deepness_px(percent: int) -> int:  # Deepness's ProcessingOverlap, percent -> pixels

@@ -57,17 +57,22 @@ def deepness_metadata(manifest: dict[str, Any]) -> dict[str, str]:
     probability threshold and ``seg_small_segment`` 0 its median filter, so the map is the plain argmax;
     ``tiles_overlap`` is the bundle overlap in whole percent, rounded up. Deepness applies resolution,
     overlap, threshold and filter only when the user clicks "Load default parameters".
+    Deepness feeds raw band values / 255 whatever the layer's type: a model trained on a declared value
+    range (band_policy, non-8-bit scenes mapped onto 0..255) gets that mapping folded into the
+    standardisation, so Deepness computes the same input (values outside the range are not clipped).
     """
     norm = manifest["normalization"]
     tile, overlap = int(manifest["tile_size"]), int(manifest["overlap"])
+    low, high = (manifest.get("band_policy") or {}).get("value_range") or (0.0, 255.0)
+    span = (float(high) - float(low)) / 255.0  # raw / 255 = low / 255 + span * (8-bit value / 255)
     meta: dict[str, Any] = {
         "model_type": "Segmentor",
         "class_names": {str(c["id"]): c["name"] for c in manifest["classes"]},
         "tile_size": tile,
         "tiles_size": tile,
         "tiles_overlap": deepness_overlap_percent(tile, overlap),
-        "standardization_mean": [float(v) for v in norm["mean"]],
-        "standardization_std": [float(v) for v in norm["std"]],
+        "standardization_mean": [float(low) / 255.0 + float(v) * span for v in norm["mean"]],
+        "standardization_std": [float(v) * span for v in norm["std"]],
         "seg_thresh": 0.0,
         "seg_small_segment": 0,
     }
