@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +99,12 @@ def _build_venv(root: Path) -> None:
 
     ``--no-deps``: running a session needs numpy only (Deepness also gets coloredlogs, sympy, ... it never uses).
     """
-    root.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    steps = ([sys.executable, "-m", "venv", str(build)],
+    build = root.parent / f".{root.name}.build-{os.getpid()}"
+    steps = ([sys.executable, "-m", "venv", "--clear", str(build)],
              [str(_venv_python(build)), "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
               "--retries", "1", "--timeout", "30", f"onnxruntime=={DEEPNESS_ORT}", "numpy<2"])
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
         for step in steps:
             subprocess.run(step, check=True, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -119,7 +118,7 @@ def _build_venv(root: Path) -> None:
 @pytest.fixture(scope="session")
 def onnxruntime_117() -> Path:
     """The Python of a venv with onnxruntime 1.17.0, built once and reused (cached across sessions)."""
-    cache = Path(os.environ.get("AERIALSEG_TEST_CACHE", Path.home() / ".cache" / "aerialseg-tests"))
+    cache = Path(os.environ.get("AERIALSEG_TEST_CACHE") or Path.home() / ".cache" / "aerialseg-tests")
     root = cache / f"onnxruntime-{DEEPNESS_ORT}-py{sys.version_info.major}{sys.version_info.minor}"
     if _onnxruntime_version(_venv_python(root)) != DEEPNESS_ORT:
         _build_venv(root)
@@ -128,6 +127,7 @@ def onnxruntime_117() -> Path:
     return _venv_python(root)
 
 
+@pytest.mark.slow
 def test_deepness_model_runs_under_onnxruntime_117(onnxruntime_117, deepness_bundle, scene_tiles, tmp_path):
     np.savez(tmp_path / "tiles.npz", tiles=scene_tiles)
     done = subprocess.run([str(onnxruntime_117), str(HERE / "deepness_runner.py"),
@@ -142,6 +142,7 @@ def test_deepness_model_runs_under_onnxruntime_117(onnxruntime_117, deepness_bun
     assert_same_classes(result["classes"], probs)
 
 
+@pytest.mark.slow
 def test_onnxruntime_117_refuses_ir_10(onnxruntime_117, deepness_bundle, tmp_path):
     """The venv really enforces 1.17's limit: the same model stamped IR 10 (as the exporter writes) fails."""
     proto = onnx.load(str(deepness_bundle / "model.deepness.onnx"))
