@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def deepness_bundle(tmp_path_factory, repo_root) -> Path:
+def deepness_bundle(tmp_path_factory) -> Path:
     """A bundle of the default architecture (random weights) at 64 px tiles."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("deepness")
@@ -55,6 +55,10 @@ def aerialseg_probabilities(bundle_dir: Path, tiles: np.ndarray) -> np.ndarray:
         return Predictor.from_bundle(bundle, "torch", "cpu")(tiles.transpose(0, 3, 1, 2))
 
 
+def dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
 def assert_same_classes(deepness_classes: np.ndarray, probs: np.ndarray) -> None:
     """Class maps equal wherever aerialseg's top two probabilities are not a near-tie."""
     top2 = np.sort(probs, axis=1)[:, -2:]
@@ -70,7 +74,6 @@ def test_deepness_model_is_within_onnxruntime_117_limits(deepness_bundle):
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}, "standard operators only"
     assert not any(n.metadata_props for n in proto.graph.node), "no IR-10 fields behind a lower IR stamp"
     (inp,), (out,) = proto.graph.input, proto.graph.output
-    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # noqa: E731
     assert dims(inp) == ["batch", 3, TILE, TILE] and dims(out) == ["batch", 5, TILE, TILE]
 
 
