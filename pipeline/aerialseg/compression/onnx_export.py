@@ -77,7 +77,7 @@ def deepness_metadata(manifest: dict[str, Any]) -> dict[str, str]:
         "seg_small_segment": 0,
     }
     if manifest.get("gsd_m"):
-        meta["resolution"] = round(float(manifest["gsd_m"]) * 100.0, 4)
+        meta["resolution"] = round(float(manifest["gsd_m"]) * 100.0, 2)  # cm/px; Deepness's box has 2 decimals
     return {key: json.dumps(value) for key, value in meta.items()}
 
 
