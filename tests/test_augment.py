@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from aerialseg.data.augment import augment_stage, build_transform, seed_transform
+from aerialseg.data.augment import build_transform, seed_transform
+from aerialseg.stages.augment import run as augment_stage
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.data.split import split_stage

@@ -9,7 +9,8 @@ import pytest
 import rasterio
 import torch
 
-from aerialseg.data.augment import augment_stage, build_transform
+from aerialseg.data.augment import build_transform
+from aerialseg.stages.augment import run as augment_stage
 from aerialseg.core.classes import IGNORE
 from aerialseg.data.datasets import PatchDataset, collate_patches, make_loader, npz_member
 from aerialseg.core.errors import AerialsegError

@@ -18,7 +18,8 @@ from aerialseg.inference.bundle import MANIFEST, build_bundle
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import (DEEPNESS_MAX_OPSET, check_parity, deepness_metadata,
                                                deepness_overlap_percent, export_bundle_onnx, export_onnx,
-                                               onnx_session, parity_tiles, probabilities_model, run_onnx)
+                                               parity_tiles, probabilities_model)
+from aerialseg.models.runtime import onnx_session, run_onnx
 from aerialseg.models import create_model, list_models, register_model, save_model
 
 TOY = "toy_fcn_export"

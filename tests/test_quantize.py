@@ -268,7 +268,7 @@ def test_cli_prune_quantize_table_on_real_data_stages(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages.augment import run as augment_stage
     from aerialseg.cli import app
     from aerialseg.data.split import split_stage
     from aerialseg.data.tiling import tiles_stage

@@ -42,7 +42,7 @@ def label_to_mask_command(
         "--images", help="Folder to look up images whose imagePath does not resolve [data.images].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rasterise label JSON into class masks (GeoTIFF on the scene grid, else PNG) + index.json."""
+    """Paint label JSON into class masks as the annotation tools do (GeoTIFF on the scene grid, else PNG)."""
     from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
 
@@ -59,10 +59,10 @@ def mask_to_label_command(
     min_area: Annotated[float | None, typer.Option(
         "--min-area", help="Drop regions smaller than this many pixels [masks.min_area_px].")] = None,
     simplify: Annotated[float | None, typer.Option(
-        "--simplify", help="Polygon simplification in px; <= 0.3 is exact [masks.simplify_px].")] = None,
+        "--simplify", help="Polygon simplification in px (Douglas-Peucker); 0 is exact [masks.simplify_px].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Polygonise class masks into AnyLabeling JSON that label-to-mask paints back to the same mask."""
+    """Polygonise class masks into AnyLabeling JSON that label-to-mask (and labelme, X-AnyLabeling) paint back."""
     from aerialseg.annotations.polygonize import masks_to_labels
     from aerialseg.core.config import load_params
 
@@ -95,10 +95,10 @@ def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command("augment")
 def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages import augment
     from aerialseg.core.config import load_params
 
-    typer.echo(f"wrote {augment_stage(load_params(params))}")
+    typer.echo(f"wrote {augment.run(load_params(params))}")
 
 
 # --- models: pretrain, train, distil, evaluate, report ------------------------------------
@@ -161,17 +161,17 @@ def distil_command(
 @app.command("evaluate")
 def evaluate_command(
     params: ParamsOpt = Path("params.yaml"),
-    model: Annotated[Path | None, typer.Option(help="Trained model dir [evaluate.model].")] = None,
+    model: Annotated[Path | None, typer.Option(help="Bundle or trained model dir [evaluate.model].")] = None,
     split: Annotated[str | None, typer.Option(help="train | val | test [evaluate.split].")] = None,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json, confusion.json, samples.npz go "
                                                   "[evaluate.out].")] = None,
 ) -> None:
-    """Metrics of a model on a split (one confusion matrix over whole scenes); writes metrics.json."""
-    from aerialseg.evaluation.evaluate import evaluate_run
+    """Metrics of the stitched scene maps (infer-scene's path) on a split; writes metrics.json."""
     from aerialseg.core.config import load_params
+    from aerialseg.stages import evaluate
 
-    metrics = evaluate_run(load_params(params), model, split, out)
-    typer.echo(f"{metrics['model']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
+    metrics = evaluate.run(load_params(params), model, split, out)
+    typer.echo(f"{metrics['model_dir']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
                f"{metrics['pixel_accuracy']}, BF1 {metrics['bf1']}")
 
 

@@ -420,3 +420,22 @@ def load_split(path: str | Path) -> dict[str, Any]:
     if not isinstance(split, dict) or not isinstance(split.get("splits"), dict):
         raise AerialsegError("not a split file (no 'splits')", path, "rerun aerialseg split")
     return split
+
+
+def split_patches(manifest: str | Path, split_file: str | Path, split: str) -> list[dict[str, Any]]:
+    """The manifest records of one split's patches, checked against the manifest the split was made from."""
+    manifest_data, split_data = load_manifest(manifest), load_split(split_file)
+    made_from = split_data.get("manifest_sha256")
+    if made_from and made_from != file_sha256(manifest):
+        raise AerialsegError(f"split was made from another tile manifest than {manifest}", split_file,
+                             "rerun aerialseg split (and augment) after aerialseg tiles")
+    if split not in split_data["splits"]:
+        raise AerialsegError(f"no split '{split}' (has {', '.join(split_data['splits'])})", split_file,
+                             "use train, val or test")
+    by_id = {p["id"]: p for p in manifest_data["patches"]}
+    ids = split_data["splits"][split]
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise AerialsegError(f"split names patch {unknown[0]} that the manifest lacks ({len(unknown)} in all)",
+                             split_file, "rerun aerialseg split after aerialseg tiles")
+    return [by_id[i] for i in ids]

@@ -21,7 +21,6 @@ the same holds on the model's grid (W scaled by scene GSD / model GSD).
 
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -292,8 +291,9 @@ def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[s
         paths["vectors"] = Path(f"{stem}_polygons.gpkg")
     if options.areas:
         paths["areas"] = Path(f"{stem}_areas.json")
-    if options.preview:
-        paths["preview"] = Path(f"{stem}_preview.png")
+    if options.preview:  # AnyLabeling JSON sits among the images: its preview goes to out_dir, not beside it
+        preview_dir = Path(options.out_dir) if options.format == "anylabeling" else stem.parent
+        paths["preview"] = preview_dir / f"{stem.name}_preview.png"
     return paths
 
 
@@ -324,25 +324,18 @@ def write_preview(src: Path, dest: Path, max_side: int = 1024) -> None:
 def write_anylabeling(src: Path, dest: Path, scene: Path, options: InferOptions) -> int:
     """The prediction as AnyLabeling JSON polygons (annotators correct it); returns the shape count.
 
-    Uses aerialseg.annotations.polygonize (polygons that paint back to the mask); simplify_px 0 = its exact default.
+    The same polygons and file as `aerialseg mask-to-label` (docs/labels.md): vertices on pixel centres, so the
+    tools paint the mask back; one shape per line; imagePath relative to dest's folder (dest may be a temp
+    file beside the final one).
     """
-    try:
-        from aerialseg.annotations import polygonize as mask_to_label
-    except ImportError as exc:
-        raise AerialsegError(f"AnyLabeling output needs aerialseg.annotations.polygonize ({exc})",
-                             fix="use --format geotiff") from None
+    from aerialseg.annotations.anylabeling import dumps_label_json
+    from aerialseg.annotations.polygonize import label_document
+
     with rasterio.open(src) as ds:
         mask = ds.read(1)
-    simplify = options.simplify_px or getattr(mask_to_label, "EXACT_SIMPLIFY_PX", 0.0)
-    shapes = mask_to_label.mask_to_shapes(mask, simplify, options.min_area_px)
-    image_path = os.path.relpath(scene.resolve(), dest.resolve().parent)
-    if hasattr(mask_to_label, "anylabeling_document"):
-        record = mask_to_label.anylabeling_document(shapes, image_path, mask.shape[1], mask.shape[0])
-    else:
-        record = {"version": "5.5.0", "flags": {}, "shapes": shapes, "imagePath": image_path, "imageData": None,
-                  "imageHeight": int(mask.shape[0]), "imageWidth": int(mask.shape[1])}
-    dest.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return len(shapes)
+    doc = label_document(mask, scene, dest, options.simplify_px, options.min_area_px)
+    dest.write_text(dumps_label_json(doc), encoding="utf-8")
+    return len(doc["shapes"])
 
 
 def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: dict[str, Path],

@@ -144,7 +144,7 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     model = create_model(meta["name"], classes=meta["classes"], in_channels=meta["in_channels"], **meta["kwargs"])
     if "pruning" in meta:  # a pruned model: replay its channel-removal plan (plain JSON) before loading weights
-        from aerialseg.compression.prune import apply_pruning_plan
+        from aerialseg.models.pruning_plan import apply_pruning_plan
 
         apply_pruning_plan(model, meta["pruning"])
     load_state(model, directory / "model.safetensors")
