@@ -28,7 +28,7 @@ import torch
 from onnx import helper
 
 from aerialseg.compression.onnx_export import lowest_ir_version
-from aerialseg.inference.bundle import build_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.models import create_model, save_model
 
 TIMER = """

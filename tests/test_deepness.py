@@ -20,9 +20,10 @@ import rasterio
 import torch
 
 import deepness_runner
-from aerialseg.inference.bundle import build_bundle, open_bundle
+from aerialseg.inference.bundle import open_bundle
 from aerialseg.inference.predictor import Predictor
 from aerialseg.models import create_model, save_model
+from aerialseg.stages.bundle import build_bundle
 
 MODEL, TILE = "unet_efficientnet_lite0", 64   # a real architecture (Resize, Pad, Clip, depthwise convs)
 DEEPNESS_ORT = "1.17.0"

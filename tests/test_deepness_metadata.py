@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import deepness_rules as rules
-from aerialseg.inference.bundle import build_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.models import list_models, register_model, save_model
 
 TOY = "toy_fcn_deepness"

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.inference.bundle import MANIFEST, build_bundle
+from aerialseg.inference.bundle import MANIFEST
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import (DEEPNESS_MAX_OPSET, check_parity, deepness_metadata,
                                                deepness_overlap_percent, export_bundle_onnx, export_onnx,

@@ -298,19 +298,10 @@ def bundle_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Package a trained model for infer-scene / QGIS: weights, ONNX, manifest (classes, GSD, tiles, metrics)."""
-    from aerialseg.inference.bundle import build_bundle, read_model_record
-    from aerialseg.core.config import load_params, section
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import bundle
 
-    p = load_params(params)
-    cfg, exp = section(p, "bundle"), section(p, "export")
-    gsd = next((g for g in (gsd_m, cfg.get("gsd_m"), read_model_record(model_dir).get("gsd_m"),
-                            section(p, "data").get("gsd_m")) if g is not None), None)
-    dest = out if out is not None else (Path(cfg["out"]) if cfg.get("out") else None)
-    path = build_bundle(model_dir, dest, tile_size=tile_size or cfg.get("tile_size"),
-                        overlap=overlap if overlap is not None else cfg.get("overlap"), gsd_m=gsd,
-                        onnx=cfg.get("onnx", True) if onnx is None else onnx,
-                        archive=cfg.get("zip", False) if archive is None else archive,
-                        max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))
+    path = bundle.run(load_params(params), model_dir, out, archive, onnx, tile_size, overlap, gsd_m)
     typer.echo(f"wrote bundle {path}")
 
 

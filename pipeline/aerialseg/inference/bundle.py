@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -146,16 +146,15 @@ def update_manifest_files(bundle_dir: str | Path, onnx: dict[str, Any] | None = 
     write_json(bundle_dir / MANIFEST, manifest)
 
 
-def build_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
-                 overlap: int | None = None, gsd_m: float | None = None, onnx: bool = True,
-                 archive: bool = False, max_abs_diff: float = 1e-3, opset: int = 18) -> Path:
-    """Bundle a trained model directory: copy weights, write bundle.json, export and check both ONNX files.
+def assemble_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
+                    overlap: int | None = None, gsd_m: float | None = None, archive: bool = False,
+                    export: Callable[[Path], object] | None = None) -> Path:
+    """Bundle a trained model directory: copy weights, write bundle.json, run ``export`` on the staged folder
+    (the ONNX export: aerialseg.stages.bundle.build_bundle passes it), then checksum the files.
 
     ``out`` None bundles in place. The bundle is assembled in a temp folder beside ``out`` and renamed
     into place (or zipped to ``out`` with a .zip suffix when ``archive``). Returns the bundle path.
     """
-    from aerialseg.compression.onnx_export import export_bundle_onnx
-
     model_dir = Path(model_dir)
     record = read_model_record(model_dir)
     if not (model_dir / WEIGHTS).is_file():
@@ -169,8 +168,8 @@ def build_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size
         for name in (WEIGHTS, CONFIG):
             shutil.copy2(model_dir / name, stage / name)
         write_json(stage / MANIFEST, manifest)
-        if onnx:
-            export_bundle_onnx(stage, max_abs_diff=max_abs_diff, opset=opset)
+        if export is not None:
+            export(stage)
         update_manifest_files(stage)
         if archive:
             return _write_zip(stage, out.with_suffix(".zip"))
