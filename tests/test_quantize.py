@@ -270,8 +270,8 @@ def test_cli_prune_quantize_table_on_real_data_stages(tmp_path):
 
     from aerialseg.stages.augment import run as augment_stage
     from aerialseg.cli import app
-    from aerialseg.data.split import split_stage
-    from aerialseg.data.tiling import tiles_stage
+    from aerialseg.stages.split import run as split_stage
+    from aerialseg.stages.tiles import run as tiles_stage
     from test_tiling import dubai_pairs, stage_params
 
     dubai_pairs(tmp_path, ("tile_2",))

@@ -76,9 +76,10 @@ def mask_to_label_command(
 def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Index overlapping patch windows of every masked scene (data/tiles/manifest.json); drop empty ones."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.tiling import describe, load_manifest, tiles_stage
+    from aerialseg.data.tiling import describe, load_manifest
+    from aerialseg.stages import tiles
 
-    manifest = tiles_stage(load_params(params))
+    manifest = tiles.run(load_params(params))
     typer.echo(describe(load_manifest(manifest)))
     typer.echo(f"wrote {manifest}")
 
@@ -87,9 +88,9 @@ def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
 def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Seeded train/val/test split of the patches by scene or spatial block, with no shared pixel."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.split import split_stage
+    from aerialseg.stages import split
 
-    typer.echo(f"wrote {split_stage(load_params(params))}")
+    typer.echo(f"wrote {split.run(load_params(params))}")
 
 
 @app.command("augment")

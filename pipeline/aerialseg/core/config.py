@@ -1,5 +1,6 @@
 """params.yaml: every knob, one section per stage, read and checked once at start-up."""
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -7,14 +8,32 @@ import yaml
 
 from aerialseg.core.errors import AerialsegError
 
-DEFAULT_PARAMS = Path("params.yaml")
+PARAMS_YAML = Path("params.yaml")
+
+
+class _ParamsInUse(os.PathLike):
+    """The params file this run read: what errors about a params key name (params.yaml until loaded)."""
+
+    path: Path = PARAMS_YAML
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.path), spec)
+
+
+DEFAULT_PARAMS = _ParamsInUse()  # pass as the path of errors about params keys: names the file actually read
 REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"  # editable install: the checkout's
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_params(path: str | Path = PARAMS_YAML, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read params.yaml; check the named top-level sections are present."""
     path = Path(path)
-    if not path.is_file() and path == DEFAULT_PARAMS and REPO_PARAMS.is_file():
+    if not path.is_file() and path == PARAMS_YAML and REPO_PARAMS.is_file():
         path = REPO_PARAMS  # outside the repository: the defaults of the checkout aerialseg runs from
     if not path.is_file():
         raise AerialsegError("params file not found", path, "run from the repository root or pass --params")
@@ -26,6 +45,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, required: tuple[str, ...] = (
         raise AerialsegError(f"not valid YAML{where}", path, "fix the YAML syntax") from None
     if not isinstance(params, dict):
         raise AerialsegError("top level must be a mapping of sections", path)
+    DEFAULT_PARAMS.path = path
     missing = [s for s in required if s not in params]
     if missing:
         raise AerialsegError(f"missing section(s) {', '.join(missing)}", path, "add them (see the README)")
