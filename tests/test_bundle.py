@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.inference.bundle import MANIFEST, make_manifest, open_bundle, sha256_file
+from aerialseg.core.fileio import sha256_file
+from aerialseg.inference.bundle import MANIFEST, make_manifest, open_bundle
 from aerialseg.stages.bundle import build_bundle
 from aerialseg.core.errors import AerialsegError
 from aerialseg.models import list_models, register_model, save_model

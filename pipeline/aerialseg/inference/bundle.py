@@ -12,7 +12,6 @@ Layout (a directory, or a .zip holding the same files at its top level):
 A plain model directory without bundle.json still opens: its manifest is derived from model.json.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from torch import nn
 from aerialseg.core.classes import CLASS_NAMES, COLORS
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.scene import BandPolicy
-from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,6 @@ ONNX_FILES = (ONNX, DEEPNESS_ONNX)
 BUNDLE_FILES = (WEIGHTS, CONFIG, *ONNX_FILES, MANIFEST)
 _RECORD_KEYS = {"name", "classes", "in_channels", "kwargs", "preprocessing"}
 _DATA_HASH_KEYS = ("training_data_sha256", "data_hash", "dataset_hash", "train_data_hash", "data_sha256")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_model_record(model_dir: Path) -> dict[str, Any]:
