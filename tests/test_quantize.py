@@ -9,6 +9,8 @@ import onnx
 import pytest
 import torch
 
+from aerialseg.data.datasets import spread_indices
+from aerialseg.stages.quantize import run as quantize_run
 from aerialseg.compression.prune import PruneConfig, make_criterion, prune_model, save_pruned_model
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import export_onnx
@@ -23,10 +25,8 @@ from aerialseg.compression.quantize import (
     onnx_predict,
     quantize_dynamic_int8,
     quantize_model_dir,
-    quantize_run,
     quantize_static_int8,
     session,
-    spread_indices,
     to_model_input,
 )
 from conftest import shared_path

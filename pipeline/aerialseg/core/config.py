@@ -66,3 +66,31 @@ def check_keys(name: str, values: dict[str, Any], allowed: Any) -> None:
     if unknown:
         raise AerialsegError(f"unknown {name} key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
                              f"use only: {', '.join(allowed)}")
+
+
+def merge_profile(params: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """params with a profile's sections merged over them (nested mappings merged, other values replaced)."""
+    merged = dict(params)
+    for key, value in profile.items():
+        base = merged.get(key)
+        merged[key] = merge_profile(base, value) if isinstance(value, dict) and isinstance(base, dict) else value
+    return merged
+
+
+def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")) -> tuple[Path, dict[str, Any]]:
+    """A profile by name (profiles/<name>.yaml) or path; unknown keys are caught when the stages read them."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = profiles_dir / f"{name_or_path}.yaml"
+        if not path.is_file() and (REPO_PARAMS.parent / path).is_file():
+            path = REPO_PARAMS.parent / path
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in profiles_dir.glob("*.yaml"))) or "none"
+        raise AerialsegError("profile not found", path, f"name one of: {known}, or give a YAML file")
+    try:
+        profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise AerialsegError("not valid YAML", path, "fix the YAML syntax") from None
+    if not isinstance(profile, dict):
+        raise AerialsegError("a profile must be a mapping of params sections", path)
+    return path, profile

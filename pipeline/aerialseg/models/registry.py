@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,6 +165,3 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
 
-def to_numpy_probs(logits: torch.Tensor) -> np.ndarray:
-    """Softmax over classes, float32 numpy (N, C, H, W)."""
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
