@@ -13,11 +13,12 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from aerialseg.annotations.labels import LabelTable, MaskOptions, labels_to_masks, load_label_json, parse_shapes, \
-    rasterize_shapes, resolve_scene
+from aerialseg.annotations.anylabeling import LabelTable, load_label_json, parse_shapes, resolve_scene
+from aerialseg.annotations.labels import labels_to_masks
+from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
-from aerialseg.inference.bundle import build_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.inference.ranking import (RankOptions, SceneWindows, class_weights, pixel_uncertainty, rank_scenes,
                                          rank_windows)
 from aerialseg.models import create_model, get_spec, save_model
@@ -35,8 +36,8 @@ def sample_mask(n: int) -> np.ndarray:
     doc = load_label_json(path)
     scene = resolve_scene(doc, path, None)
     table = LabelTable.from_params(load_params(REPO / "params.yaml"))
-    shapes, _ = parse_shapes(doc, path, table, scene.width, scene.height, MaskOptions())
-    return rasterize_shapes(shapes, scene.width, scene.height, MaskOptions())
+    shapes, _ = parse_shapes(doc, path, table)
+    return rasterize_shapes(shapes, scene.width, scene.height)
 
 
 def write_crop(src: rasterio.DatasetReader, window: Window, dest: Path) -> Path:
@@ -143,6 +144,7 @@ def test_ranking_is_deterministic_and_writes_csv_gpkg_crops(memorised, tmp_path)
 
 
 def test_uncertainty_and_rarity_weights():
+    assert RankOptions.from_params(load_params(REPO / "params.yaml")["rank"]) == RankOptions()  # one default
     k = 5
     uniform = np.full((k, 2, 2), 1 / k)
     certain = np.zeros((k, 2, 2))
@@ -179,14 +181,14 @@ def test_bad_input_is_one_line_exit_2(memorised, tmp_path):
     with pytest.raises(AerialsegError, match="no window"):
         rank_scenes([empty], bundle, options(tmp_path / "empty"))
     assert not (tmp_path / "empty").exists()
-    grey = tmp_path / "grey.tif"
-    with rasterio.open(grey, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as dst:
-        dst.write(np.zeros((1, 64, 64), np.uint8))
-    run = subprocess.run([sys.executable, "-m", "aerialseg.cli", "rank-scenes", str(seen[0]), str(grey), "--model",
+    two_band = tmp_path / "two_band.tif"
+    with rasterio.open(two_band, "w", driver="GTiff", width=64, height=64, count=2, dtype="uint8") as dst:
+        dst.write(np.ones((2, 64, 64), np.uint8))
+    run = subprocess.run([sys.executable, "-m", "aerialseg.cli", "rank-scenes", str(seen[0]), str(two_band), "--model",
                           str(bundle), "--out", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr
-    assert run.stderr.strip().startswith("error: ") and "grey.tif" in run.stderr
+    assert run.stderr.strip().startswith("error: ") and "two_band.tif" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

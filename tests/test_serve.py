@@ -20,20 +20,18 @@ import httpx
 import numpy as np
 import pytest
 import rasterio
-import rasterio.features
-import shapely
 import torch
 import yaml
-from affine import Affine
 
-from aerialseg.annotations.labels import LabelTable, MaskOptions, labels_to_masks
+from aerialseg.annotations.anylabeling import LabelTable, Shape
+from aerialseg.annotations.labels import labels_to_masks
+from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
-from aerialseg.inference.bundle import build_bundle
 from aerialseg.inference.scene import InferOptions, infer_scene
-from aerialseg.inference.server import (ServeOptions, hole_free, label_regions, model_ids, read_api_key,
-                                        scored_shapes)
+from aerialseg.inference.server import ServeOptions, hole_free_pieces, holes, model_ids, read_api_key, scored_shapes
 from aerialseg.models import create_model, save_model
+from aerialseg.stages.bundle import build_bundle
 
 from conftest import REPO
 
@@ -113,13 +111,11 @@ def predict(url: str, image: bytes | str, model: str = "bundle", key: str | None
 
 
 def paint(shapes: list[dict], height: int, width: int) -> np.ndarray:
-    """Rasterise returned shapes (pixel-centre rule) into class ids; unpainted = background (0)."""
+    """Paint returned shapes as label-to-mask does (the annotation tools' rule); unpainted = background."""
     names = ["background", *CLASSES]
-    geoms = [(shapely.Polygon(s["points"]), names.index(s["label"])) for s in shapes]
-    if not geoms:
-        return np.zeros((height, width), np.uint8)
-    return rasterio.features.rasterize(geoms, out_shape=(height, width), fill=0, transform=Affine.identity(),
-                                       dtype="uint8")
+    parsed = [Shape(i, s["label"], names.index(s["label"]), "polygon", np.asarray(s["points"], np.float64))
+              for i, s in enumerate(shapes)]
+    return rasterize_shapes(parsed, width, height)
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +156,9 @@ def test_prediction_paints_back_to_the_scene_map(server, image, scene_map):
     for shape in shapes:
         assert shape["label"] in CLASSES and shape["shape_type"] == "polygon"
         assert 0.0 <= shape["score"] <= 1.0 and len(shape["points"]) >= 3
-        assert shapely.Polygon(shape["points"]).is_valid
     painted = paint(shapes, *scene_map.shape)
-    assert (painted == scene_map).mean() >= 0.999  # background is implied, never returned
+    assert (painted == scene_map).all()  # exact; background is implied, never returned
+    assert (paint(shapes[::-1], *scene_map.shape) == scene_map).all()  # in any order
     # the same image as a data URI gives the same shapes
     uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     assert predict(server, uri, epsilon_factor=0.0).json()["data"]["shapes"] == shapes
@@ -189,7 +185,7 @@ def test_transparent_pixels_are_not_labelled(server):
     rgba[:, :120, 3] = 0
     shapes = predict(server, png_bytes(rgba)).json()["data"]["shapes"]
     assert shapes and max(p[0] for s in shapes for p in s["points"]) > 200
-    assert min(p[0] for s in shapes for p in s["points"]) >= 119.5
+    assert min(p[0] for s in shapes for p in s["points"]) >= 120
 
 
 def geotiff_bytes(pixels: np.ndarray, gsd_m: float) -> bytes:
@@ -395,35 +391,45 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
 def test_scored_shapes_cut_holes_and_paint_back_exactly():
     rng = np.random.default_rng(0)
     classes = cv2.resize(rng.integers(0, 5, (12, 16), dtype=np.uint8), (160, 120), interpolation=cv2.INTER_NEAREST)
-    classes[30:90, 40:120] = 1  # a road ring around islands of other classes
+    classes[30:90, 40:120] = 1  # a road block around islands of other classes
     classes[45:75, 55:70] = 0
     classes[50:60, 90:100] = 4
     classes[rng.random(classes.shape) < 0.01] = 3
     confidence = rng.random(classes.shape).astype(np.float32)
-    shapes = scored_shapes(classes, confidence, ("background", *CLASSES))
+    names = ("background", *CLASSES)
+    shapes = scored_shapes(classes, confidence, names)
     assert "background" not in {s["label"] for s in shapes}
     assert (paint(shapes, *classes.shape) == classes).all()
-    regions, region_class = label_regions(classes)
-    assert all(region_class[regions[y, x]] == classes[y, x] for y, x in [(0, 0), (50, 60), (55, 95)])
-    ring = next(s for s in shapes if s["label"] == "road" and min(p[0] for p in s["points"]) <= 40.5)
-    road = regions[35, 45]
-    assert ring["score"] == pytest.approx(confidence[regions == road].mean(), abs=1e-4)
-    # thresholds drop whole regions; min area drops small ones
-    kept = scored_shapes(classes, confidence, ("background", *CLASSES), conf_threshold=0.5)
+    assert (paint(shapes[::-1], *classes.shape) == classes).all()  # order does not matter
+    _, labels = cv2.connectedComponents((classes == 1).view(np.uint8), connectivity=4)
+    road = labels == labels[35, 45]
+    pieces = [s for s in shapes if s["label"] == "road" and [40, 30] in s["points"]]
+    assert len(pieces) == 1 and pieces[0]["score"] == pytest.approx(confidence[road].mean(), abs=1e-4)
+    # thresholds drop whole regions; min area drops small ones; filter keeps classes
+    kept = scored_shapes(classes, confidence, names, conf_threshold=0.5)
     assert all(s["score"] >= 0.5 for s in kept) and len(kept) < len(shapes)
-    assert len(scored_shapes(classes, confidence, ("background", *CLASSES), min_area_px=50)) < len(shapes)
+    assert len(scored_shapes(classes, confidence, names, min_area_px=50)) < len(shapes)
+    assert {s["label"] for s in scored_shapes(classes, confidence, names, keep={4})} == {"building"}
+    coarse = scored_shapes(classes, confidence, names, epsilon_factor=0.02)
+    assert sum(len(s["points"]) for s in coarse) < sum(len(s["points"]) for s in shapes)
 
 
-def test_hole_free_pieces_cover_the_polygon_exactly():
-    outer = shapely.box(0, 0, 40, 30)
-    holes = [shapely.box(5, 5, 8, 9), shapely.box(20, 10, 21, 11), shapely.box(30, 3, 35, 25)]
-    poly = shapely.Polygon(outer.exterior.coords, [h.exterior.coords for h in holes])
-    pieces = hole_free(poly)
-    assert all(not p.interiors for p in pieces)
-    assert shapely.union_all(pieces).equals(poly) and sum(p.area for p in pieces) == pytest.approx(poly.area)
+def test_hole_free_pieces_partition_a_region():
+    region = np.ones((30, 40), bool)
+    for y0, y1, x0, x1 in ((5, 9, 5, 8), (10, 11, 20, 21), (3, 25, 30, 35), (20, 22, 10, 12)):
+        region[y0:y1, x0:x1] = False
+    assert holes(region).sum() == (~region).sum()
+    pieces = list(hole_free_pieces(region, 100, 200))
+    covered = np.zeros((30, 40), int)
+    for piece, x, y in pieces:
+        assert not holes(piece).any()
+        covered[y - 200:y - 200 + piece.shape[0], x - 100:x - 100 + piece.shape[1]] += piece
+    assert (covered == region).all()  # every pixel in exactly one piece
+    assert len(pieces) <= 2 * 4
 
 
 def test_options_ids_and_api_key(tmp_path):
+    assert ServeOptions.from_params(load_params(REPO / "params.yaml")["serve"]) == ServeOptions()  # one default
     assert model_ids([Path("a/bundle"), Path("b/bundle"), Path("c/model.zip")]) == ["bundle", "bundle-2", "model"]
     with pytest.raises(AerialsegError, match="unknown key"):
         ServeOptions.from_params({"max_body": 3})

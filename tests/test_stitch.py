@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from aerialseg.inference.scene import make_predictor
+from aerialseg.inference.predictor import Predictor
 from aerialseg.inference.stitch import BandAccumulator, axis_weights, blend_scene, pad_reflect, tile_starts
 
 
@@ -78,7 +78,7 @@ def test_identity_model_reconstructs_input(shape, tile, overlap):
 
 def test_identity_through_the_torch_predictor_with_tta():
     image = np.random.default_rng(1).integers(0, 256, size=(3, 45, 29), dtype=np.uint8)
-    predict = make_predictor(lambda x: x, [0.0] * 3, [1 / 255.0] * 3, torch.device("cpu"), tta=True,
+    predict = Predictor(lambda x: x, [0.0] * 3, [1 / 255.0] * 3, torch.device("cpu"), tta=True,
                              activation="none")
     out = _stitch(image, predict, 3, 16, 6, margin=1)
     np.testing.assert_allclose(out, image.astype(np.float32), atol=1e-3)
@@ -96,7 +96,7 @@ def _toy_fcn(seed: int = 0) -> nn.Module:
 def test_stitched_equals_whole_image_when_receptive_field_fits(shape, tile, overlap):
     model = _toy_fcn()
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    predict = make_predictor(model, mean, std, torch.device("cpu"))
+    predict = Predictor(model, mean, std, torch.device("cpu"))
     image = np.random.default_rng(2).integers(0, 256, size=shape, dtype=np.uint8)
     whole = predict(image[None])[0]
     stitched = _stitch(image, predict, 4, tile, overlap, margin=3)

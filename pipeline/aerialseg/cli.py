@@ -42,7 +42,7 @@ def label_to_mask_command(
         "--images", help="Folder to look up images whose imagePath does not resolve [data.images].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rasterise label JSON into class masks (GeoTIFF on the scene grid, else PNG) + index.json."""
+    """Paint label JSON into class masks as the annotation tools do (GeoTIFF on the scene grid, else PNG)."""
     from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
 
@@ -59,10 +59,10 @@ def mask_to_label_command(
     min_area: Annotated[float | None, typer.Option(
         "--min-area", help="Drop regions smaller than this many pixels [masks.min_area_px].")] = None,
     simplify: Annotated[float | None, typer.Option(
-        "--simplify", help="Polygon simplification in px; <= 0.3 is exact [masks.simplify_px].")] = None,
+        "--simplify", help="Polygon simplification in px (Douglas-Peucker); 0 is exact [masks.simplify_px].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Polygonise class masks into AnyLabeling JSON that label-to-mask paints back to the same mask."""
+    """Polygonise class masks into AnyLabeling JSON that label-to-mask (and labelme, X-AnyLabeling) paint back."""
     from aerialseg.annotations.polygonize import masks_to_labels
     from aerialseg.core.config import load_params
 
@@ -76,9 +76,10 @@ def mask_to_label_command(
 def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Index overlapping patch windows of every masked scene (data/tiles/manifest.json); drop empty ones."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.tiling import describe, load_manifest, tiles_stage
+    from aerialseg.data.tiling import describe, load_manifest
+    from aerialseg.stages import tiles
 
-    manifest = tiles_stage(load_params(params))
+    manifest = tiles.run(load_params(params))
     typer.echo(describe(load_manifest(manifest)))
     typer.echo(f"wrote {manifest}")
 
@@ -87,18 +88,18 @@ def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
 def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Seeded train/val/test split of the patches by scene or spatial block, with no shared pixel."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.split import split_stage
+    from aerialseg.stages import split
 
-    typer.echo(f"wrote {split_stage(load_params(params))}")
+    typer.echo(f"wrote {split.run(load_params(params))}")
 
 
 @app.command("augment")
 def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages import augment
     from aerialseg.core.config import load_params
 
-    typer.echo(f"wrote {augment_stage(load_params(params))}")
+    typer.echo(f"wrote {augment.run(load_params(params))}")
 
 
 # --- models: pretrain, train, distil, evaluate, report ------------------------------------
@@ -161,17 +162,17 @@ def distil_command(
 @app.command("evaluate")
 def evaluate_command(
     params: ParamsOpt = Path("params.yaml"),
-    model: Annotated[Path | None, typer.Option(help="Trained model dir [evaluate.model].")] = None,
+    model: Annotated[Path | None, typer.Option(help="Bundle or trained model dir [evaluate.model].")] = None,
     split: Annotated[str | None, typer.Option(help="train | val | test [evaluate.split].")] = None,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json, confusion.json, samples.npz go "
                                                   "[evaluate.out].")] = None,
 ) -> None:
-    """Metrics of a model on a split (one confusion matrix over whole scenes); writes metrics.json."""
-    from aerialseg.evaluation.evaluate import evaluate_run
+    """Metrics of the stitched scene maps (infer-scene's path) on a split; writes metrics.json."""
     from aerialseg.core.config import load_params
+    from aerialseg.stages import evaluate
 
-    metrics = evaluate_run(load_params(params), model, split, out)
-    typer.echo(f"{metrics['model']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
+    metrics = evaluate.run(load_params(params), model, split, out)
+    typer.echo(f"{metrics['model_dir']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
                f"{metrics['pixel_accuracy']}, BF1 {metrics['bf1']}")
 
 
@@ -226,12 +227,12 @@ def profile_models_command(
 ) -> None:
     """Model table: parameters (total, used), GFLOPs at a tile size, CPU latency per tile."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.profile import profile_stage
+    from aerialseg.stages import profile
 
     pairs = [item.split("=", 1) for item in onnx or []]
     if any(len(pair) != 2 for pair in pairs):
         raise AerialsegError("--onnx takes MODEL=FILE.onnx", fix="e.g. --onnx pspnet=models/pspnet.onnx")
-    path = profile_stage(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
+    path = profile.run(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
                          onnx=dict(pairs))
     typer.echo(f"wrote {path} ({path.with_suffix('.md').name})")
 
@@ -240,9 +241,9 @@ def profile_models_command(
 def report_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """reports/report.md with figures: metrics, confusion matrix, curves, samples, model table, seeds."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.report import report_stage
+    from aerialseg.stages import report
 
-    typer.echo(f"wrote {report_stage(load_params(params))}")
+    typer.echo(f"wrote {report.run(load_params(params))}")
 
 
 # --- inference: infer-scene, bundle -------------------------------------------------------
@@ -290,45 +291,40 @@ def bundle_command(
     model_dir: Annotated[Path, typer.Argument(help="Trained model dir (model.safetensors + model.json).")],
     out: Annotated[Path | None, typer.Option(help="Bundle dir (or .zip with --zip) [bundle.out; null = in place].")] = None,
     archive: Annotated[bool | None, typer.Option("--zip/--no-zip", help="Write a .zip [bundle.zip].")] = None,
-    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx", help="Export model.onnx [bundle.onnx].")] = None,
+    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx",
+                                              help="Export model.onnx + model.deepness.onnx [bundle.onnx].")] = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile size [bundle.tile_size; null = the model's].")] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap px [bundle.overlap].")] = None,
     gsd_m: Annotated[float | None, typer.Option(help="Training GSD m/px [bundle.gsd_m; null = data.gsd_m].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Package a trained model for infer-scene / QGIS: weights, ONNX, manifest (classes, GSD, tiles, metrics)."""
-    from aerialseg.inference.bundle import build_bundle, read_model_record
-    from aerialseg.core.config import load_params, section
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import bundle
 
-    p = load_params(params)
-    cfg, exp = section(p, "bundle"), section(p, "export")
-    gsd = next((g for g in (gsd_m, cfg.get("gsd_m"), read_model_record(model_dir).get("gsd_m"),
-                            section(p, "data").get("gsd_m")) if g is not None), None)
-    dest = out if out is not None else (Path(cfg["out"]) if cfg.get("out") else None)
-    path = build_bundle(model_dir, dest, tile_size=tile_size or cfg.get("tile_size"),
-                        overlap=overlap if overlap is not None else cfg.get("overlap"), gsd_m=gsd,
-                        onnx=cfg.get("onnx", True) if onnx is None else onnx,
-                        archive=cfg.get("zip", False) if archive is None else archive,
-                        max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))
+    path = bundle.run(load_params(params), model_dir, out, archive, onnx, tile_size, overlap, gsd_m)
     typer.echo(f"wrote bundle {path}")
 
 
 @app.command("export-onnx")
 def export_onnx_command(
     model_dir: Annotated[Path, typer.Argument(help="Bundle or trained model dir.")],
-    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx].")] = None,
+    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx]; "
+                                                  "*.deepness.onnx goes beside it.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """ONNX at the bundle's tile size with Deepness metadata, checked against PyTorch (export.max_abs_diff)."""
+    """ONNX at the bundle's tile size: logits for infer-scene, and *.deepness.onnx for QGIS; both checked."""
     from aerialseg.compression.onnx_export import export_bundle_onnx
     from aerialseg.core.config import load_params, section
 
     exp = section(load_params(params), "export")
     result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
                                 opset=int(exp.get("opset", 18)), parity_count=int(exp.get("parity_tiles", 2)))
-    parity = result["parity"]
+    parity, deepness = result["parity"], result["deepness_parity"]
     typer.echo(f"wrote {result['onnx']} (max |logit diff| {parity['max_abs_diff']:.2e}, "
                f"argmax agreement {parity['argmax_agreement']:.4f})")
+    typer.echo(f"wrote {result['deepness_onnx']} for QGIS Deepness (max |probability diff| "
+               f"{deepness['max_abs_diff']:.2e}, argmax agreement {deepness['argmax_agreement']:.4f})")
 
 
 # --- seed models: postprocess, prune, export, quantize ------------------------------------
@@ -392,9 +388,10 @@ def quantize_command(
 ) -> None:
     """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import INT8_NAME, quantize_run
+    from aerialseg.compression.quantize import INT8_NAME
+    from aerialseg.stages import quantize
 
-    report = quantize_run(load_params(params), model_dir=model_dir, out_dir=out)
+    report = quantize.run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
     typer.echo(f"wrote {Path(report['out_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
                f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
@@ -406,9 +403,9 @@ def quantize_command(
 def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Backbone x pruned x quantized table (paper Table II) -> reports/compression.{json,md}."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import compression_table_run
+    from aerialseg.stages import compression
 
-    result = compression_table_run(load_params(params))
+    result = compression.run(load_params(params))
     typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")
 
 
@@ -459,6 +456,36 @@ def rank_scenes_command(
     typer.echo(rank_scenes(scenes, model, options).summary())
 
 
+
+
+@app.command("apply-profile")
+def apply_profile_command(
+    profile: Annotated[str, typer.Argument(help="Profile name (profiles/NAME.yaml) or a YAML file of params sections.")],
+    out: Annotated[Path, typer.Option(help="Params file to write; `dvc repro` reads params.yaml.")] = Path(
+        "params.yaml"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Merge a profile (e.g. ci, gpu) over params into OUT, so `dvc repro` runs it and dvc.lock records it.
+
+    The file replaced is kept as OUT.bak (an existing backup is never overwritten).
+    """
+    import yaml
+
+    from aerialseg.core.config import load_params, load_profile, merge_profile
+    from aerialseg.core.fileio import write_text
+
+    source, overlay = load_profile(profile)
+    merged = merge_profile(load_params(params), overlay)
+    replaced = out.exists()
+    if replaced:
+        backup = out.with_name(out.name + ".bak")
+        if backup.exists():
+            raise AerialsegError("a backup from an earlier apply-profile exists", backup,
+                                 "restore or remove it first, or pass --out elsewhere")
+        backup.write_bytes(out.read_bytes())
+    header = f"# {out.name}: {params} with profile {source} merged over it (aerialseg apply-profile)\n"
+    write_text(out, header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
 
 
 def main() -> None:

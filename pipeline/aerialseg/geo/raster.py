@@ -13,9 +13,6 @@ from rasterio.windows import Window
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 
-GEOTIFF_SUFFIXES = {".tif", ".tiff", ".gtif"}
-
-
 @contextmanager
 def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
     """Open a raster for reading; a missing or corrupt file becomes one clear AerialsegError."""

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from rasterio.windows import Window
 from tqdm import tqdm
 
@@ -48,8 +49,9 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_text
 from aerialseg.geo.raster import is_georeferenced, open_raster
 from aerialseg.inference.bundle import Bundle, open_bundle
-from aerialseg.inference.scene import Grid, InferOptions, bundle_predictor, make_reader, resample_scale, \
-    resolve_device, scene_bands
+from aerialseg.geo.scene import SceneReader
+from aerialseg.inference.predictor import Predictor
+from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
 from aerialseg.inference.stitch import Predict, blend_scene, tile_starts
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def tile_predictor(bundle: Bundle, device: str = "auto") -> Predict:
 
     The one place rank-scenes and serve build a predictor.
     """
-    return bundle_predictor(bundle, "torch", resolve_device(device), tta=False)
+    return Predictor.from_bundle(bundle, "torch", device)
 
 
 @dataclass
@@ -167,7 +169,7 @@ def scan_scene(path: Path, bundle: Bundle, predict: Predict, options: RankOption
                on_tiles: Callable[[int], None] | None = None) -> SceneWindows:
     """Stream one scene through the model (read at ``scale``, see plan_scene) and sum uncertainty per window."""
     with open_raster(path) as ds:
-        bands = scene_bands(ds, bundle.in_channels, path)
+        reader = SceneReader(ds, path, bundle.band_policy)
         grid = Grid(ds.height, ds.width, scale)
         mh, mw = grid.model_height, grid.model_width
         side = max(1, round(options.window * grid.scale))
@@ -176,28 +178,29 @@ def scan_scene(path: Path, bundle: Bundle, predict: Predict, options: RankOption
         stats = SceneWindows(path, rows, cols, min(side, mh), min(side, mw), grid.scale,
                              np.zeros((len(rows), len(cols), k)), np.zeros((len(rows), len(cols), k), np.int64),
                              np.zeros((len(rows), len(cols))))
-        for top, probs in blend_scene(make_reader(ds, bands, grid), mh, mw, predict, k, bundle.tile_size,
+        for top, probs in blend_scene(make_reader(reader, grid), mh, mw, predict, k, bundle.tile_size,
                                       bundle.overlap, bundle.overlap // 4, options.batch, on_tiles):
             entropy, margin, classes = pixel_uncertainty(probs)
-            accumulate(stats, top, entropy, margin, classes, valid_rows(ds, grid, top, probs.shape[1]))
+            accumulate(stats, top, entropy, margin, classes, valid_rows(reader, grid, top, probs.shape[1]))
     return stats
 
 
 def plan_scene(path: Path, bundle: Bundle) -> tuple[float, int]:
     """(model px per scene px, tiles) of a scene, after checking it opens and has the model's bands."""
     with open_raster(path) as ds:
-        scene_bands(ds, bundle.in_channels, path)
+        SceneReader(ds, path, bundle.band_policy)  # bands and bit depth the model can read
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, InferOptions(), path))
         return grid.scale, len(tile_starts(grid.model_height, bundle.tile_size, bundle.overlap)) * \
             len(tile_starts(grid.model_width, bundle.tile_size, bundle.overlap))
 
 
-def valid_rows(ds: rasterio.DatasetReader, grid: Grid, top: int, rows: int) -> np.ndarray:
-    """Valid-data mask (not nodata / alpha) of model-grid rows [top, top + rows)."""
-    window = Window(0, top / grid.scale, ds.width, min(rows / grid.scale, ds.height - top / grid.scale))
+def valid_rows(reader: SceneReader, grid: Grid, top: int, rows: int) -> np.ndarray:
+    """Valid-data mask (not nodata / alpha / NaN) of model-grid rows [top, top + rows)."""
+    if grid.scale == 1.0:
+        return reader.valid(Window(0, top, reader.width, rows))
+    window = Window(0, top / grid.scale, reader.width, min(rows / grid.scale, reader.height - top / grid.scale))
     with np.errstate(all="ignore"):
-        mask = ds.dataset_mask(window=window, out_shape=(rows, grid.model_width))
-    return mask > 0
+        return reader.ds.dataset_mask(window=window, out_shape=(rows, grid.model_width)) > 0
 
 
 def class_weights(scenes: list[SceneWindows], power: float) -> np.ndarray:
@@ -239,7 +242,8 @@ def crop_name(window: RankedWindow) -> str:
 def write_crop(window: RankedWindow, bundle: Bundle, predict: Predict, dest_dir: Path, name: str,
                options: RankOptions) -> dict[str, str]:
     """The window's pixels as a georeferenced GeoTIFF + an AnyLabeling pre-label JSON beside it."""
-    from aerialseg.annotations.polygonize import anylabeling_document, dumps_label_json, mask_to_shapes
+    from aerialseg.annotations.anylabeling import anylabeling_document, dumps_label_json
+    from aerialseg.annotations.polygonize import mask_to_shapes
 
     with open_raster(window.scene) as ds:
         win = Window(window.col, window.row, window.width, window.height)
@@ -248,13 +252,14 @@ def write_crop(window: RankedWindow, bundle: Bundle, predict: Predict, dest_dir:
                    "dtype": ds.dtypes[0], "crs": ds.crs, "transform": ds.window_transform(win),
                    "nodata": ds.nodata, "photometric": "RGB" if ds.count in (3, 4) else None}
         profile = {k: v for k, v in profile.items() if v is not None}
-        bands = scene_bands(ds, bundle.in_channels, window.scene)
+        reader = SceneReader(ds, window.scene, bundle.band_policy)
+        channels, valid = reader.read(win), reader.valid(win)
         colorinterp = ds.colorinterp
-        valid = ds.dataset_mask(window=win) > 0
-    classes = predict_classes(pixels[[b - 1 for b in bands]], bundle, predict, options.batch)
+    classes = predict_classes(channels, bundle, predict, options.batch)
     classes[~valid] = IGNORE
     image = dest_dir / f"{name}.tif"
-    with atomic_path(image) as tmp:
+    with atomic_path(image) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # a scene without georeference
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(pixels)
             dst.colorinterp = colorinterp

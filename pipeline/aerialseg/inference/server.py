@@ -7,13 +7,15 @@ Protocol (as X-AnyLabeling's ``remote_server`` model type and X-AnyLabeling-Serv
   ``{"success": true, "data": {"shapes": [{label, shape_type: "polygon", points, score, ...}], "description"}}``;
 - every error: ``{"success": false, "error": {"code", "message"}}`` with a 4xx/5xx status, never a traceback.
 
-Predictions: the bundle's model over the whole uploaded image with infer-scene's seam-free stitcher
-(``aerialseg.inference.stitch.blend_scene``), so an image of any size is tiled; nodata/alpha pixels are
-left unlabelled. Each 4-connected region of one class becomes polygons on the mid-edge contour of
-``aerialseg.annotations.polygonize`` (they paint back exactly); ``score`` is the region's mean confidence
-(max probability). AnyLabeling polygons have no holes and X-AnyLabeling may reorder shapes, so a region
-with holes is cut along vertical pixel edges into hole-free pieces: every shape covers exactly its own
-pixels, in any order, and background is never returned.
+Predictions: the bundle's model over the whole uploaded image (read by the one ``SceneReader``) with
+infer-scene's seam-free stitcher (``aerialseg.inference.stitch.blend_scene``), so an image of any size is
+tiled; nodata/alpha pixels are left unlabelled. Each 4-connected region of one class becomes polygons
+through its boundary pixel centres, mask-to-label's convention (they paint back to exactly its pixels
+in label-to-mask, labelme and X-AnyLabeling); ``score`` is the region's mean confidence (max probability).
+AnyLabeling polygons have no holes, and X-AnyLabeling may reorder shapes, so a region with holes is cut
+between two pixel columns into hole-free pieces: every shape covers exactly its own pixels, in any
+order, and background is never returned (mask-to-label instead relies on file order and background
+hole shapes, which a live session cannot keep).
 
 Safety: binds 127.0.0.1 unless told otherwise; with an API key (``Token`` header, constant-time compare)
 every route but /health needs it; the body is capped, the image size is read from its header and refused
@@ -27,7 +29,6 @@ import binascii
 import hmac
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,26 +39,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import rasterio
-import rasterio.features
-import shapely
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
-from shapely.geometry import Polygon, box
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aerialseg.annotations.polygonize import EXACT_SIMPLIFY_PX, mid_edge_ring
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.ranking import tile_predictor
-from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale, scene_bands
+from aerialseg.geo.scene import SceneReader
+from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
 from aerialseg.inference.stitch import Predict, blend_scene
 
 log = logging.getLogger(__name__)
@@ -188,8 +187,6 @@ def open_image(raw: bytes, options: ServeOptions) -> Iterator[rasterio.DatasetRe
             if min(ds.width, ds.height) < options.min_side_px:
                 raise ApiError(422, "IMAGE_TOO_SMALL", f"image is {ds.width}x{ds.height} px; each side needs at "
                                                        f"least {options.min_side_px} px")
-            if any(dtype != "uint8" for dtype in ds.dtypes):
-                raise ApiError(422, "INVALID_IMAGE", f"image has {ds.dtypes[0]} pixels; the model expects 8-bit")
             yield ds
 
 
@@ -278,8 +275,8 @@ def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: 
     """An opened image -> (classes, confidence) on its grid, read at the training GSD like infer-scene
     (at most ``max_pixels`` there); nodata/alpha pixels are IGNORE."""
     try:
-        bands = scene_bands(ds, model.bundle.in_channels, Path("image"))
-    except AerialsegError as exc:
+        reader = SceneReader(ds, "image", model.bundle.band_policy)
+    except AerialsegError as exc:  # band count, bit depth
         raise ApiError(422, "INVALID_IMAGE", str(exc).removeprefix("image: ")) from None
     scale = resample_scale(ds, model.bundle, InferOptions(), Path("image")) if is_georeferenced(ds) else 1.0
     grid = Grid(ds.height, ds.width, scale)
@@ -287,9 +284,9 @@ def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: 
         raise ApiError(413, "IMAGE_TOO_LARGE", f"at the training GSD the image is {grid.model_width}x"
                                                f"{grid.model_height} px, above the limit of {max_pixels / 1e6:g} MPix")
     try:
-        pixels = make_reader(ds, bands, grid)(0, grid.model_height)
-        valid = ds.dataset_mask() > 0
-    except RasterioError:
+        pixels = make_reader(reader, grid)(0, grid.model_height)
+        valid = reader.valid()
+    except (AerialsegError, RasterioError):
         raise ApiError(400, "INVALID_IMAGE", "the image data is corrupt or truncated") from None
     classes, confidence = predict_array(model, pixels, on_tiles)
     if grid.scale != 1.0:
@@ -302,79 +299,76 @@ def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: 
 
 # --- class map -> hole-free scored polygons ----------------------------------------------------
 
-def label_regions(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """4-connected regions of one class: (region id per pixel int32, class of each region id)."""
-    import cv2
-
-    regions = np.zeros(classes.shape, np.int32)
-    region_class = [IGNORE]  # id 0 is never used: every pixel belongs to a region
-    for value in np.unique(classes):
-        count, labels = cv2.connectedComponents((classes == value).astype(np.uint8), connectivity=4,
-                                                ltype=cv2.CV_32S)
-        inside = labels > 0
-        regions[inside] = labels[inside] + (len(region_class) - 1)
-        region_class += [int(value)] * (count - 1)
-    return regions, np.asarray(region_class, dtype=np.int64)
+def holes(own: np.ndarray) -> np.ndarray:
+    """Pixels inside a region's outer outline that are not its own (what painting the outline would add)."""
+    contours, _ = cv2.findContours(own.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros(own.shape, np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return (filled > 0) & ~own
 
 
-def hole_free(poly: Polygon) -> list[Polygon]:
-    """Cut a pixel-edge polygon along vertical pixel edges through its holes into hole-free pieces.
+def hole_free_pieces(own: np.ndarray, x: int, y: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Split a 4-connected region (bool crop at column ``x``, row ``y``) into hole-free 4-connected pieces.
 
-    Each cut runs through the middle hole (by x), so every piece has fewer holes; pieces share only
-    their cut edges and together cover exactly the polygon's pixels.
+    A region with holes is cut between two pixel columns through its middle hole (by x): each side is
+    open on that hole, so every piece has fewer holes; the pieces partition the region's pixels.
     """
-    if not poly.interiors:
-        return [poly]
-    holes = sorted(poly.interiors, key=lambda ring: ring.centroid.x)
-    left, _, right, _ = holes[len(holes) // 2].bounds
-    cut = math.floor((left + right) / 2)
-    x0, y0, x1, y1 = poly.bounds
-    pieces: list[Polygon] = []
-    for half in (box(x0 - 1, y0 - 1, cut, y1 + 1), box(cut, y0 - 1, x1 + 1, y1 + 1)):
-        part = poly.intersection(half)
-        for geom in getattr(part, "geoms", [part]):
-            if geom.geom_type == "Polygon" and geom.area > 0:
-                pieces += hole_free(geom)
-    return pieces
+    enclosed = holes(own)
+    if not enclosed.any():
+        yield own, x, y
+        return
+    count, _, stats, centroids = cv2.connectedComponentsWithStats(enclosed.view(np.uint8), connectivity=4)
+    middle = 1 + int(np.argsort(centroids[1:, 0], kind="stable")[(count - 1) // 2])
+    cut = int(stats[middle, cv2.CC_STAT_LEFT] + stats[middle, cv2.CC_STAT_WIDTH] // 2)
+    for side, offset in ((own[:, :cut], 0), (own[:, cut:], cut)):
+        n, parts, part_stats, _ = cv2.connectedComponentsWithStats(side.astype(np.uint8), connectivity=4)
+        for k in range(1, n):
+            px, py, pw, ph = (int(v) for v in part_stats[k, :4])
+            yield from hole_free_pieces(parts[py:py + ph, px:px + pw] == k, x + offset + px, y + py)
 
 
-def outline_points(piece: Polygon, epsilon_factor: float) -> list[list[float]] | None:
-    """The piece's mid-edge contour, simplified by max(exact tolerance, epsilon_factor x its perimeter)."""
-    ring = Polygon(mid_edge_ring(np.asarray(piece.exterior.coords)))
-    ring = shapely.simplify(ring, max(EXACT_SIMPLIFY_PX, epsilon_factor * ring.length), preserve_topology=True)
-    if ring.is_empty or ring.area == 0 or ring.geom_type != "Polygon":
-        return None
-    return [[float(x), float(y)] for x, y in ring.exterior.coords[:-1]]
+def outline(own: np.ndarray, x: int, y: int, epsilon_factor: float = 0.0) -> list[list[int]]:
+    """The outer outline of a hole-free piece through its boundary pixel centres (mask-to-label's convention:
+    it paints back to exactly the piece), simplified by ``epsilon_factor`` x its length (X-AnyLabeling's rule)."""
+    contours, _ = cv2.findContours(own.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y))
+    points = contours[0]
+    if epsilon_factor > 0:
+        points = cv2.approxPolyDP(points, epsilon_factor * cv2.arcLength(points, True), True)
+    points = points[:, 0, :]
+    if len(points) < 3:  # 1- and 2-pixel pieces: the tools want 3 points or more
+        points = np.r_[points, np.repeat(points[-1:], 3 - len(points), axis=0)]
+    return points.tolist()
 
 
 def scored_shapes(classes: np.ndarray, confidence: np.ndarray, class_names: tuple[str, ...],
                   conf_threshold: float = 0.0, epsilon_factor: float = 0.0, min_area_px: float = 0.0,
                   keep: set[int] | None = None, on_region: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """X-AnyLabeling shapes of a class map: one or more hole-free polygons per region, score = its mean
-    confidence; background, ignore, regions below ``conf_threshold`` or ``min_area_px`` and classes not
-    in ``keep`` (None = all) are left out. Largest regions first. ``on_region(n)`` is called as regions are
-    done (deadline checks)."""
-    regions, region_class = label_regions(classes)
-    area = np.bincount(regions.ravel(), minlength=len(region_class))
-    score = np.bincount(regions.ravel(), weights=confidence.ravel(), minlength=len(region_class)) / np.maximum(area, 1)
-    wanted = (region_class != BACKGROUND) & (region_class != IGNORE) & (area >= max(min_area_px, 1)) \
-        & (score >= conf_threshold)
-    if keep is not None:
-        wanted &= np.isin(region_class, sorted(keep))
-    found = []
-    for done, (geom, region) in enumerate(rasterio.features.shapes(regions, mask=wanted[regions], connectivity=4)):
-        if on_region is not None and done % 256 == 0:
-            on_region(done)
-        region = int(region)
-        for piece in hole_free(shapely.geometry.shape(geom)):
-            points = outline_points(piece, epsilon_factor)
-            if points is not None:
-                found.append((int(area[region]), region, {
-                    "label": class_names[region_class[region]], "shape_type": "polygon", "points": points,
-                    "score": round(float(score[region]), 4), "group_id": None, "description": "",
-                    "difficult": False, "flags": {}, "attributes": {}}))
-    found.sort(key=lambda item: (-item[0], item[1]))
-    return [shape for _, _, shape in found]
+    """X-AnyLabeling shapes of a class map: one or more hole-free polygons per 4-connected region, score = the
+    region's mean confidence; background, ignore, regions below ``conf_threshold`` or ``min_area_px`` and
+    classes not in ``keep`` (None = all) are left out. Largest regions first. ``on_region(n)`` is called as
+    regions are done (deadline checks)."""
+    found, done = [], 0
+    for value in np.flatnonzero(np.bincount(classes.ravel(), minlength=256)):
+        if value in (BACKGROUND, IGNORE) or (keep is not None and value not in keep):
+            continue
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((classes == value).view(np.uint8),
+                                                                   connectivity=4, ltype=cv2.CV_32S)
+        area = stats[:, cv2.CC_STAT_AREA]
+        score = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=count) / np.maximum(area, 1)
+        wanted = (area >= max(min_area_px, 1)) & (score >= conf_threshold)
+        wanted[0] = False  # label 0: the pixels of other classes
+        for k in np.flatnonzero(wanted):
+            if on_region is not None and done % 256 == 0:
+                on_region(done)
+            done += 1
+            x, y, w, h = (int(v) for v in stats[k, :4])
+            for piece, px, py in hole_free_pieces(labels[y:y + h, x:x + w] == k, x, y):
+                found.append((-int(area[k]), int(value), int(k), {
+                    "label": class_names[value], "shape_type": "polygon",
+                    "points": outline(piece, px, py, epsilon_factor), "score": round(float(score[k]), 4),
+                    "group_id": None, "description": "", "difficult": False, "flags": {}, "attributes": {}}))
+    found.sort(key=lambda item: item[:3])
+    return [shape for *_, shape in found]
 
 
 def class_filter(model: ServedModel, names: list[str] | None) -> set[int] | None:
