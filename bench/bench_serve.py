@@ -33,7 +33,7 @@ import torch
 import yaml
 
 import aerialseg  # noqa: F401
-from aerialseg.inference.bundle import build_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.models import create_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
