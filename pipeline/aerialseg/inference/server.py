@@ -147,6 +147,8 @@ def parse_request(body: bytes) -> PredictRequest:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "INVALID_JSON", "request body nests too deeply") from None
     try:
         return PredictRequest.model_validate(payload)
     except ValidationError as exc:
