@@ -44,7 +44,8 @@ from aerialseg.core.fileio import atomic_path
 from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
-from aerialseg.inference.stitch import ReadRows, blend_scene, tile_starts
+from aerialseg.geo.windows import window_starts
+from aerialseg.inference.stitch import ReadRows, blend_scene
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarra
     mh, mw = grid.model_height, grid.model_width
     row_index = None if grid.scale == 1.0 else grid.model_index(ds.height, mh)
     col_index = None if grid.scale == 1.0 else grid.model_index(ds.width, mw)
-    n_tiles = len(tile_starts(mh, tile, overlap)) * len(tile_starts(mw, tile, overlap))
+    n_tiles = len(window_starts(mh, tile, overlap)) * len(window_starts(mw, tile, overlap))
     counts = np.zeros(256, dtype=np.int64)
     with ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
