@@ -105,7 +105,8 @@ def test_mask_to_label_keeps_hand_labels_unless_overwrite(survey, capsys):
     assert_one_line_error(code, err)  # the mask as its own image
 
 
-def test_infer_anylabeling_does_not_replace_labels_without_overwrite(bundle, tmp_path, capsys):
+def test_infer_anylabeling_does_not_replace_labels_without_overwrite(bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preview goes to infer.out_dir, relative to the working directory
     scene = write_scene(tmp_path / "s.tif")
     hand = write_labels(tmp_path / "hand" / "s.json", "../s.tif")
     before = hand.read_bytes()

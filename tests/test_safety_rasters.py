@@ -102,6 +102,18 @@ def test_unmappable_scenes_are_refused(bundle, tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
 
 
+def test_label_to_mask_refuses_a_scene_that_is_nodata_everywhere(tmp_path, capsys):
+    write_scene(tmp_path / "good.tif")
+    write_labels(tmp_path / "labels" / "good.json", "../good.tif")
+    assert run_cli(["label-to-mask", tmp_path / "labels", "--out", tmp_path / "masks"], capsys)[0] == 0
+    before = snapshot(tmp_path / "masks")
+    write_scene(tmp_path / "empty.tif", nodata=0, fill=0)
+    write_labels(tmp_path / "labels" / "empty.json", "../empty.tif")
+    code, err = run_cli(["label-to-mask", tmp_path / "labels", "--out", tmp_path / "masks"], capsys)
+    assert_one_line_error(code, err, "empty.tif", "no valid pixel")
+    assert snapshot(tmp_path / "masks") == before and not temp_leftovers(tmp_path)
+
+
 # --- 7. messages that say the truth -------------------------------------------------------------------
 
 def test_image_width_as_text_is_named_as_such(tmp_path, capsys):

@@ -62,23 +62,34 @@ class LabelFile:
     stats: ShapeStats
 
 
-def apply_valid_mask(mask: np.ndarray, scene: Scene, rows_per_read: int = 1024) -> None:
-    """Set nodata/alpha pixels of the scene to ignore, reading the scene's mask strip by strip."""
+def apply_valid_mask(mask: np.ndarray, scene: Scene, rows_per_read: int = 1024,
+                     label_path: Path | None = None) -> None:
+    """Set nodata/alpha pixels of the scene to ignore, reading the scene's mask strip by strip.
+
+    A scene without a single valid pixel (nodata or alpha = 0 everywhere) is an error: its mask would teach
+    nothing and is most likely the wrong file or nodata value.
+    """
+    valid_pixels = mask.size
     if scene.embedded_valid is not None:
         mask[~scene.embedded_valid] = IGNORE
-    if scene.path is None or not scene.needs_valid_mask:
-        return
-    with open_raster(scene.path) as ds:
-        block_h = ds.block_shapes[0][0] if ds.block_shapes else 1
-        step = max(block_h, rows_per_read // block_h * block_h)
-        for row in range(0, ds.height, step):
-            win = Window(0, row, ds.width, min(step, ds.height - row))
-            try:
-                valid = valid_mask(ds, win)
-            except RasterioError as exc:
-                raise AerialsegError(f"cannot read pixel data ({str(exc).splitlines()[0][:100]})", scene.path,
-                                     "re-export the scene; the file is corrupt or truncated") from None
-            mask[row:row + win.height][~valid] = IGNORE
+        valid_pixels = int(scene.embedded_valid.sum())
+    if scene.path is not None and scene.needs_valid_mask:
+        valid_pixels = 0
+        with open_raster(scene.path, check_complete=False) as ds:  # checked when the label file was read
+            block_h = ds.block_shapes[0][0] if ds.block_shapes else 1
+            step = max(block_h, rows_per_read // block_h * block_h)
+            for row in range(0, ds.height, step):
+                win = Window(0, row, ds.width, min(step, ds.height - row))
+                try:
+                    valid = valid_mask(ds, win)
+                except RasterioError as exc:
+                    raise AerialsegError(f"cannot read pixel data ({str(exc).splitlines()[0][:100]})", scene.path,
+                                         "re-export the scene; the file is corrupt or truncated") from None
+                mask[row:row + win.height][~valid] = IGNORE
+                valid_pixels += int(valid.sum())
+    if valid_pixels == 0:
+        raise AerialsegError("scene holds no valid pixel (nodata or alpha = 0 everywhere)", scene.path or label_path,
+                             "check the scene's nodata value (gdalinfo) or point imagePath at the right image")
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -148,7 +159,7 @@ def convert_file(item: LabelFile, out_dir: Path, options: MaskOptions, stage: Pa
     scene, stage = item.scene, stage or out_dir
     _report(item, options)
     mask = rasterize_shapes(item.shapes, scene.width, scene.height, options)
-    apply_valid_mask(mask, scene)
+    apply_valid_mask(mask, scene, label_path=item.path)
     dest = mask_path_for(item.path, out_dir, scene)
     scene_path = scene_copy_path(item, out_dir)
     if scene_path is not None:

@@ -55,7 +55,7 @@ def refuse_inputs(outputs: Iterable[Path], inputs: Iterable[Path], fix: str) -> 
     for out in outputs:
         for src in inputs:
             if same_file(out, src):
-                what = "is" if Path(out).absolute() == src.absolute() else f"is the same file as"
+                what = "is" if Path(out).absolute() == src.absolute() else "is the same file as"
                 raise AerialsegError(f"output {what} the input {src}; writing it would destroy the input",
                                      out, fix)
 
