@@ -29,8 +29,8 @@ def sample_data_params(root: Path, scenes: tuple[str, ...] = ("dubai_tile2", "du
 def run_sample_data_stages(params: dict[str, Any]) -> dict[str, Any]:
     """label-to-mask, tiles and split on the sample subset (no torch needed)."""
     from aerialseg.annotations.labels import masks_stage
-    from aerialseg.data.split import split_stage
-    from aerialseg.data.tiling import tiles_stage
+    from aerialseg.stages.split import run as split_stage
+    from aerialseg.stages.tiles import run as tiles_stage
 
     masks_stage(params)
     tiles_stage(params)

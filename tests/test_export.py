@@ -13,8 +13,9 @@ from torch import nn
 from aerialseg import cli
 from aerialseg.inference.bundle import MANIFEST, build_bundle
 from aerialseg.core.errors import AerialsegError
-from aerialseg.compression.onnx_export import (check_parity, deepness_metadata, export_bundle_onnx, export_onnx, onnx_session,
-                              parity_tiles, run_onnx)
+from aerialseg.compression.onnx_export import (check_parity, deepness_metadata, export_bundle_onnx, export_onnx,
+                                               parity_tiles)
+from aerialseg.models.runtime import onnx_session, run_onnx
 from aerialseg.models import create_model, list_models, register_model, save_model
 
 TOY = "toy_fcn_export"

@@ -19,7 +19,8 @@ from rasterio.transform import from_origin
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.data.tiling import (COUNT_KEYS, TileParams, fresh_spans, grid_windows, load_manifest, patch_fate,
-                              tiles_stage, window_offsets)
+                                   window_offsets)
+from aerialseg.stages.tiles import run as tiles_stage
 from conftest import shared_path
 
 # --- shared helpers -------------------------------------------------------------------------------

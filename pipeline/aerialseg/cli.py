@@ -86,9 +86,10 @@ def mask_to_label_command(
 def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Index overlapping patch windows of every masked scene (data/tiles/manifest.json); drop empty ones."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.tiling import describe, load_manifest, tiles_stage
+    from aerialseg.data.tiling import describe, load_manifest
+    from aerialseg.stages import tiles
 
-    manifest = tiles_stage(load_params(params))
+    manifest = tiles.run(load_params(params))
     typer.echo(describe(load_manifest(manifest)))
     typer.echo(f"wrote {manifest}")
 
@@ -97,18 +98,18 @@ def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
 def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Seeded train/val/test split of the patches by scene or spatial block, with no shared pixel."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.split import split_stage
+    from aerialseg.stages import split
 
-    typer.echo(f"wrote {split_stage(load_params(params))}")
+    typer.echo(f"wrote {split.run(load_params(params))}")
 
 
 @app.command("augment")
 def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages import augment
     from aerialseg.core.config import load_params
 
-    typer.echo(f"wrote {augment_stage(load_params(params))}")
+    typer.echo(f"wrote {augment.run(load_params(params))}")
 
 
 # --- models: pretrain, train, distil, evaluate, report ------------------------------------
@@ -236,12 +237,12 @@ def profile_models_command(
 ) -> None:
     """Model table: parameters (total, used), GFLOPs at a tile size, CPU latency per tile."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.profile import profile_stage
+    from aerialseg.stages import profile
 
     pairs = [item.split("=", 1) for item in onnx or []]
     if any(len(pair) != 2 for pair in pairs):
         raise AerialsegError("--onnx takes MODEL=FILE.onnx", fix="e.g. --onnx pspnet=models/pspnet.onnx")
-    path = profile_stage(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
+    path = profile.run(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
                          onnx=dict(pairs))
     typer.echo(f"wrote {path} ({path.with_suffix('.md').name})")
 
@@ -250,9 +251,9 @@ def profile_models_command(
 def report_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """reports/report.md with figures: metrics, confusion matrix, curves, samples, model table, seeds."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.report import report_stage
+    from aerialseg.stages import report
 
-    typer.echo(f"wrote {report_stage(load_params(params))}")
+    typer.echo(f"wrote {report.run(load_params(params))}")
 
 
 # --- inference: infer-scene, bundle -------------------------------------------------------
@@ -409,9 +410,10 @@ def quantize_command(
 ) -> None:
     """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import INT8_NAME, quantize_run
+    from aerialseg.compression.quantize import INT8_NAME
+    from aerialseg.stages import quantize
 
-    report = quantize_run(load_params(params), model_dir=model_dir, out_dir=out)
+    report = quantize.run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
     typer.echo(f"wrote {Path(report['out_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
                f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
@@ -423,11 +425,41 @@ def quantize_command(
 def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Backbone x pruned x quantized table (paper Table II) -> reports/compression.{json,md}."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import compression_table_run
+    from aerialseg.stages import compression
 
-    result = compression_table_run(load_params(params))
+    result = compression.run(load_params(params))
     typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")
 
+
+
+@app.command("apply-profile")
+def apply_profile_command(
+    profile: Annotated[str, typer.Argument(help="Profile name (profiles/NAME.yaml) or a YAML file of params sections.")],
+    out: Annotated[Path, typer.Option(help="Params file to write; `dvc repro` reads params.yaml.")] = Path(
+        "params.yaml"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Merge a profile (e.g. ci, gpu) over params into OUT, so `dvc repro` runs it and dvc.lock records it.
+
+    The file replaced is kept as OUT.bak (an existing backup is never overwritten).
+    """
+    import yaml
+
+    from aerialseg.core.config import load_params, load_profile, merge_profile
+    from aerialseg.core.fileio import write_text
+
+    source, overlay = load_profile(profile)
+    merged = merge_profile(load_params(params), overlay)
+    replaced = out.exists()
+    if replaced:
+        backup = out.with_name(out.name + ".bak")
+        if backup.exists():
+            raise AerialsegError("a backup from an earlier apply-profile exists", backup,
+                                 "restore or remove it first, or pass --out elsewhere")
+        backup.write_bytes(out.read_bytes())
+    header = f"# {out.name}: {params} with profile {source} merged over it (aerialseg apply-profile)\n"
+    write_text(out, header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
 
 
 RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "postprocess", "evaluate"}

@@ -45,11 +45,12 @@ from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.core.safety import environment_error, refuse_inputs, temp_dir
-from aerialseg.geo.raster import GEOTIFF_SUFFIXES, open_raster, valid_mask, write_class_geotiff
+from aerialseg.geo.raster import open_raster, valid_mask, write_class_geotiff
 
 log = logging.getLogger(__name__)
 LISTED = 10  # shape indices named in a warning
 INDEX = "index.json"
+TIFF_SUFFIXES = (".tif", ".tiff", ".gtif")
 
 
 @dataclass
@@ -167,7 +168,7 @@ def convert_file(item: LabelFile, out_dir: Path, options: MaskOptions, stage: Pa
             tmp.write_bytes(scene.embedded or b"")
     else:
         scene_path = scene.path
-        if scene.profile is None and scene.path.suffix.lower() in GEOTIFF_SUFFIXES:
+        if scene.profile is None and scene.path.suffix.lower() in TIFF_SUFFIXES:
             log.warning("%s: scene is not georeferenced; mask written as PNG", scene.path)
     write_mask(stage / dest.name, mask, scene)
     counts = np.bincount(mask.ravel(), minlength=256)
@@ -259,7 +260,7 @@ def read_json_list(path: Path) -> list[Any]:
 def _check_georeferenced(items: Sequence[LabelFile]) -> None:
     for item in items:
         scene = item.scene
-        if scene.path is not None and scene.profile is None and scene.path.suffix.lower() in GEOTIFF_SUFFIXES:
+        if scene.path is not None and scene.profile is None and scene.path.suffix.lower() in TIFF_SUFFIXES:
             raise AerialsegError("TIFF scene is not georeferenced (no CRS or geotransform)", scene.path,
                                  "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
                                  "--allow-ungeoreferenced (masks.allow_ungeoreferenced) for a plain PNG mask")

@@ -90,3 +90,14 @@ def read_stage_json(path: str | Path, what: str, stage: str) -> Any:
         raise AerialsegError(f"not valid JSON ({exc})", path, f"rerun aerialseg {stage}") from None
     except RecursionError:
         raise AerialsegError("JSON nested too deeply", path, f"rerun aerialseg {stage}") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,9 +15,6 @@ from rasterio.windows import Window
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 
-GEOTIFF_SUFFIXES = {".tif", ".tiff", ".gtif"}
-
-
 CORRUPT_FIX = "re-export the file; it is corrupt or truncated"
 
 

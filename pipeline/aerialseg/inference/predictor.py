@@ -80,7 +80,7 @@ def _torch_logits(model: torch.nn.Module, device: torch.device) -> LogitsFn:
 
 
 def _onnx_logits(bundle: Bundle, device: torch.device) -> LogitsFn:
-    from aerialseg.compression.onnx_export import onnx_session, run_onnx
+    from aerialseg.models.runtime import onnx_session, run_onnx
 
     if not bundle.onnx_path.is_file():
         raise AerialsegError("the bundle has no model.onnx", bundle.root,

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,7 +151,7 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                              "restore the file or re-save the model") from None
     model = _build_from_record(meta, meta_path)
     if "pruning" in meta:  # a pruned model: replay its channel-removal plan (plain JSON) before loading weights
-        from aerialseg.compression.prune import apply_pruning_plan
+        from aerialseg.models.pruning_plan import apply_pruning_plan
 
         apply_pruning_plan(model, meta["pruning"])
     load_state(model, directory / "model.safetensors")
@@ -198,6 +197,3 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
 
-def to_numpy_probs(logits: torch.Tensor) -> np.ndarray:
-    """Softmax over classes, float32 numpy (N, C, H, W)."""
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
