@@ -264,7 +264,7 @@ def test_kill_9_label_to_mask_then_clean_rerun(tmp_path, capsys):
 
 
 def test_kill_9_infer_scene_then_clean_rerun(bundle, tmp_path, capsys):
-    scene = write_scene(tmp_path / "big.tif", 1536, 1536)
+    scene = write_scene(tmp_path / "big.tif", 1024, 1024)
     out = tmp_path / "maps" / "big.tif"
     argv = ["infer-scene", scene, "--model", bundle, "--out", out, "--confidence"]
     assert run_cli(argv, capsys)[0] == 0

@@ -147,3 +147,63 @@ def test_errors_name_the_params_file_given(tmp_path, capsys):
     code, err = run_cli(["label-to-mask", labels, "--out", tmp_path / "m", "--params", custom], capsys)
     line = assert_one_line_error(code, err, "survey-params.yaml", "vertex_convention")
     assert not line.startswith("error: params.yaml")
+
+
+# --- the README's promise, word for word ---------------------------------------------------------------
+
+README_BAD_INPUT = (
+    "Bad input (malformed JSON, unknown labels, missing image, size mismatch, corrupt or non-georeferenced\n"
+    "TIFF, a scene smaller than a patch, nodata everywhere) prints one line — `error: <file>: <what> — fix: <how>` —\n"
+    "exits with code 2 and leaves no half-written output (every file is written to a temp file and renamed).")
+
+
+def _case(tmp_path: Path, kind: str) -> tuple[list, str]:
+    """(CLI arguments, a word the error line names) for one kind of bad input the README lists."""
+    labels = tmp_path / "labels"
+    write_scene(tmp_path / "s.tif")
+    if kind == "malformed JSON":
+        path = write_labels(labels / "s.json", "../s.tif")
+        path.write_text(path.read_text()[:-20])
+        return ["label-to-mask", path], "not valid JSON"
+    if kind == "unknown labels":
+        path = write_labels(labels / "s.json", "../s.tif")
+        path.write_text(path.read_text().replace('"road"', '"carpark"'))
+        return ["label-to-mask", path], "carpark"
+    if kind == "missing image":
+        return ["label-to-mask", write_labels(labels / "s.json", "../nowhere.tif")], "image not found"
+    if kind == "size mismatch":
+        return ["label-to-mask", write_labels(labels / "s.json", "../s.tif", width=64)], "64x96"
+    if kind == "corrupt TIFF":
+        _cut(_tiled_scene(tmp_path / "c.tif"))
+        return ["label-to-mask", write_labels(labels / "c.json", "../c.tif", 300, 300)], "truncated"
+    if kind == "non-georeferenced TIFF":
+        write_scene(tmp_path / "p.tif", georef=False)
+        return ["label-to-mask", write_labels(labels / "p.json", "../p.tif")], "not georeferenced"
+    if kind == "nodata everywhere":
+        write_scene(tmp_path / "n.tif", nodata=0, fill=0)
+        return ["label-to-mask", write_labels(labels / "n.json", "../n.tif")], "no valid pixel"
+    assert kind == "a scene smaller than a patch"
+    from aerialseg.annotations.labels import masks_stage
+    from aerialseg.core.config import load_params
+
+    write_labels(labels / "s.json", "../s.tif")  # a good 128x96 mask; tiles.size is 256
+    masks_stage(load_params(PARAMS), labels=[labels], out=tmp_path / "out" / "masks")
+    params = yaml.safe_load(PARAMS.read_text())
+    params["masks"]["out"] = str(tmp_path / "out" / "masks")
+    params["tiles"]["out"] = str(tmp_path / "out" / "tiles")
+    custom = tmp_path / "params.yaml"
+    custom.write_text(yaml.safe_dump(params))
+    return ["tiles", "--params", custom], "smaller than one"
+
+
+@pytest.mark.parametrize("kind", ["malformed JSON", "unknown labels", "missing image", "size mismatch",
+                                  "corrupt TIFF", "non-georeferenced TIFF", "a scene smaller than a patch",
+                                  "nodata everywhere"])
+def test_readme_bad_input_paragraph_holds(tmp_path, capsys, kind):
+    assert README_BAD_INPUT in (REPO / "README.md").read_text(encoding="utf-8")
+    argv, named = _case(tmp_path, kind)
+    out = tmp_path / "out"
+    before = snapshot(tmp_path)
+    code, err = run_cli([*argv, *(["--out", out / "masks"] if argv[0] == "label-to-mask" else [])], capsys)
+    assert_one_line_error(code, err, named)
+    assert snapshot(tmp_path) == before and not temp_leftovers(tmp_path)
