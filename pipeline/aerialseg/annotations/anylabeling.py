@@ -8,6 +8,8 @@
 - Bad shapes (no points, NaN/inf, |v| > 1e7 px, wrong point count for rectangle/circle/mask, unknown
   shape_type) are errors naming the file and the shape index.
   Thin and degenerate shapes are kept: they paint what the tools paint (a line, a pixel).
+- ``imageData`` (and labelme ``mask`` bitmaps) above ``masks.max_image_pixels`` (150 Mpx) are refused from the
+  image header, before decoding: a small JSON cannot make the process allocate gigabytes.
 - The image: ``imageData`` when present, otherwise ``imagePath`` relative to the JSON, then the file name
   beside the JSON or in the images folder, then ``<json stem>.<image suffix>``. A real scene file is preferred
   for georeferencing (and must match imageData's size).
@@ -47,7 +49,7 @@ MAX_COORD = 1e7  # |coordinate| above this is a corrupt file, not a vertex sligh
 MAX_CIRCLE_RADIUS_PX = 20_000  # Pillow's ellipse arithmetic overflows beyond ~27,000 px
 CLASS_IDS: dict[str, int] = {**{name: i for i, name in enumerate(CLASS_NAMES)}, "ignore": IGNORE}
 PARAMS_FIX = "add it to classes.labels in params.yaml (e.g. `car: ignore`)"
-MAX_IMAGE_PIXELS = 150_000_000  # imageData / mask bitmaps above this are refused before decoding (masks.max_image_pixels)
+MAX_IMAGE_PIXELS = 150_000_000  # imageData / mask bitmaps above this are refused before decoding
 ANYLABELING_FORMAT_VERSION = "2.4.0"  # the X-AnyLabeling file format written (labelme reads it too)
 
 

@@ -13,6 +13,8 @@ export (docs/labels.md):
   regions are written as label ``__ignore__`` so they stay ignore.
 - ``simplify_px`` > 0 simplifies each polygon (Douglas-Peucker) and ``min_area_px`` drops regions smaller than
   that many pixels (they take the class of what surrounds them): both trade exactness for smaller files.
+- The label file never replaces an input (the mask, the image) and never an existing label file (hand labels
+  beside the image) unless ``--overwrite``; the replaced file is then kept as ``<name>.<UTC time>.bak``.
 """
 
 import logging

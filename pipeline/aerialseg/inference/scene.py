@@ -17,6 +17,12 @@ number of classes K, the input bands B and the batch N (bytes):
 
 e.g. K=5, B=3, T=512, N=8, W=8192: accumulator 84 MB, pixels 13 MB, buffers 17 MB. With ``--resample``
 the same holds on the model's grid (W scaled by scene GSD / model GSD).
+
+Refused before any tile is computed: an output that is the scene or a bundle file (also through links or
+letter case), a label file that exists (``--format anylabeling`` without ``--overwrite``), a scene without
+georeferencing (unless ``--allow-ungeoreferenced``) and a scene that is nodata everywhere. Temp files and the
+work folder are named for the run (``aerialseg.core.safety``), so the next run removes those of a killed one;
+a .zip bundle is extracted into such a run folder of the system temp dir.
 """
 
 import json
