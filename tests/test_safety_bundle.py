@@ -80,6 +80,26 @@ def test_garbage_onnx(bundle, tmp_path):
         check_onnx(plain / "model.onnx")
 
 
+def test_every_listed_file_is_verified(bundle):
+    """Files other helpers add to bundles (e.g. a Deepness ONNX) are checked the same way."""
+    from aerialseg.inference.bundle_check import sha256_file
+
+    extra = bundle / "model.deepness.onnx"
+    extra.write_bytes(b"onnx bytes")
+    manifest = _manifest(bundle)
+    with pytest.raises(AerialsegError, match="model.deepness.onnx is in the bundle but has no checksum"):
+        verify_bundle(bundle, manifest)
+    manifest["files"][extra.name] = {"bytes": extra.stat().st_size, "sha256": sha256_file(extra)}
+    verify_bundle(bundle, manifest)
+    extra.write_bytes(b"onnx bytez")
+    with pytest.raises(AerialsegError, match="model.deepness.onnx: SHA-256 differs"):
+        verify_bundle(bundle, manifest)
+    manifest["files"]["../escape.onnx"] = manifest["files"].pop(extra.name)
+    extra.unlink()
+    with pytest.raises(AerialsegError, match="not a plain file name"):
+        verify_bundle(bundle, manifest)
+
+
 def test_missing_and_unlisted_files(bundle):
     manifest = _manifest(bundle)
     (bundle / "model.safetensors").unlink()

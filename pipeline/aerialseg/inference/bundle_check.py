@@ -19,7 +19,7 @@ from typing import Any
 from aerialseg.core.errors import AerialsegError
 
 MANIFEST, WEIGHTS, CONFIG, ONNX = "bundle.json", "model.safetensors", "model.json", "model.onnx"
-VERIFIED_FILES = (WEIGHTS, CONFIG, ONNX)
+ARTEFACT_SUFFIXES = (".safetensors", ".onnx", ".json", ".data")  # model files that must carry a checksum
 SUPPORTED_VERSION = 1
 REBUILD = "rebuild the bundle with `aerialseg bundle MODEL_DIR` (or copy it again)"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -166,18 +166,19 @@ def _check_band_policy(check: _Checker, policy: Any, channels: int) -> None:
 # --- files ---------------------------------------------------------------------------------------------
 
 def verify_files(root: Path, manifest: dict[str, Any], shown: Path | str) -> None:
-    """Every file listed in bundle.json is present with its size and SHA-256; no bundle file is unlisted."""
+    """Every file listed in bundle.json is present with its size and SHA-256; no model file (weights, ONNX and
+    its external data, JSON) is present unlisted."""
     check = _Checker(f"{shown}/{MANIFEST}" if shown else root / MANIFEST, REBUILD)
     files = manifest.get("files")
     if not isinstance(files, dict) or WEIGHTS not in files:
         check.fail("lists no checksums for the bundle's files (no 'files' with model.safetensors)")
-    for name in VERIFIED_FILES:
-        if (root / name).is_file() and name not in files:
-            check.fail(f"{name} is in the bundle but has no checksum in bundle.json")
+    for path in sorted(root.iterdir()):
+        if path.suffix in ARTEFACT_SUFFIXES and path.name != MANIFEST and path.name not in files:
+            check.fail(f"{path.name} is in the bundle but has no checksum in bundle.json")
     for name, record in files.items():
         where = _Checker(f"{shown}/{name}" if shown else root / name, REBUILD)
-        if name not in VERIFIED_FILES:
-            check.fail(f"lists an unknown file {name!r}")
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            check.fail(f"lists a file that is not a plain file name: {name!r}")
         record = check.mapping(record, f"files.{name}")
         expected = record.get("sha256")
         if not isinstance(expected, str) or not _SHA256.match(expected):
