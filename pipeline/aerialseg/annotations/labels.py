@@ -41,7 +41,7 @@ from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, LabelTable, Sce
                                                unknown_labels, unknown_labels_error)
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_intersecting, unpainted_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
-from aerialseg.core.config import section
+from aerialseg.core.config import DEFAULT_PARAMS, section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.core.safety import environment_error, refuse_inputs, temp_dir
@@ -298,7 +298,7 @@ def _move(src: Path, dest: Path) -> None:
     try:
         os.replace(src, dest)
     except OSError as exc:
-        if exc.errno != errno.EXDEV:  #: out_dir is another file system (a mount point): copy, then rename there
+        if exc.errno != errno.EXDEV:  # EXDEV: out_dir is another file system (a mount point): copy there
             raise
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
@@ -331,5 +331,5 @@ def masks_stage(params: dict[str, Any], labels: Sequence[str | Path] | None = No
 def _max_pixels(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
         raise AerialsegError(f"masks.max_image_pixels must be a positive number of pixels, got {value!r}",
-                             "params.yaml", f"set it to e.g. {MAX_IMAGE_PIXELS}")
+                             DEFAULT_PARAMS, f"set it to e.g. {MAX_IMAGE_PIXELS}")
     return int(value)
