@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 import aerialseg  # noqa: F401
-from aerialseg.inference.bundle import Bundle, build_bundle, open_bundle
+from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.models import create_model, list_models, register_model, save_model
 from aerialseg.inference.stitch import tile_starts
+from aerialseg.stages.bundle import build_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "bench_tiny_fcn"

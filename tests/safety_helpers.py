@@ -39,7 +39,7 @@ def make_bundle(root: Path) -> Path:
     """A bundle directory (weights + model.json + bundle.json with checksums, no ONNX) of the toy model."""
     import torch
 
-    from aerialseg.inference.bundle import build_bundle
+    from aerialseg.stages.bundle import build_bundle
     from aerialseg.models import save_model
 
     register_toy()

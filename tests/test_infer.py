@@ -14,7 +14,7 @@ from rasterio.transform import from_origin
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.inference.bundle import build_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.core.errors import AerialsegError
 from aerialseg.inference.predictor import Predictor
 from aerialseg.inference.scene import InferOptions, infer_scene

@@ -42,3 +42,21 @@ def test_errors_about_params_keys_name_the_file_that_was_read(tmp_path, capsys, 
         cli.main()
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith(f"error: {other}: tiles.overlap")
+
+
+def test_paths_in_a_params_file_are_relative_to_that_file(tmp_path, monkeypatch):
+    import yaml
+
+    project = tmp_path / "survey"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"labels": "labels", "images": "/abs/orthos", "gsd_m": 0.5},
+        "train": {"out": "models/run", "epochs": 3},
+        "quantize": {"table": {"entries": [{"backbone": "b", "model_dir": "models/a", "pruned_dir": None}]}}}))
+    monkeypatch.chdir(tmp_path)  # elsewhere: relative paths follow the params file
+    params = load_params(project / "params.yaml")
+    assert params["data"]["labels"] == str(project.resolve() / "labels") and params["data"]["images"] == "/abs/orthos"
+    assert params["train"] == {"out": str(project.resolve() / "models/run"), "epochs": 3}
+    assert params["quantize"]["table"]["entries"][0]["model_dir"] == str(project.resolve() / "models/a")
+    monkeypatch.chdir(project)  # beside it: unchanged (what dvc.lock records)
+    assert load_params("params.yaml")["data"]["labels"] == "labels"

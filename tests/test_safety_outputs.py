@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from aerialseg.core.safety import same_file
-from safety_helpers import (assert_one_line_error, make_bundle, run_cli, snapshot, temp_leftovers, write_labels,
-                            write_scene)
+from safety_helpers import (PARAMS, assert_one_line_error, make_bundle, run_cli, snapshot, temp_leftovers,
+                            write_labels, write_scene)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +105,13 @@ def test_mask_to_label_keeps_hand_labels_unless_overwrite(survey, capsys):
     assert_one_line_error(code, err)  # the mask as its own image
 
 
-def test_infer_anylabeling_does_not_replace_labels_without_overwrite(bundle, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the preview goes to infer.out_dir, relative to the working directory
+def test_infer_anylabeling_does_not_replace_labels_without_overwrite(bundle, tmp_path, capsys):
+    params = tmp_path / "params.yaml"  # its infer.out_dir (where the preview goes) is relative to it
+    params.write_text(PARAMS.read_text())
     scene = write_scene(tmp_path / "s.tif")
     hand = write_labels(tmp_path / "hand" / "s.json", "../s.tif")
     before = hand.read_bytes()
-    argv = ["infer-scene", scene, "--model", bundle, "--format", "anylabeling", "--out", hand]
+    argv = ["infer-scene", scene, "--model", bundle, "--format", "anylabeling", "--out", hand, "--params", params]
     code, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, "s.json", "--overwrite")
     assert hand.read_bytes() == before

@@ -308,45 +308,40 @@ def bundle_command(
     model_dir: Annotated[Path, typer.Argument(help="Trained model dir (model.safetensors + model.json).")],
     out: Annotated[Path | None, typer.Option(help="Bundle dir (or .zip with --zip) [bundle.out; null = in place].")] = None,
     archive: Annotated[bool | None, typer.Option("--zip/--no-zip", help="Write a .zip [bundle.zip].")] = None,
-    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx", help="Export model.onnx [bundle.onnx].")] = None,
+    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx",
+                                              help="Export model.onnx + model.deepness.onnx [bundle.onnx].")] = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile size [bundle.tile_size; null = the model's].")] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap px [bundle.overlap].")] = None,
     gsd_m: Annotated[float | None, typer.Option(help="Training GSD m/px [bundle.gsd_m; null = data.gsd_m].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Package a trained model for infer-scene / QGIS: weights, ONNX, manifest (classes, GSD, tiles, metrics)."""
-    from aerialseg.inference.bundle import build_bundle, read_model_record
-    from aerialseg.core.config import load_params, section
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import bundle
 
-    p = load_params(params)
-    cfg, exp = section(p, "bundle"), section(p, "export")
-    gsd = next((g for g in (gsd_m, cfg.get("gsd_m"), read_model_record(model_dir).get("gsd_m"),
-                            section(p, "data").get("gsd_m")) if g is not None), None)
-    dest = out if out is not None else (Path(cfg["out"]) if cfg.get("out") else None)
-    path = build_bundle(model_dir, dest, tile_size=tile_size or cfg.get("tile_size"),
-                        overlap=overlap if overlap is not None else cfg.get("overlap"), gsd_m=gsd,
-                        onnx=cfg.get("onnx", True) if onnx is None else onnx,
-                        archive=cfg.get("zip", False) if archive is None else archive,
-                        max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))
+    path = bundle.run(load_params(params), model_dir, out, archive, onnx, tile_size, overlap, gsd_m)
     typer.echo(f"wrote bundle {path}")
 
 
 @app.command("export-onnx")
 def export_onnx_command(
     model_dir: Annotated[Path, typer.Argument(help="Bundle or trained model dir.")],
-    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx].")] = None,
+    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx]; "
+                                                  "*.deepness.onnx goes beside it.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """ONNX at the bundle's tile size with Deepness metadata, checked against PyTorch (export.max_abs_diff)."""
+    """ONNX at the bundle's tile size: logits for infer-scene, and *.deepness.onnx for QGIS; both checked."""
     from aerialseg.compression.onnx_export import export_bundle_onnx
     from aerialseg.core.config import load_params, section
 
     exp = section(load_params(params), "export")
     result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
                                 opset=int(exp.get("opset", 18)), parity_count=int(exp.get("parity_tiles", 2)))
-    parity = result["parity"]
+    parity, deepness = result["parity"], result["deepness_parity"]
     typer.echo(f"wrote {result['onnx']} (max |logit diff| {parity['max_abs_diff']:.2e}, "
                f"argmax agreement {parity['argmax_agreement']:.4f})")
+    typer.echo(f"wrote {result['deepness_onnx']} for QGIS Deepness (max |probability diff| "
+               f"{deepness['max_abs_diff']:.2e}, argmax agreement {deepness['argmax_agreement']:.4f})")
 
 
 # --- seed models: postprocess, prune, export, quantize ------------------------------------

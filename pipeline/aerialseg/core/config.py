@@ -27,14 +27,25 @@ class _ParamsInUse(os.PathLike):
 
 
 DEFAULT_PARAMS = _ParamsInUse()  # pass as the path of errors about params keys: names the file actually read
+# Keys that hold paths: relative values are relative to the params file (not to the working directory).
+PATH_KEYS = (
+    "data.labels", "data.images", "masks.out", "tiles.out", "split.out", "augment.out", "pretrain.root",
+    "pretrain.out", "train.out", "train.init_from", "distil.teacher", "distil.out", "bundle.out",
+    "evaluate.model", "evaluate.out", "infer.model", "infer.out_dir", "prune.model_dir", "prune.out",
+    "quantize.model_dir", "quantize.out", "quantize.table.out_json", "quantize.table.out_md", "report.out",
+    "report.figures", "report.metrics", "report.confusion", "report.class_shares", "report.history",
+    "report.samples", "report.models", "report.compare", "report.compression", "report.profile.out",
+    "stats.runs_dir", "stats.out", "postprocess.out",
+)
 REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"  # editable install: the checkout's
 
 
 def load_params(path: str | Path = PARAMS_YAML, required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read params.yaml; check the named top-level sections are present."""
+    """Read a params file; relative paths in it (PATH_KEYS) are relative to the file; check required sections."""
     path = Path(path)
-    if not path.is_file() and path == PARAMS_YAML and REPO_PARAMS.is_file():
-        path = REPO_PARAMS  # outside the repository: the defaults of the checkout aerialseg runs from
+    fallback = not path.is_file() and path == PARAMS_YAML and REPO_PARAMS.is_file()
+    if fallback:
+        path = REPO_PARAMS  # outside the repository: the defaults of the checkout (paths stay cwd-relative)
     if path.is_dir():
         raise AerialsegError("is a folder, a params YAML file was expected", path, "pass --params FILE.yaml")
     if not path.is_file():
@@ -53,9 +64,41 @@ def load_params(path: str | Path = PARAMS_YAML, required: tuple[str, ...] = ()) 
     if not isinstance(params, dict):
         raise AerialsegError("top level must be a mapping of sections", path)
     DEFAULT_PARAMS.path = path
+    base = path.resolve().parent
+    if not fallback and base != Path.cwd().resolve():
+        params = relative_to(params, base)
     missing = [s for s in required if s not in params]
     if missing:
         raise AerialsegError(f"missing section(s) {', '.join(missing)}", path, "add them (see the README)")
+    return params
+
+
+def _rebase(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str(base / value)
+    if isinstance(value, list):
+        return [_rebase(v, base) for v in value]
+    return value
+
+
+def relative_to(params: dict[str, Any], base: Path) -> dict[str, Any]:
+    """params with every relative path of PATH_KEYS (and quantize.table entries) made relative to ``base``."""
+    params = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params.items()}
+    for dotted in PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                break
+            node[key] = node = dict(child)
+        else:
+            if leaf in node:
+                node[leaf] = _rebase(node[leaf], base)
+    table = (params.get("quantize") or {}).get("table")
+    if isinstance(table, dict) and isinstance(table.get("entries"), list):
+        table["entries"] = [{k: (_rebase(v, base) if k in ("model_dir", "pruned_dir") else v) for k, v in e.items()}
+                            if isinstance(e, dict) else e for e in table["entries"]]
     return params
 
 

@@ -43,7 +43,7 @@ class SplitParams:
 
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     group: str = "block"
-    block_px: int = 768
+    block_px: int = 384
     seed: int = 42
     candidates: int = 100
 

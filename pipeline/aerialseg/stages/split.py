@@ -22,7 +22,7 @@ def split_params(params: dict[str, Any]) -> SplitParams:
     try:
         fractions = tuple(float(f) for f in sp.get("fractions", (0.8, 0.1, 0.1)))
         out = SplitParams(fractions=fractions, group=str(sp.get("group", "block")),  # type: ignore[arg-type]
-                          block_px=int(sp.get("block_px", 768)), seed=int(sp.get("seed", 42)),
+                          block_px=int(sp.get("block_px", 384)), seed=int(sp.get("seed", 42)),
                           candidates=int(sp.get("candidates", 100)))
     except (TypeError, ValueError) as exc:
         raise AerialsegError(f"split: {exc}", DEFAULT_PARAMS, "use numbers for fractions, block_px, seed") from None
