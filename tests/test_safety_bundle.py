@@ -82,8 +82,10 @@ def test_garbage_onnx(bundle, tmp_path):
 
 def test_every_listed_file_is_verified(bundle):
     """Files other helpers add to bundles (e.g. a Deepness ONNX) are checked the same way."""
-    from aerialseg.inference.bundle_check import sha256_file
+    from aerialseg.core.fileio import sha256_file
 
+    (bundle / "model.int8.onnx").write_bytes(b"not part of the bundle format")  # e.g. a bundle built in place
+    verify_bundle(bundle, _manifest(bundle))
     extra = bundle / "model.deepness.onnx"
     extra.write_bytes(b"onnx bytes")
     manifest = _manifest(bundle)
@@ -136,7 +138,7 @@ def test_manifest_and_model_json_must_agree(bundle):
     record = json.loads((bundle / "model.json").read_text())
     (bundle / "model.json").write_text(json.dumps({**record, "classes": 4}))
     manifest = _manifest(bundle)  # checksums refreshed as if rebuilt carelessly: the schema still disagrees
-    from aerialseg.inference.bundle_check import sha256_file
+    from aerialseg.core.fileio import sha256_file
 
     manifest["files"]["model.json"] = {"bytes": (bundle / "model.json").stat().st_size,
                                        "sha256": sha256_file(bundle / "model.json")}

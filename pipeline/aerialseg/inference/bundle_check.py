@@ -10,16 +10,17 @@
 Every problem is one AerialsegError naming the file, what is wrong and the fix.
 """
 
-import hashlib
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import sha256_file
 
 MANIFEST, WEIGHTS, CONFIG, ONNX = "bundle.json", "model.safetensors", "model.json", "model.onnx"
-ARTEFACT_SUFFIXES = (".safetensors", ".onnx", ".json", ".data")  # model files that must carry a checksum
+DEEPNESS_ONNX = "model.deepness.onnx"
+MODEL_FILES = (WEIGHTS, CONFIG, ONNX, DEEPNESS_ONNX)  # the bundle format's files: each must carry a checksum
 SUPPORTED_VERSION = 1
 REBUILD = "rebuild the bundle with `aerialseg bundle MODEL_DIR` (or copy it again)"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -64,14 +65,6 @@ class _Checker:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- model.json ----------------------------------------------------------------------------------------
@@ -166,15 +159,15 @@ def _check_band_policy(check: _Checker, policy: Any, channels: int) -> None:
 # --- files ---------------------------------------------------------------------------------------------
 
 def verify_files(root: Path, manifest: dict[str, Any], shown: Path | str) -> None:
-    """Every file listed in bundle.json is present with its size and SHA-256; no model file (weights, ONNX and
-    its external data, JSON) is present unlisted."""
+    """Every file listed in bundle.json is present with its size and SHA-256; no bundle model file (weights,
+    model.json, the two ONNX files) is present unlisted."""
     check = _Checker(f"{shown}/{MANIFEST}" if shown else root / MANIFEST, REBUILD)
     files = manifest.get("files")
     if not isinstance(files, dict) or WEIGHTS not in files:
         check.fail("lists no checksums for the bundle's files (no 'files' with model.safetensors)")
-    for path in sorted(root.iterdir()):
-        if path.suffix in ARTEFACT_SUFFIXES and path.name != MANIFEST and path.name not in files:
-            check.fail(f"{path.name} is in the bundle but has no checksum in bundle.json")
+    for name in MODEL_FILES:  # other files (a bundle built in place keeps checkpoints, reports) are not used
+        if (root / name).is_file() and name not in files:
+            check.fail(f"{name} is in the bundle but has no checksum in bundle.json")
     for name, record in files.items():
         where = _Checker(f"{shown}/{name}" if shown else root / name, REBUILD)
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
