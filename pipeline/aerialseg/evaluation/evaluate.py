@@ -148,7 +148,8 @@ def evaluate_scenes(model: Path, patches: list[dict[str, Any]], split: str, opti
     keep = {p["id"] for p in sample_patches(patches, samples)}
     overall, per_scene = SceneScores(tolerance_px), {}
     kept: dict[str, list[Any]] = defaultdict(list)
-    options = replace(options, format="geotiff", confidence=False, vectors=False, areas=False, preview=False)
+    options = replace(options, format="geotiff", confidence=False, vectors=False, areas=False, preview=False,
+                      allow_ungeoreferenced=True)  # scored on the pixel grid: a map need not be placed
     with tempfile.TemporaryDirectory(prefix="aerialseg-evaluate-") as work:
         for name in sorted(by_scene):
             group = by_scene[name]
