@@ -46,7 +46,7 @@ def test_label_to_mask_into_the_scene_folder_is_refused(survey, capsys):
     before = snapshot(survey)
     code, err = run_cli(["label-to-mask", survey / "scenes" / "x.json", "--out", survey / "scenes"], capsys)
     assert_one_line_error(code, err, "x.tif", "would destroy the input", "another folder")
-    assert snapshot(survey) == before and not temp_leftovers(survey.parent)
+    assert snapshot(survey) == before and not temp_leftovers(survey)
 
 
 @pytest.mark.parametrize("how", ["symlink", "hardlink"])

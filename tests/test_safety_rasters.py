@@ -133,7 +133,7 @@ def test_bad_tile_size_names_the_bundle_not_overlap(bundle, tmp_path, capsys):
     (broken / "bundle.json").write_text(json.dumps({**manifest, "tile_size": 0}))
     scene = write_scene(tmp_path / "s.tif")
     code, err = run_cli(["infer-scene", scene, "--model", broken, "--out", tmp_path / "m.tif"], capsys)
-    line = assert_one_line_error(code, err, "tile size 0", "rebuild the bundle")
+    line = assert_one_line_error(code, err, "tile_size must be a whole number", "rebuild the bundle")  # verify_bundle
     assert str(broken) in line and "--overlap" not in line
 
 
