@@ -107,7 +107,10 @@ def test_tiff_without_georeference_reports_pixels(bundle, tmp_path):
         window=rasterio.windows.Window(0, 0, 300, 220))
     with rasterio.open(src, "w", driver="GTiff", width=300, height=220, count=3, dtype="uint8") as dst:
         dst.write(crop)
-    result = infer_scene(src, bundle, tmp_path / "plain_map.tif", _opts(areas=True, vectors=True))
+    with pytest.raises(AerialsegError, match="not georeferenced.*--allow-ungeoreferenced"):
+        infer_scene(src, bundle, tmp_path / "plain_map.tif", _opts(areas=True))
+    result = infer_scene(src, bundle, tmp_path / "plain_map.tif",
+                         _opts(areas=True, vectors=True, allow_ungeoreferenced=True))
     with rasterio.open(result.outputs["map"]) as out:
         assert out.crs is None and out.shape == (220, 300)
     areas = json.loads(Path(result.outputs["areas"]).read_text())

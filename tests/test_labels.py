@@ -437,8 +437,10 @@ def non_georeferenced_tiff(tmp_path: Path) -> Path:
 def test_non_georeferenced_tiff_gives_png_with_warning(tmp_path, caplog):
     scene = non_georeferenced_tiff(tmp_path)
     label_file = geotiff_case(scene, tmp_path / "labels", 400, 300)
+    with pytest.raises(AerialsegError, match="not georeferenced.*--allow-ungeoreferenced"):
+        labels_to_masks([label_file], tmp_path / "masks", TABLE)
     with caplog.at_level(logging.WARNING):
-        mask_path = labels_to_masks([label_file], tmp_path / "masks", TABLE)[0]
+        mask_path = labels_to_masks([label_file], tmp_path / "masks", TABLE, allow_ungeoreferenced=True)[0]
     assert mask_path.suffix == ".png" and "scene is not georeferenced; mask written as PNG" in caplog.text
     mask = read_mask(mask_path)
     assert mask.shape == (300, 400) and (mask[:, :50] == IGNORE).all() and (mask[:, 50:] != IGNORE).all()
@@ -449,7 +451,8 @@ def test_shared_non_georeferenced_tiff(tmp_path):
     scene = shared_path("geotiff-samples", "deepforest", "2019_YELL_2_541000_4977000_image_crop.tiff")
     with rasterio.open(scene) as ds:
         width, height = ds.width, ds.height
-    mask_path = labels_to_masks([geotiff_case(scene, tmp_path / "l", width, height)], tmp_path / "m", TABLE)[0]
+    mask_path = labels_to_masks([geotiff_case(scene, tmp_path / "l", width, height)], tmp_path / "m", TABLE,
+                                allow_ungeoreferenced=True)[0]
     assert mask_path.suffix == ".png" and read_mask(mask_path).shape == (height, width)
 
 

@@ -40,13 +40,19 @@ def label_to_mask_command(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder [masks.out].")] = None,
     images: Annotated[Path | None, typer.Option(
         "--images", help="Folder to look up images whose imagePath does not resolve [data.images].")] = None,
+    allow_ungeoreferenced: Annotated[bool | None, typer.Option(
+        "--allow-ungeoreferenced/--no-allow-ungeoreferenced",
+        help="Accept TIFF scenes without georeferencing (plain PNG masks) [masks.allow_ungeoreferenced].")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace files in --out that the previous run (index.json) did not write.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Paint label JSON into class masks as the annotation tools do (GeoTIFF on the scene grid, else PNG)."""
     from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
 
-    written = masks_stage(load_params(params), labels=labels, out=out, images=images)
+    written = masks_stage(load_params(params), labels=labels, out=out, images=images,
+                          allow_ungeoreferenced=allow_ungeoreferenced, overwrite=overwrite)
     typer.echo(f"wrote {len(written)} mask(s) and {Path(written[0]).parent / 'index.json'}")
 
 
@@ -60,13 +66,17 @@ def mask_to_label_command(
         "--min-area", help="Drop regions smaller than this many pixels [masks.min_area_px].")] = None,
     simplify: Annotated[float | None, typer.Option(
         "--simplify", help="Polygon simplification in px (Douglas-Peucker); 0 is exact [masks.simplify_px].")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing label file (it may hold hand labels).")] = False,
+    backup: Annotated[bool, typer.Option(
+        "--backup/--no-backup", help="With --overwrite, keep the old file as <name>.<time>.bak.")] = True,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Polygonise class masks into AnyLabeling JSON that label-to-mask (and labelme, X-AnyLabeling) paint back."""
     from aerialseg.annotations.polygonize import masks_to_labels
     from aerialseg.core.config import load_params
 
-    for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area):
+    for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area, overwrite, backup):
         typer.echo(f"wrote {path}")
 
 
@@ -269,6 +279,12 @@ def infer_scene_command(
     fmt: Annotated[str | None, typer.Option("--format", help="geotiff | anylabeling [infer.format].")] = None,
     resample: Annotated[bool | None, typer.Option("--resample/--no-resample", help="Read at the training GSD "
                                                   "when the scene's differs > gsd_tolerance [infer.resample].")] = None,
+    allow_ungeoreferenced: Annotated[bool | None, typer.Option(
+        "--allow-ungeoreferenced/--no-allow-ungeoreferenced",
+        help="Map a scene without CRS/geotransform (pixel grid only) [infer.allow_ungeoreferenced].")] = None,
+    overwrite: Annotated[bool | None, typer.Option(
+        "--overwrite/--no-overwrite", help="--format anylabeling: replace an existing label file "
+        "[infer.overwrite].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Map a whole scene: seam-free tiles, constant memory, a COG on the scene's grid (QGIS-ready)."""
@@ -282,7 +298,8 @@ def infer_scene_command(
         raise AerialsegError("no model given", fix="pass --model BUNDLE or set infer.model in params.yaml")
     options = InferOptions.from_params(knobs, overlap=overlap, batch=batch, tta=tta, backend=backend, device=device,
                                        confidence=confidence, vectors=vectors, areas=areas, format=fmt,
-                                       resample=resample)
+                                       resample=resample, allow_ungeoreferenced=allow_ungeoreferenced,
+                                       overwrite=overwrite)
     typer.echo(infer_scene(scene, model, out, options).summary())
 
 
@@ -488,16 +505,116 @@ def apply_profile_command(
     typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
 
 
+RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "postprocess", "evaluate"}
+
+
+def _quiet_libraries() -> None:
+    """GDAL/rasterio and OpenCV chatter (warnings about the corrupt file we are about to refuse) stays off the
+    terminal unless --verbose: the user sees aerialseg's one line."""
+    import os
+    import warnings
+
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    if "-v" not in sys.argv and "--verbose" not in sys.argv:
+        logging.getLogger("rasterio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module="rasterio")
+        warnings.filterwarnings("ignore", category=UserWarning, module="pyogrio")
+
+
+class HeldStderr:
+    """C libraries (libtiff, libpng, GDAL's default handler) write to file descriptor 2 directly. For the raster
+    commands those bytes go to memory instead and are shown after a run that succeeded (or failed with a
+    traceback); a run that ends in a one-line user error drops them. Python's own stderr is not held."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.saved = os.dup(2)
+        self.python_stderr = sys.stderr
+        self.buffer = os.memfd_create("aerialseg-stderr") if hasattr(os, "memfd_create") else None
+        if self.buffer is None:
+            import tempfile
+
+            self.buffer = os.dup(tempfile.TemporaryFile().fileno())
+        sys.stderr.flush()
+        sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding="utf-8", errors="replace")
+        os.dup2(self.buffer, 2)
+
+    @classmethod
+    def wanted(cls) -> bool:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        verbose = "-v" in sys.argv or "--verbose" in sys.argv
+        return command in RASTER_COMMANDS and not verbose and sys.stderr is sys.__stderr__
+
+    def release(self, show: bool) -> None:
+        """Restore file descriptor 2; write what the libraries said when ``show``."""
+        import os
+
+        if self.buffer is None:
+            return
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = self.python_stderr
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.lseek(self.buffer, 0, os.SEEK_SET)
+        held = b"".join(iter(lambda: os.read(self.buffer, 1 << 16), b""))
+        os.close(self.buffer)
+        self.buffer = None
+        if show and held:
+            sys.stderr.write(held.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _user_error(exc: BaseException) -> AerialsegError | None:
+    """The one-line error for a failure the user can fix: the environment's (full or read-only disk,
+    permission denied, a folder where a file is expected, a file where a folder is expected) or GDAL's."""
+    from aerialseg.core.safety import environment_error
+
+    if isinstance(exc, AerialsegError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return AerialsegError("input nested too deeply to read (a malformed JSON or YAML file?)",
+                              fix="check the files you passed")
+    error = environment_error(exc)
+    if error is None and isinstance(exc, OSError) and exc.filename:
+        error = AerialsegError(exc.strerror or type(exc).__name__, exc.filename, "check the path")
+    if error is None and type(exc).__module__.startswith("rasterio"):
+        error = AerialsegError(f"GDAL cannot read or write a raster ({str(exc).splitlines()[0][:160]})",
+                               fix="check the input rasters and the output folder; rerun with -v for details")
+    return error
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    _quiet_libraries()
+    held = HeldStderr() if HeldStderr.wanted() else None
     try:
         app()
-    except AerialsegError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    except SystemExit:
+        if held:
+            held.release(show=True)
+        raise
     except KeyboardInterrupt:
+        if held:
+            held.release(show=False)
         typer.echo("interrupted: no output was written", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001  (only errors the user can fix become one line)
+        error = _user_error(exc)
+        if held:
+            held.release(show=error is None)
+        if error is None:
+            raise
+        _fail(str(error))
+    finally:
+        if held:
+            held.release(show=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 - Bad shapes (no points, NaN/inf, |v| > 1e7 px, wrong point count for rectangle/circle/mask, unknown
   shape_type) are errors naming the file and the shape index.
   Thin and degenerate shapes are kept: they paint what the tools paint (a line, a pixel).
+- ``imageData`` (and labelme ``mask`` bitmaps) above ``masks.max_image_pixels`` (150 Mpx) are refused from the
+  image header, before decoding: a small JSON cannot make the process allocate gigabytes.
 - The image: ``imageData`` when present, otherwise ``imagePath`` relative to the JSON, then the file name
   beside the JSON or in the images folder, then ``<json stem>.<image suffix>``. A real scene file is preferred
   for georeferencing (and must match imageData's size).
@@ -18,6 +20,7 @@ import binascii
 import glob
 import json
 import logging
+import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ MAX_COORD = 1e7  # |coordinate| above this is a corrupt file, not a vertex sligh
 MAX_CIRCLE_RADIUS_PX = 20_000  # Pillow's ellipse arithmetic overflows beyond ~27,000 px
 CLASS_IDS: dict[str, int] = {**{name: i for i, name in enumerate(CLASS_NAMES)}, "ignore": IGNORE}
 PARAMS_FIX = "add it to classes.labels in params.yaml (e.g. `car: ignore`)"
+MAX_IMAGE_PIXELS = 150_000_000  # imageData / mask bitmaps above this are refused before decoding
 ANYLABELING_FORMAT_VERSION = "2.4.0"  # the X-AnyLabeling file format written (labelme reads it too)
 
 
@@ -116,7 +120,7 @@ def _looks_like_labels(path: Path) -> bool:
         return True
     try:
         json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return True  # malformed: let load_label_json name the problem
     log.warning("%s: no 'shapes' list, not a label file; skipped", path)
     return False
@@ -132,6 +136,11 @@ def load_label_json(path: Path) -> dict[str, Any]:
                              "re-save it from AnyLabeling or restore it from a backup") from None
     except UnicodeDecodeError:
         raise AerialsegError("not UTF-8 text", path, "re-save it from AnyLabeling") from None
+    except RecursionError:
+        raise AerialsegError("JSON nested too deeply to be a label file", path,
+                             "re-save it from AnyLabeling or restore it from a backup") from None
+    except IsADirectoryError:
+        raise AerialsegError("is a folder, a label file was expected", path, "pass the JSON files") from None
     except OSError as exc:
         raise AerialsegError(f"cannot read ({exc.strerror})", path, "check the file permissions") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
@@ -218,12 +227,14 @@ def _points(shape: dict[str, Any], path: Path, index: int) -> np.ndarray:
     return pts
 
 
-def _bitmap(shape: dict[str, Any], path: Path, index: int) -> np.ndarray:
+def _bitmap(shape: dict[str, Any], path: Path, index: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """The binary PNG of a labelme `mask` shape."""
     try:
-        data = np.frombuffer(base64.b64decode(shape.get("mask") or "", validate=False), np.uint8)
+        raw = base64.b64decode(shape.get("mask") or "", validate=False)
+        _check_pixels(raw, path, f"shape {index}'s mask", max_pixels)
+        data = np.frombuffer(raw, np.uint8)
         bitmap = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, TypeError, cv2.error):
         bitmap = None
     if bitmap is None:
         raise AerialsegError(f"shape {index} is a mask shape without a readable base64 PNG 'mask'", path,
@@ -286,12 +297,88 @@ class Scene:
         return self.profile is not None
 
 
-def _decode_image_data(doc: dict[str, Any], path: Path) -> tuple[bytes, np.ndarray] | None:
+def image_header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG, WEBP, BMP, GIF or TIFF, without decoding; None if unknown."""
+    try:
+        if raw.startswith(b"\x89PNG\r\n\x1a\n") and raw[12:16] == b"IHDR":
+            return struct.unpack(">II", raw[16:24])
+        if raw.startswith(b"\xff\xd8"):
+            return _jpeg_size(raw)
+        if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+            return _webp_size(raw)
+        if raw.startswith(b"BM"):
+            w, h = struct.unpack("<ii", raw[18:26])
+            return abs(w), abs(h)
+        if raw[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", raw[6:10])
+        if raw[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(raw)
+    except struct.error:
+        return None
+    return None
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    pos = 2
+    while pos + 9 < len(raw):
+        if raw[pos] != 0xFF:
+            return None
+        marker = raw[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = struct.unpack(">H", raw[pos + 2:pos + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            h, w = struct.unpack(">HH", raw[pos + 5:pos + 9])
+            return w, h
+        pos += 2 + length
+    return None
+
+
+def _webp_size(raw: bytes) -> tuple[int, int] | None:
+    chunk = raw[12:16]
+    if chunk == b"VP8X":
+        return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
+    if chunk == b"VP8L":
+        bits = int.from_bytes(raw[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 ":
+        w, h = struct.unpack("<HH", raw[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+def _tiff_size(raw: bytes) -> tuple[int, int] | None:
+    end = "<" if raw[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(end + "I", raw[4:8])
+    (count,) = struct.unpack(end + "H", raw[ifd:ifd + 2])
+    size = {}
+    for i in range(count):
+        tag, kind, _, value = struct.unpack(end + "HHI4s", raw[ifd + 2 + 12 * i: ifd + 14 + 12 * i])
+        if tag in (256, 257):
+            size[tag] = struct.unpack(end + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def _check_pixels(raw: bytes, path: Path, what: str, max_pixels: int) -> None:
+    """Refuse an embedded image whose header is unreadable or whose pixel count exceeds the cap, before decoding."""
+    size = image_header_size(raw)
+    if size is None:
+        raise ValueError("unknown image header")
+    if size[0] * size[1] > max_pixels:
+        raise AerialsegError(f"{what} is a {size[0]}x{size[1]} image ({size[0] * size[1] / 1e6:.0f} Mpx), above the "
+                             f"{max_pixels / 1e6:.0f} Mpx cap", path,
+                             "remove imageData and set imagePath to the image file, or raise masks.max_image_pixels")
+
+
+def _decode_image_data(doc: dict[str, Any], path: Path, max_pixels: int = MAX_IMAGE_PIXELS
+                       ) -> tuple[bytes, np.ndarray] | None:
     data = doc.get("imageData")
     if not data:
         return None
     try:
         raw = base64.b64decode(data, validate=False)
+        _check_pixels(raw, path, "imageData", max_pixels)
         image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
     except (binascii.Error, ValueError, TypeError, cv2.error):
         image = None
@@ -324,14 +411,20 @@ def _check_size(doc: dict[str, Any], path: Path, width: int, height: int, what: 
     w, h = doc.get("imageWidth"), doc.get("imageHeight")
     if w is None and h is None:
         return
-    if (w, h) != (width, height):
+    for key, value in (("imageWidth", w), ("imageHeight", h)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            shown = f'"{value}" (text)' if isinstance(value, str) else repr(value)
+            raise AerialsegError(f"{key} is {shown}, expected a whole number of pixels", path,
+                                 "re-save it from AnyLabeling (or fix the number by hand)")
+    if (int(w), int(h)) != (width, height):
         raise AerialsegError(f"imageWidth x imageHeight in the JSON is {w}x{h} but {what} is {width}x{height}",
                              path, "the labels were drawn on another image: fix imagePath or re-label")
 
 
-def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None) -> Scene:
+def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> Scene:
     """Find and size the image of a label file; see the module docstring for the lookup order."""
-    embedded = _decode_image_data(doc, path)
+    embedded = _decode_image_data(doc, path, max_pixels)
     image_file = find_image(doc, path, images_dir)
     if embedded is None and image_file is None:
         looked = f"{path.parent}" + (f" and {images_dir}" if images_dir else "")

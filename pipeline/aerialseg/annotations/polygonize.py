@@ -13,10 +13,13 @@ export (docs/labels.md):
   regions are written as label ``__ignore__`` so they stay ignore.
 - ``simplify_px`` > 0 simplifies each polygon (Douglas-Peucker) and ``min_area_px`` drops regions smaller than
   that many pixels (they take the class of what surrounds them): both trade exactness for smaller files.
+- The label file never replaces an input (the mask, the image) and never an existing label file (hand labels
+  beside the image) unless ``--overwrite``; the replaced file is then kept as ``<name>.<UTC time>.bak``.
 """
 
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_text
+from aerialseg.core.safety import backup_path, refuse_inputs
 from aerialseg.geo.raster import open_raster
 
 log = logging.getLogger(__name__)
@@ -152,18 +156,41 @@ def label_document(mask: np.ndarray, image_path: Path, dest: Path, simplify_px: 
     return anylabeling_document(shapes, rel, mask.shape[1], mask.shape[0])
 
 
-def mask_file_to_label(mask_path: str | Path, out_dir: str | Path | None = None, image: str | Path | None = None,
-                       simplify_px: float = 0.0, min_area_px: float = 0.0) -> Path:
-    """Write <out_dir>/<image stem>.json for one mask; out_dir defaults to the image's folder."""
-    mask_path = Path(mask_path)
-    mask = read_class_mask(mask_path)
+def label_path_for(mask_path: Path, out_dir: str | Path | None, image: str | Path | None) -> tuple[Path, Path]:
+    """(the mask's image, the label file to write): <out_dir or the image's folder>/<image stem>.json."""
     image_path = find_image_for(mask_path, Path(image) if image else None)
+    return image_path, (Path(out_dir) if out_dir else image_path.parent) / f"{image_path.stem}.json"
+
+
+def check_label_dest(dest: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """A label file never replaces an input, nor an existing label file unless ``overwrite``."""
+    refuse_inputs([dest], inputs, "write the label file elsewhere (--out FOLDER)")
+    if (dest.exists() or dest.is_symlink()) and not overwrite and not dest.is_dir():
+        raise AerialsegError("a label file already exists here; it may hold hand-drawn labels", dest,
+                             "pass --out FOLDER to write elsewhere, or --overwrite to replace it (a .bak copy is kept)")
+
+
+def mask_file_to_label(mask_path: str | Path, out_dir: str | Path | None = None, image: str | Path | None = None,
+                       simplify_px: float = 0.0, min_area_px: float = 0.0, overwrite: bool = False,
+                       backup: bool = True) -> Path:
+    """Write <out_dir>/<image stem>.json for one mask; out_dir defaults to the image's folder.
+
+    An existing label file is replaced only with ``overwrite``; ``backup`` then keeps it as
+    ``<name>.<UTC time>.bak`` beside it.
+    """
+    mask_path = Path(mask_path)
+    image_path, dest = label_path_for(mask_path, out_dir, image)
+    check_label_dest(dest, [mask_path, image_path], overwrite)
+    mask = read_class_mask(mask_path)
     with open_raster(image_path) as ds:
         if (ds.height, ds.width) != mask.shape:
             raise AerialsegError(f"mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                                  f"{ds.width}x{ds.height}", mask_path, "pass the image this mask was made from")
-    dest = (Path(out_dir) if out_dir else image_path.parent) / f"{image_path.stem}.json"
     doc = label_document(mask, image_path, dest, simplify_px, min_area_px)
+    if backup and dest.is_file():
+        kept = backup_path(dest)
+        shutil.copy2(dest, kept)
+        log.info("%s: previous label file kept as %s", dest, kept.name)
     write_text(dest, dumps_label_json(doc))
     log.info("%s: %d polygon(s) -> %s", mask_path, len(doc["shapes"]), dest)
     return dest
@@ -171,8 +198,12 @@ def mask_file_to_label(mask_path: str | Path, out_dir: str | Path | None = None,
 
 def masks_to_labels(masks: Sequence[str | Path], params: dict[str, Any], out_dir: str | Path | None = None,
                     image: str | Path | None = None, simplify_px: float | None = None,
-                    min_area_px: float | None = None) -> list[Path]:
-    """CLI `mask-to-label`: every mask -> AnyLabeling JSON; defaults from params masks.simplify_px/min_area_px."""
+                    min_area_px: float | None = None, overwrite: bool = False, backup: bool = True) -> list[Path]:
+    """CLI `mask-to-label`: every mask -> AnyLabeling JSON; defaults from params masks.simplify_px/min_area_px.
+
+    Every destination is checked (not an input, no existing label file unless ``overwrite``) before the
+    first file is written.
+    """
     cfg = section(params, "masks")
     simplify = float(cfg.get("simplify_px", 0.0) if simplify_px is None else simplify_px)
     min_area = float(cfg.get("min_area_px", 0.0) if min_area_px is None else min_area_px)
@@ -180,4 +211,13 @@ def masks_to_labels(masks: Sequence[str | Path], params: dict[str, Any], out_dir
         raise AerialsegError("--simplify and --min-area must be >= 0", None, "pass 0 or a positive number")
     if image and Path(image).is_file() and len(masks) > 1:
         raise AerialsegError("one --image file for several masks", image, "pass a folder of images via --image")
-    return [mask_file_to_label(m, out_dir, image, simplify, min_area) for m in masks]
+    plans = [(Path(m), *label_path_for(Path(m), out_dir, image)) for m in masks]
+    every_input = [p for mask, img, _ in plans for p in (mask, img)]
+    seen: dict[Path, Path] = {}
+    for mask, _, dest in plans:
+        check_label_dest(dest, every_input, overwrite)
+        if dest.absolute() in seen:
+            raise AerialsegError(f"same label file as for {seen[dest.absolute()]}: {dest}", mask,
+                                 "give each mask its own image (or --out folder)")
+        seen[dest.absolute()] = mask
+    return [mask_file_to_label(m, out_dir, image, simplify, min_area, overwrite, backup) for m in masks]

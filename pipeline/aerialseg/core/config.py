@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from aerialseg.core.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError, set_params_file
 
 PARAMS_YAML = Path("params.yaml")
 
@@ -46,14 +46,21 @@ def load_params(path: str | Path = PARAMS_YAML, required: tuple[str, ...] = ()) 
     fallback = not path.is_file() and path == PARAMS_YAML and REPO_PARAMS.is_file()
     if fallback:
         path = REPO_PARAMS  # outside the repository: the defaults of the checkout (paths stay cwd-relative)
+    if path.is_dir():
+        raise AerialsegError("is a folder, a params YAML file was expected", path, "pass --params FILE.yaml")
     if not path.is_file():
         raise AerialsegError("params file not found", path, "run from the repository root or pass --params")
+    set_params_file(path)
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise AerialsegError(f"not valid YAML{where}", path, "fix the YAML syntax") from None
+    except UnicodeDecodeError:
+        raise AerialsegError("not a UTF-8 YAML file", path, "pass the params.yaml file (--params)") from None
+    except RecursionError:
+        raise AerialsegError("YAML nested too deeply", path, "pass the params.yaml file (--params)") from None
     if not isinstance(params, dict):
         raise AerialsegError("top level must be a mapping of sections", path)
     DEFAULT_PARAMS.path = path

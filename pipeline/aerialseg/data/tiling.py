@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from aerialseg.core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES, colorize
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, read_stage_json
 from aerialseg.geo.scene import SceneReader, window_label
+from aerialseg.geo.windows import grid_windows, window_starts
 from aerialseg.geo.raster import is_georeferenced, open_raster, valid_mask
 
 log = logging.getLogger(__name__)
@@ -54,33 +54,6 @@ class TileParams:
 
 
 # --- window geometry ------------------------------------------------------------------------------
-
-def window_offsets(length: int, size: int, stride: int) -> list[int]:
-    """Start offsets along one axis: every `stride` px, the last one flush with the edge."""
-    if length < size:
-        raise ValueError(f"length {length} < window size {size}")
-    offsets = list(range(0, length - size + 1, stride))
-    if offsets[-1] != length - size:
-        offsets.append(length - size)
-    return offsets
-
-
-def fresh_spans(offsets: list[int], size: int) -> list[tuple[int, int]]:
-    """Per window, the absolute [start, stop) not covered by the windows before it (they tile the axis)."""
-    spans, covered = [], 0
-    for offset in offsets:
-        spans.append((max(covered, offset), offset + size))
-        covered = offset + size
-    return spans
-
-
-def grid_windows(height: int, width: int, size: int, stride: int) -> Iterator[tuple[Window, Window]]:
-    """Row-major (window, fresh part of it) pairs covering a height x width scene exactly once."""
-    rows, cols = window_offsets(height, size, stride), window_offsets(width, size, stride)
-    for row, (r0, r1) in zip(rows, fresh_spans(rows, size)):
-        for col, (c0, c1) in zip(cols, fresh_spans(cols, size)):
-            yield Window(col, row, size, size), Window(c0, r0, c1 - c0, r1 - r0)
-
 
 # --- reading windows (shared with data.py and augment.py) ------------------------------------------
 
@@ -247,7 +220,7 @@ def tile_scene(entry: dict[str, Any], name: str, tp: TileParams, progress: tqdm 
         fates = dict.fromkeys(("kept", "kept_empty", "dropped_empty", "dropped_no_label"), 0)
         scene_counts = np.zeros(len(COUNT_KEYS), np.int64)
         valid_pixels, patches = 0, []
-        for window, fresh in grid_windows(scene_ds.height, scene_ds.width, tp.size, tp.stride):
+        for window, fresh in grid_windows(scene_ds.height, scene_ds.width, tp.size, tp.overlap):
             rgb = read_rgb(scene_ds, window, scene_path)
             labels, valid = read_labels_valid(mask_ds, scene_ds, window, mask_path)
             counts = class_counts(labels, mask_path)
@@ -285,7 +258,7 @@ def grid_record(ds: rasterio.DatasetReader) -> dict[str, Any]:
 def count_windows(height: int, width: int, tp: TileParams) -> int:
     if height < tp.size or width < tp.size:
         return 0
-    return len(window_offsets(height, tp.size, tp.stride)) * len(window_offsets(width, tp.size, tp.stride))
+    return len(window_starts(height, tp.size, tp.overlap)) * len(window_starts(width, tp.size, tp.overlap))
 
 
 def raster_shape(path: str) -> tuple[int, int]:

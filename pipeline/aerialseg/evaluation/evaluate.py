@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.core.safety import temp_dir
 from aerialseg.evaluation.metrics import DEFAULT_BF1_TOLERANCE_PX, BoundaryF1, ConfusionMatrix
 from aerialseg.geo.raster import open_raster
 from aerialseg.geo.scene import SceneReader
@@ -148,8 +149,9 @@ def evaluate_scenes(model: Path, patches: list[dict[str, Any]], split: str, opti
     keep = {p["id"] for p in sample_patches(patches, samples)}
     overall, per_scene = SceneScores(tolerance_px), {}
     kept: dict[str, list[Any]] = defaultdict(list)
-    options = replace(options, format="geotiff", confidence=False, vectors=False, areas=False, preview=False)
-    with tempfile.TemporaryDirectory(prefix="aerialseg-evaluate-") as work:
+    options = replace(options, format="geotiff", confidence=False, vectors=False, areas=False, preview=False,
+                      allow_ungeoreferenced=True)  # scored on the pixel grid: a map need not be placed
+    with temp_dir(tempfile.gettempdir(), "evaluate") as work:
         for name in sorted(by_scene):
             group = by_scene[name]
             map_path = Path(work) / f"{name}_landcover.tif"

@@ -30,6 +30,8 @@ from torch import nn
 from aerialseg.core.classes import CLASS_NAMES, COLORS
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.scene import BandPolicy
+from aerialseg.core.safety import temp_dir
+from aerialseg.inference.bundle_check import verify_bundle
 from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -250,20 +252,24 @@ class Bundle:
 
 @contextmanager
 def open_bundle(path: str | Path, overlap: int | None = None) -> Iterator[Bundle]:
-    """Open a bundle directory or .zip (extracted to a temp folder removed on exit)."""
+    """Open a bundle directory or .zip (extracted to a run-named temp folder removed on exit), verified:
+    every file's size and SHA-256 as bundle.json lists them, and the manifest's and model.json's schemas."""
     path = Path(path)
     if path.is_dir():
-        yield Bundle(path, manifest_for(path, overlap=overlap))
+        bundle = Bundle(path, manifest_for(path, overlap=overlap))
+        verify_bundle(path, bundle.manifest)
+        yield bundle
         return
     if not path.is_file():
         raise AerialsegError("model bundle not found", path, "give a bundle directory or .zip (`aerialseg bundle`)")
     if not zipfile.is_zipfile(path):
         raise AerialsegError("not a bundle directory or .zip archive", path, "rebuild it with `aerialseg bundle --zip`")
-    with tempfile.TemporaryDirectory(prefix="aerialseg-bundle-") as tmp_name:
-        root = Path(tmp_name)
+    with temp_dir(tempfile.gettempdir(), "bundle") as root:
         with zipfile.ZipFile(path) as zf:
             names = {Path(n).name: n for n in zf.namelist() if Path(n).name in BUNDLE_FILES}
             for name, member in names.items():  # only known flat names: no path traversal
                 with zf.open(member) as src, open(root / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        yield Bundle(root, manifest_for(root, overlap=overlap))
+        manifest = manifest_for(root, overlap=overlap)
+        verify_bundle(root, manifest, source=path)
+        yield Bundle(root, manifest)

@@ -17,15 +17,22 @@ number of classes K, the input bands B and the batch N (bytes):
 
 e.g. K=5, B=3, T=512, N=8, W=8192: accumulator 84 MB, pixels 13 MB, buffers 17 MB. With ``--resample``
 the same holds on the model's grid (W scaled by scene GSD / model GSD).
+
+Refused before any tile is computed: an output that is the scene or a bundle file (also through links or
+letter case), a label file that exists (``--format anylabeling`` without ``--overwrite``), a scene without
+georeferencing (unless ``--allow-ungeoreferenced``) and a scene that is nodata everywhere. Temp files and the
+work folder are named for the run (``aerialseg.core.safety``), so the next run removes those of a killed one;
+a .zip bundle is extracted into such a run folder of the system temp dir.
 """
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,10 +48,12 @@ from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.core.classes import IGNORE, colorize, colormap
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
+from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
 from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
-from aerialseg.inference.stitch import ReadRows, blend_scene, tile_starts
+from aerialseg.geo.windows import window_starts
+from aerialseg.inference.stitch import ReadRows, blend_scene
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,8 @@ class InferOptions:
     gdal_cache_mb: int = 128  # GDAL block cache cap (its default, 5 % of RAM, would grow with the scene)
     out_dir: str = "outputs/infer"
     progress: bool = True
+    allow_ungeoreferenced: bool = False  # map a scene without CRS / geotransform (pixel grid only)
+    overwrite: bool = False  # anylabeling: replace an existing label file (a .bak copy is kept)
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "InferOptions":
@@ -242,7 +253,7 @@ def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarra
     mh, mw = grid.model_height, grid.model_width
     row_index = None if grid.scale == 1.0 else grid.model_index(ds.height, mh)
     col_index = None if grid.scale == 1.0 else grid.model_index(ds.width, mw)
-    n_tiles = len(tile_starts(mh, tile, overlap)) * len(tile_starts(mw, tile, overlap))
+    n_tiles = len(window_starts(mh, tile, overlap)) * len(window_starts(mw, tile, overlap))
     counts = np.zeros(256, dtype=np.int64)
     with ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -253,7 +264,7 @@ def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarra
         if confidence_path is not None:
             conf_dst = stack.enter_context(rasterio.open(confidence_path, "w", **temp_profile(ds, 0, blocksize)))
             writers.append(RowWriter(conf_dst, blocksize))
-        bar = stack.enter_context(tqdm(total=n_tiles, unit="tile", desc="infer", disable=not progress,
+        bar = stack.enter_context(tqdm(total=n_tiles, unit="tile", desc="infer", disable=None if progress else True,
                                        dynamic_ncols=True))
         for top, band in blend_scene(make_reader(reader, grid), mh, mw, predict, classes, tile, overlap,
                                      margin, batch, on_tiles=bar.update):
@@ -278,9 +289,10 @@ def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[s
         out = out / (f"{scene.stem}.json" if options.format == "anylabeling" else f"{scene.stem}_landcover.tif")
     if options.format == "anylabeling":
         main = out or scene.with_suffix(".json")
-        if out is None and main.exists():
-            raise AerialsegError("a label file already exists beside the scene", main,
-                                 "pass --out to write the prediction elsewhere, or move the file")
+        if main.is_file() and not options.overwrite:
+            raise AerialsegError("a label file already exists here; it may hold hand-drawn labels", main,
+                                 "pass --out to write the prediction elsewhere, or --overwrite to replace it "
+                                 "(a .bak copy is kept)")
     else:
         main = out or Path(options.out_dir) / f"{scene.stem}_landcover.tif"
     stem = main.with_suffix("")
@@ -295,6 +307,52 @@ def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[s
         preview_dir = Path(options.out_dir) if options.format == "anylabeling" else stem.parent
         paths["preview"] = preview_dir / f"{stem.name}_preview.png"
     return paths
+
+
+def check_outputs(paths: dict[str, Path], scene: Path, model: Path) -> None:
+    """No output may be the scene or a file of the model bundle (also through links or letter case)."""
+    model_files = [p for p in model.iterdir() if p.is_file()] if model.is_dir() else [model]
+    refuse_inputs(paths.values(), [scene, *model_files], "pass another --out (the map must not replace an input)")
+    seen: dict[Path, str] = {}
+    for role, path in paths.items():
+        if path.absolute() in seen:
+            raise AerialsegError(f"the {role} and the {seen[path.absolute()]} would be the same file", path,
+                                 "pass another --out")
+        seen[path.absolute()] = role
+
+
+def check_scene(reader: SceneReader, path: Path, options: InferOptions, rows: int = 1024) -> None:
+    """Refuse a scene without georeferencing (unless allowed) and one that is nodata everywhere."""
+    ds = reader.ds
+    if not is_georeferenced(ds) and not options.allow_ungeoreferenced:
+        raise AerialsegError("scene is not georeferenced (no CRS or geotransform): the map could not be placed "
+                             "on the ground", path, "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
+                             "--allow-ungeoreferenced for a map on the pixel grid")
+    for row in range(0, ds.height, rows):
+        if reader.valid(Window(0, row, ds.width, min(rows, ds.height - row))).any():
+            return
+    raise AerialsegError("scene holds no valid pixel (nodata, alpha = 0 or NaN everywhere)", path,
+                         "check the scene's nodata value (gdalinfo) or pass the right file")
+
+
+@contextmanager
+def open_model(model: Path) -> Iterator[Bundle]:
+    """open_bundle, with whatever it extracts from a .zip kept in a run-named temp folder (no copies pile up)."""
+    with ExitStack() as stack:
+        if model.is_file():
+            folder = stack.enter_context(temp_dir(Path(tempfile.gettempdir()), "bundle"))
+            with tempfiles_in(folder):
+                bundle = stack.enter_context(open_bundle(model))
+        else:
+            bundle = stack.enter_context(open_bundle(model))
+        yield bundle
+
+
+def _keep_backup(path: Path) -> None:
+    if path.is_file():
+        kept = backup_path(path)
+        shutil.copy2(path, kept)
+        log.info("%s: previous label file kept as %s", path, kept.name)
 
 
 def write_cog(src: Path, dest: Path, resampling: str, blocksize: int) -> None:
@@ -368,32 +426,38 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
     """Run a model bundle over a whole scene and write the map (+ optional side outputs) atomically."""
     options = options or InferOptions()
     options.check()
-    scene, out = Path(scene), (Path(out) if out is not None else None)
+    scene, out, model = Path(scene), (Path(out) if out is not None else None), Path(model)
     start = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds, \
-            open_bundle(model) as bundle:
+            open_model(model) as bundle:
+        paths = output_paths(scene, out, options)
+        check_outputs(paths, scene, model)
         reader = SceneReader(ds, scene, bundle.band_policy)
+        check_scene(reader, scene, options)
         overlap = bundle.overlap if options.overlap is None else int(options.overlap)
         if not 0 <= overlap < bundle.tile_size:
+            source = (model, "rebuild the bundle (aerialseg bundle) with a tile size > 0 and a smaller overlap") \
+                if options.overlap is None else (None, "pass a smaller --overlap")
             raise AerialsegError(f"overlap {overlap} px must be >= 0 and below the tile size {bundle.tile_size}",
-                                 fix="pass a smaller --overlap")
+                                 *source)
         margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
-        paths = output_paths(scene, out, options)
         device = resolve_device(options.device)
         predict = Predictor.from_bundle(bundle, options.backend, device, options.tta)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
         main = paths["map"]
-        main.parent.mkdir(parents=True, exist_ok=True)
+        if options.format == "anylabeling" and options.overwrite:
+            _keep_backup(main)
         with ExitStack() as stack:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".aerialseg-tmp-", dir=main.parent)))
-            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in paths.items()}
+            work = stack.enter_context(temp_dir(main.parent, "infer-work"))
+            # the map's temp file is entered last, so an error (e.g. a full disk) is reported for the map
+            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in reversed(paths.items())}
             counts, n_tiles = predict_scene(
                 reader, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
                 work / "classes.tif", work / "confidence.tif" if options.confidence else None,
                 options.cog_blocksize, options.progress)
             _finish_outputs(ds, scene, work, tmp, counts, options, class_names)
-        width, height = ds.width, ds.height
+    width, height = ds.width, ds.height
     seconds = time.perf_counter() - start
     result = InferResult({k: str(v) for k, v in paths.items()}, width, height, n_tiles, seconds,
                          width * height / 1e6 / max(seconds, 1e-9), grid.scale, options.backend, device.type)
