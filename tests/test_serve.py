@@ -104,7 +104,8 @@ def server(bundle, tmp_path_factory) -> Iterator[str]:
         yield url
 
 
-def predict(url: str, image: bytes | str, model: str = "bundle", key: str | None = KEY, **params: object) -> httpx.Response:
+def predict(url: str, image: bytes | str, model: str = "bundle", key: str | None = KEY,
+            **params: object) -> httpx.Response:
     body = {"model": model, "image": image if isinstance(image, str) else base64.b64encode(image).decode(),
             "params": params}
     return httpx.post(f"{url}/v1/predict", json=body, headers={"Token": key} if key else {}, timeout=120)
@@ -122,7 +123,8 @@ def paint(shapes: list[dict], height: int, width: int) -> np.ndarray:
 def scene_map(bundle, image, tmp_path_factory) -> np.ndarray:
     """infer-scene's class map of the test image (the reference for every paint-back check)."""
     out = tmp_path_factory.mktemp("infer") / "map.tif"
-    infer_scene(image, bundle, out, InferOptions(progress=False, preview=False, device="cpu"))
+    infer_scene(image, bundle, out, InferOptions(progress=False, preview=False, device="cpu",
+                                                 allow_ungeoreferenced=True))
     with rasterio.open(out) as ds:
         return ds.read(1)
 
@@ -276,7 +278,8 @@ def test_bad_input_is_a_clean_4xx_and_the_server_keeps_serving(server, image, ca
     }
     response = calls[case]()
     assert response.status_code == status, response.text
-    assert response.json() == {"success": False, "error": {"code": code, "message": response.json()["error"]["message"]}}
+    error = response.json()["error"]
+    assert response.json() == {"success": False, "error": {"code": code, "message": error["message"]}}
     assert "Traceback" not in response.text and 'File "' not in response.text
     assert httpx.get(f"{server}/health").status_code == 200
     assert predict(server, ONE_PIXEL).status_code == 422  # still answering predictions

@@ -432,7 +432,8 @@ def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
 def serve_command(
     model: Annotated[list[Path], typer.Option("--model", help="Bundle dir or .zip; repeat for several models "
                                               "(model id = its folder or file name).")],
-    host: Annotated[str | None, typer.Option(help="Address to bind [serve.host: 127.0.0.1, this machine only].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [serve.host: 127.0.0.1, this machine "
+                                             "only].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [serve.port; 0 = any free port].")] = None,
     api_key_file: Annotated[Path | None, typer.Option(
         "--api-key-file", help="File holding the API key (else $AERIALSEG_API_KEY; none = no key).")] = None,

@@ -48,11 +48,12 @@ from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_text
 from aerialseg.geo.raster import is_georeferenced, open_raster
-from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.geo.scene import SceneReader
+from aerialseg.geo.windows import window_starts
+from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.predictor import Predictor
 from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
-from aerialseg.inference.stitch import Predict, blend_scene, tile_starts
+from aerialseg.inference.stitch import Predict, blend_scene
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def scan_scene(path: Path, bundle: Bundle, predict: Predict, options: RankOption
         grid = Grid(ds.height, ds.width, scale)
         mh, mw = grid.model_height, grid.model_width
         side = max(1, round(options.window * grid.scale))
-        rows, cols = tile_starts(mh, min(side, mh), 0), tile_starts(mw, min(side, mw), 0)
+        rows, cols = window_starts(mh, min(side, mh), 0), window_starts(mw, min(side, mw), 0)
         k = bundle.num_classes
         stats = SceneWindows(path, rows, cols, min(side, mh), min(side, mw), grid.scale,
                              np.zeros((len(rows), len(cols), k)), np.zeros((len(rows), len(cols), k), np.int64),
@@ -190,8 +191,8 @@ def plan_scene(path: Path, bundle: Bundle) -> tuple[float, int]:
     with open_raster(path) as ds:
         SceneReader(ds, path, bundle.band_policy)  # bands and bit depth the model can read
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, InferOptions(), path))
-        return grid.scale, len(tile_starts(grid.model_height, bundle.tile_size, bundle.overlap)) * \
-            len(tile_starts(grid.model_width, bundle.tile_size, bundle.overlap))
+        return grid.scale, len(window_starts(grid.model_height, bundle.tile_size, bundle.overlap)) * \
+            len(window_starts(grid.model_width, bundle.tile_size, bundle.overlap))
 
 
 def valid_rows(reader: SceneReader, grid: Grid, top: int, rows: int) -> np.ndarray:
@@ -379,8 +380,8 @@ def rank_scenes(scenes: list[Path], model: Path, options: RankOptions | None = N
         plans = [plan_scene(Path(scene), bundle) for scene in scenes]  # every scene checked first
         predict = tile_predictor(bundle, options.device)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
-        bar = stack.enter_context(tqdm(total=sum(n for _, n in plans), unit="tile", desc="rank-scenes", disable=not options.progress,
-                                       dynamic_ncols=True))
+        bar = stack.enter_context(tqdm(total=sum(n for _, n in plans), unit="tile", desc="rank-scenes",
+                                       disable=not options.progress, dynamic_ncols=True))
         scanned = [scan_scene(Path(scene), bundle, predict, options, scale, bar.update)
                    for scene, (scale, _) in zip(scenes, plans)]
         weights = class_weights(scanned, options.rarity_power)
