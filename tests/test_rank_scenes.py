@@ -181,6 +181,10 @@ def test_bad_input_is_one_line_exit_2(memorised, tmp_path):
     with pytest.raises(AerialsegError, match="no window"):
         rank_scenes([empty], bundle, options(tmp_path / "empty"))
     assert not (tmp_path / "empty").exists()
+    first = rank_scenes([seen[0]], bundle, options(tmp_path / "again", top_k=1, crops=True)).ranked[0]
+    crop = Path(first.files["crop"])  # ranking a crop of an earlier run together with its scene, same --out
+    with pytest.raises(AerialsegError, match="destroy the input"):
+        rank_scenes([seen[0], crop], bundle, options(tmp_path / "again", crops=True))
     two_band = tmp_path / "two_band.tif"
     with rasterio.open(two_band, "w", driver="GTiff", width=64, height=64, count=2, dtype="uint8") as dst:
         dst.write(np.ones((2, 64, 64), np.uint8))

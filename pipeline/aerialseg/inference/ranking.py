@@ -47,6 +47,7 @@ from tqdm import tqdm
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_text
+from aerialseg.core.safety import refuse_inputs
 from aerialseg.geo.raster import is_georeferenced, open_raster
 from aerialseg.geo.scene import SceneReader
 from aerialseg.geo.windows import window_starts
@@ -390,6 +391,10 @@ def rank_scenes(scenes: list[Path], model: Path, options: RankOptions | None = N
             raise AerialsegError(f"no window has {options.min_valid:.0%} valid (not nodata) pixels", scenes[0],
                                  "pass scenes with image data, or lower rank.min_valid / --window")
         ranked = ranked_all[:options.top_k]
+        outputs = [out / "rank.csv", out / "rank.gpkg"]
+        if options.crops:
+            outputs += [out / "crops" / f"{crop_name(w)}{suffix}" for w in ranked for suffix in (".tif", ".json")]
+        refuse_inputs(outputs, [*map(Path, scenes), Path(model)], "pass another --out")
         if options.crops:
             for window in ranked:
                 window.files = write_crop(window, bundle, predict, out / "crops", crop_name(window), options)
