@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 import aerialseg  # noqa: F401
-from aerialseg.inference.bundle import Bundle, build_bundle, open_bundle
+from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.models import create_model, list_models, register_model, save_model
-from aerialseg.inference.stitch import tile_starts
+from aerialseg.geo.windows import window_starts
+from aerialseg.stages.bundle import build_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "bench_tiny_fcn"
@@ -102,7 +103,7 @@ def pure_forward_seconds(scene: Path, bundle_path: Path, batch: int, overlap: in
         model, tile = bundle.load_torch(), bundle.tile_size
         mean = torch.tensor(bundle.mean).view(1, -1, 1, 1) * 255
         std = torch.tensor(bundle.std).view(1, -1, 1, 1) * 255
-        rows, cols = tile_starts(ds.height, tile, overlap), tile_starts(ds.width, tile, overlap)
+        rows, cols = window_starts(ds.height, tile, overlap), window_starts(ds.width, tile, overlap)
         total, tiles = 0.0, 0
         with torch.inference_mode():
             model(torch.zeros(batch, bundle.in_channels, tile, tile))  # warm-up at the batch shape
@@ -183,7 +184,7 @@ def naive_infer(scene: Path, bundle_path: Path, out: Path, batch: int) -> dict:
         weight = np.zeros((ds.height, ds.width), dtype=np.float32)
         mean = torch.tensor(bundle.mean).view(1, -1, 1, 1) * 255
         std = torch.tensor(bundle.std).view(1, -1, 1, 1) * 255
-        spots = [(r, c) for r in tile_starts(ds.height, tile, overlap) for c in tile_starts(ds.width, tile, overlap)]
+        spots = [(r, c) for r in window_starts(ds.height, tile, overlap) for c in window_starts(ds.width, tile, overlap)]
         with torch.inference_mode():
             for first in range(0, len(spots), batch):
                 group = spots[first:first + batch]

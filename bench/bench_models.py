@@ -45,9 +45,10 @@ from aerialseg.compression.quantize import (
     quantize_static_int8,
     session,
     size_mb,
-    split_tiles,
     torch_latency_ms,
 )
+
+from aerialseg.stages.quantize import split_tiles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("pspnet_resnet18", "deeplabv3plus_resnet18", "unet_efficientnet_lite0", "lwirstnet", "dasnet")

@@ -20,9 +20,8 @@ import numpy as np
 import rasterio
 from affine import Affine
 
-import aerialseg  # noqa: F401
-
 DUBAI = Path(__file__).resolve().parents[2] / "shared" / "data" / "dubai-aerial-cc0"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "scenes"  # fallback: the embedded sample
 CELL = 1520
 CRS = "EPSG:32640"
 TRANSFORM = Affine(0.5, 0.0, 330000.0, 0.0, -0.5, 2790000.0)
@@ -36,6 +35,12 @@ def reassemble(tile_dir: Path) -> np.ndarray:
     w = min(p.shape[1] for p in parts)
     rows = [np.concatenate([p[:h, :w] for p in parts[r * 3:r * 3 + 3]], axis=1) for r in range(3)]
     return np.ascontiguousarray(np.concatenate(rows, axis=0))
+
+
+def read_sample(path: Path) -> np.ndarray:
+    """One embedded sample scene as (H, W, 3) RGB."""
+    with rasterio.open(path) as ds:
+        return np.ascontiguousarray(np.moveaxis(ds.read([1, 2, 3]), 0, 2))
 
 
 def orient(image: np.ndarray, k: int) -> np.ndarray:
@@ -79,12 +84,14 @@ def main() -> None:
     parser.add_argument("--dubai", type=Path, default=DUBAI)
     args = parser.parse_args()
     tiles = sorted(p for p in args.dubai.glob("tile_*") if p.is_dir())
-    if not tiles:
-        raise SystemExit(f"no Dubai tiles under {args.dubai}")
-    scenes = [reassemble(t) for t in tiles]
+    if tiles:
+        scenes = [reassemble(t) for t in tiles]
+    else:  # no ../shared: the embedded sample's scenes (the same Dubai pixels at half resolution)
+        print(f"no Dubai tiles under {args.dubai}: using the embedded sample {SAMPLE}")
+        scenes = [read_sample(p) for p in sorted(SAMPLE.glob("*.tif"))]
     write_scene(args.out, build_canvas(scenes, args.size, args.size))
     sizes = ", ".join(f"{s.shape[1]}x{s.shape[0]}" for s in scenes)
-    print(f"wrote {args.out}: {args.size}x{args.size} px from {len(scenes)} reassembled Dubai scenes ({sizes}); "
+    print(f"wrote {args.out}: {args.size}x{args.size} px from {len(scenes)} Dubai scenes ({sizes}); "
           f"{CRS}, 0.5 m (synthetic georeference)")
 
 

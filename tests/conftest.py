@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import aerialseg  # noqa: F401  (must come first: offline defaults and the torchvision fix)
+import aerialseg.models  # noqa: F401  (first: offline defaults, and the torchvision repair before smp/timm)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AERIALSEG_SHARED_DATA", REPO.parent / "shared" / "data"))

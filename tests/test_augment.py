@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from aerialseg.data.augment import augment_stage, build_transform, seed_transform
+from aerialseg.data.augment import build_transform, seed_transform
+from aerialseg.stages.augment import run as augment_stage
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
-from aerialseg.data.split import split_stage
-from aerialseg.data.tiling import tiles_stage
+from aerialseg.stages.split import run as split_stage
+from aerialseg.stages.tiles import run as tiles_stage
 from test_tiling import dubai_pairs, dubai_scene, stage_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

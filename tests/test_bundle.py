@@ -11,11 +11,14 @@ import torch
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.inference.bundle import MANIFEST, build_bundle, make_manifest, open_bundle, sha256_file
+from aerialseg.core.fileio import sha256_file
+from aerialseg.inference.bundle import MANIFEST, make_manifest, open_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.core.errors import AerialsegError
 from aerialseg.models import list_models, register_model, save_model
 
 TOY = "toy_fcn_bundle"
+DATA_SHA = "9f2c" * 16  # model.json's training_data_sha256, as aerialseg train writes it
 
 
 def _build_toy(classes: int = 5, in_channels: int = 3) -> nn.Module:
@@ -30,7 +33,7 @@ if TOY not in list_models():
 @pytest.fixture()
 def trained(tmp_path) -> Path:
     torch.manual_seed(0)
-    extra = {"gsd_m": 0.08, "data_hash": "sha256:abc", "metrics": {"mIoU": 0.61}, "epochs": 3}
+    extra = {"gsd_m": 0.08, "training_data_sha256": DATA_SHA, "metrics": {"mIoU": 0.61}, "epochs": 3}
     return save_model(_build_toy(), tmp_path / "trained", TOY, extra=extra)
 
 
@@ -43,16 +46,36 @@ def test_bundle_manifest_and_checksums(trained, tmp_path):
     assert manifest["band_order"] == ["red", "green", "blue"]
     assert manifest["normalization"]["mean"] == [0.5, 0.5, 0.5]
     assert manifest["tile_size"] == 128 and manifest["overlap"] == 16 and manifest["gsd_m"] == 0.08
-    assert manifest["data_hash"] == "sha256:abc" and manifest["metrics"] == {"mIoU": 0.61}
+    assert manifest["data_hash"] == DATA_SHA and manifest["metrics"] == {"mIoU": 0.61}
     assert manifest["training"]["epochs"] == 3
-    for name in ("model.safetensors", "model.json", "model.onnx"):
+    for name in ("model.safetensors", "model.json", "model.onnx", "model.deepness.onnx"):
         assert manifest["files"][name]["sha256"] == sha256_file(out / name)
-    assert manifest["onnx_parity"]["max_abs_diff"] < 1e-3
+    assert manifest["onnx"]["model.onnx"]["output"] == "logits"
+    assert manifest["onnx"]["model.deepness.onnx"]["output"] == "probabilities"
+    assert manifest["onnx"]["model.onnx"]["parity"]["max_abs_diff"] < 1e-3
     assert not list(tmp_path.glob(".aerialseg-tmp-*")), "no temp folders left behind"
     assert (out.stat().st_mode & 0o777) != 0o700
     rebuilt = build_bundle(trained, out, overlap=16, onnx=False)  # over an existing bundle: no stale ONNX
-    assert not (rebuilt / "model.onnx").exists()
-    assert "model.onnx" not in json.loads((rebuilt / MANIFEST).read_text())["files"]
+    assert not list(rebuilt.glob("*.onnx"))
+    manifest = json.loads((rebuilt / MANIFEST).read_text())
+    assert manifest["onnx"] == {} and not [name for name in manifest["files"] if name.endswith(".onnx")]
+
+
+def test_data_hash_from_older_keys_or_none(tmp_path):
+    record = json.loads((save_model(_build_toy(), tmp_path / "m", TOY, extra={"data_hash": "x"}) / "model.json")
+                        .read_text())
+    assert make_manifest(record)["data_hash"] == "x"
+    record = {**record, "data_hash": None, "training_data_sha256": None}
+    assert make_manifest(record)["data_hash"] is None
+
+
+def test_zip_bundle_carries_both_onnx_files(trained, tmp_path):
+    archive = build_bundle(trained, tmp_path / "z", archive=True)
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["bundle.json", "model.deepness.onnx", "model.json", "model.onnx",
+                                         "model.safetensors"]
+    with open_bundle(archive) as bundle:
+        assert (bundle.root / "model.deepness.onnx").is_file() and bundle.onnx_path.is_file()
 
 
 def test_zip_bundle_opens_and_cleans_up(trained, tmp_path):

@@ -9,12 +9,14 @@ import pytest
 import rasterio
 import torch
 
-from aerialseg.data.augment import augment_stage, build_transform
+from aerialseg.data.augment import build_transform
+from aerialseg.stages.augment import run as augment_stage
 from aerialseg.core.classes import IGNORE
 from aerialseg.data.datasets import PatchDataset, collate_patches, make_loader, npz_member
 from aerialseg.core.errors import AerialsegError
-from aerialseg.data.split import split_stage
-from aerialseg.data.tiling import load_manifest, tiles_stage
+from aerialseg.stages.split import run as split_stage
+from aerialseg.data.tiling import load_manifest
+from aerialseg.stages.tiles import run as tiles_stage
 from conftest import shared_path
 from test_tiling import dubai_pairs, dubai_scene, stage_params, write_index
 

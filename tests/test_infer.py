@@ -14,9 +14,10 @@ from rasterio.transform import from_origin
 from torch import nn
 
 from aerialseg import cli
-from aerialseg.inference.bundle import build_bundle
+from aerialseg.stages.bundle import build_bundle
 from aerialseg.core.errors import AerialsegError
-from aerialseg.inference.scene import InferOptions, infer_scene, make_predictor
+from aerialseg.inference.predictor import Predictor
+from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.models import list_models, register_model, save_model
 from aerialseg.geo.raster import valid_mask
 
@@ -57,7 +58,7 @@ def _whole_image_classes(bundle: Path, scene: Path) -> np.ndarray:
     from aerialseg.models import load_model
 
     model, _ = load_model(bundle)
-    predict = make_predictor(model, [0.4] * 3, [0.2] * 3, torch.device("cpu"))
+    predict = Predictor(model, [0.4] * 3, [0.2] * 3, torch.device("cpu"))
     with rasterio.open(scene) as ds:
         return predict(ds.read([1, 2, 3])[None])[0].argmax(0)
 
@@ -106,7 +107,10 @@ def test_tiff_without_georeference_reports_pixels(bundle, tmp_path):
         window=rasterio.windows.Window(0, 0, 300, 220))
     with rasterio.open(src, "w", driver="GTiff", width=300, height=220, count=3, dtype="uint8") as dst:
         dst.write(crop)
-    result = infer_scene(src, bundle, tmp_path / "plain_map.tif", _opts(areas=True, vectors=True))
+    with pytest.raises(AerialsegError, match="not georeferenced.*--allow-ungeoreferenced"):
+        infer_scene(src, bundle, tmp_path / "plain_map.tif", _opts(areas=True))
+    result = infer_scene(src, bundle, tmp_path / "plain_map.tif",
+                         _opts(areas=True, vectors=True, allow_ungeoreferenced=True))
     with rasterio.open(result.outputs["map"]) as out:
         assert out.crs is None and out.shape == (220, 300)
     areas = json.loads(Path(result.outputs["areas"]).read_text())
@@ -116,7 +120,7 @@ def test_tiff_without_georeference_reports_pixels(bundle, tmp_path):
 
 def _write_scene(path: Path, pixels: np.ndarray, nodata: int | None = None, **extra) -> Path:
     profile = {"driver": "GTiff", "width": pixels.shape[2], "height": pixels.shape[1], "count": pixels.shape[0],
-               "dtype": "uint8", "crs": "EPSG:32640", "transform": from_origin(300000, 2800000, 0.1, 0.1),
+               "dtype": str(pixels.dtype), "crs": "EPSG:32640", "transform": from_origin(300000, 2800000, 0.1, 0.1),
                "nodata": nodata, **extra}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(pixels)
@@ -177,7 +181,7 @@ class _Boom(RuntimeError):
 def test_interrupted_run_leaves_no_output(bundle, tmp_path, monkeypatch, error):
     import aerialseg.inference.scene as infer_mod
 
-    real = infer_mod.bundle_predictor
+    real = infer_mod.Predictor.from_bundle
 
     def failing(*args, **kwargs):
         predict, calls = real(*args, **kwargs), []
@@ -190,7 +194,7 @@ def test_interrupted_run_leaves_no_output(bundle, tmp_path, monkeypatch, error):
 
         return wrapped
 
-    monkeypatch.setattr(infer_mod, "bundle_predictor", failing)
+    monkeypatch.setattr(infer_mod.Predictor, "from_bundle", failing)
     out_dir = tmp_path / "out"
     scene = shared_path("geotiff-samples", "deepforest", "test_tiled.tif")
     with pytest.raises(error):
@@ -210,17 +214,31 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return exc.value.code, capsys.readouterr().err
 
 
-def test_wrong_band_count_exits_2_with_one_line(bundle, tmp_path, capsys, repo_root):
-    one_band = _write_scene(tmp_path / "gray.tif", _real_pixels(64, 64)[:1])
-    code, err = _run_cli(["infer-scene", str(one_band), "--model", str(bundle), "--out", str(tmp_path / "x.tif"),
+def test_scenes_are_read_as_training_reads_them(bundle, tmp_path, capsys, repo_root):
+    """The one scene reader: grey repeats its band, RGBN maps as its RGB, two bands are refused."""
+    rgb = _real_pixels(64, 64)
+    four = _write_scene(tmp_path / "rgbn.tif", np.concatenate([rgb, rgb[:1]]), photometric="minisblack")
+    three = _write_scene(tmp_path / "rgb.tif", rgb)
+    infer_scene(four, bundle, tmp_path / "four.tif", _opts())
+    infer_scene(three, bundle, tmp_path / "three.tif", _opts())
+    with rasterio.open(tmp_path / "four.tif") as a, rasterio.open(tmp_path / "three.tif") as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+    grey = _write_scene(tmp_path / "gray.tif", rgb[:1])
+    infer_scene(grey, bundle, tmp_path / "grey.tif", _opts())
+    two = _write_scene(tmp_path / "two.tif", rgb[:2], photometric="minisblack")
+    code, err = _run_cli(["infer-scene", str(two), "--model", str(bundle), "--out", str(tmp_path / "x.tif"),
                           "--params", str(repo_root / "params.yaml")], capsys)
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
-    assert "1 image band" in err and "expects 3" in err
-    four = _write_scene(tmp_path / "rgbn.tif", np.concatenate([_real_pixels(64, 64)] * 2)[:4],
-                        photometric="minisblack")  # 4 image bands, no alpha (GDAL's default would be RGBA)
-    with pytest.raises(AerialsegError, match="4 image band"):
-        infer_scene(four, bundle, tmp_path / "y.tif", _opts())
-    assert not (tmp_path / "x.tif").exists() and not (tmp_path / "y.tif").exists()
+    assert "2 image band" in err and "reads 3" in err
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_uint16_scene_is_refused_unless_its_range_is_declared(bundle, tmp_path):
+    rgb16 = _real_pixels(64, 64).astype(np.uint16) * 200
+    scene = _write_scene(tmp_path / "u16.tif", rgb16)
+    with pytest.raises(AerialsegError, match="uint16"):
+        infer_scene(scene, bundle, tmp_path / "u16_map.tif", _opts())
+    assert not (tmp_path / "u16_map.tif").exists()
 
 
 def test_cli_infer_scene_writes_map(bundle, tmp_path, capsys, repo_root):

@@ -1,9 +1,11 @@
-"""label-to-mask on real AnyLabeling / labelme files, real GeoTIFFs, constructed edge cases and bad input."""
+"""label-to-mask on real AnyLabeling / labelme files, real GeoTIFFs, constructed edge cases and bad input.
+
+Pixel-for-pixel agreement with labelme's and X-AnyLabeling's own mask code: test_annotations_reference.py.
+"""
 
 import base64
 import json
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +17,12 @@ import rasterio
 from affine import Affine
 
 from aerialseg import cli
+from aerialseg.annotations.anylabeling import LabelTable, load_label_json, normalize_label, parse_shapes
+from aerialseg.annotations.labels import labels_to_masks, masks_stage
+from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.classes import IGNORE
-from aerialseg.core.errors import AerialsegError
-from aerialseg.annotations.labels import (LabelTable, MaskOptions, labels_to_masks, load_label_json, masks_stage,
-                              normalize_label, parse_shapes, rasterize_shapes)
 from aerialseg.core.config import load_params
+from aerialseg.core.errors import AerialsegError
 from conftest import REPO, SHARED_DATA, shared_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -27,6 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreference
 CLASSES = {"background": 0, "road": 1, "water": 2, "tree": 3, "building": 4, "__ignore__": IGNORE}
 TABLE = LabelTable(CLASSES)
 FORMATS = "anylabeling-format-examples"
+CORNER = MaskOptions(vertex_convention="corner")
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -57,7 +61,7 @@ def write_case(folder: Path, shapes: list[dict], width: int = 100, height: int =
 
 def rasterize(shapes: list[dict], width: int = 100, height: int = 80, options: MaskOptions = MaskOptions(),
               table: LabelTable = TABLE) -> np.ndarray:
-    parsed, _ = parse_shapes(label_doc(shapes, width, height), Path("case.json"), table, width, height, options)
+    parsed, _ = parse_shapes(label_doc(shapes, width, height), Path("case.json"), table)
     return rasterize_shapes(parsed, width, height, options)
 
 
@@ -75,24 +79,30 @@ def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
 
 # --- the pixel rule and shape semantics ----------------------------------------------------------
 
-def test_pixel_centre_rule_and_all_touched():
-    exact = rasterize([poly("building", [(10, 10), (20, 10), (20, 20), (10, 20)])])
-    assert (exact == 4).sum() == 100 and (exact[10:20, 10:20] == 4).all()
+def test_tools_rule_paints_the_outline_pixels_and_corner_rule_the_centres_inside():
+    square = [poly("building", [(10, 10), (20, 10), (20, 20), (10, 20)])]
+    tools = rasterize(square)
+    assert (tools == 4).sum() == 11 * 11 and (tools[10:21, 10:21] == 4).all()  # vertices are pixel centres
+    gis = rasterize(square, options=CORNER)
+    assert (gis == 4).sum() == 10 * 10 and (gis[10:20, 10:20] == 4).all()  # vertices are pixel corners
     loose = [poly("building", [(10.6, 10.6), (19.4, 10.6), (19.4, 19.4), (10.6, 19.4)])]
-    assert (rasterize(loose) == 4).sum() == 8 * 8  # centres 11.5 .. 18.5 inside; 10.5 and 19.5 outside
-    assert (rasterize(loose, options=MaskOptions(all_touched=True)) == 4).sum() == 10 * 10
+    assert (rasterize(loose) == 4).sum() == 10 * 10  # int() of every vertex, as labelme and X-AnyLabeling
+    assert (rasterize(loose, options=CORNER) == 4).sum() == 8 * 8  # centres 11.5 .. 18.5 inside
+    touched = MaskOptions(vertex_convention="corner", all_touched=True)
+    assert (rasterize(loose, options=touched) == 4).sum() == 10 * 10
 
 
 def test_file_order_makes_holes_and_priority_overrides():
     outer = poly("building", [(10, 10), (60, 10), (60, 60), (10, 60)])
     hole = poly("background", [(20, 20), (30, 20), (30, 30), (20, 30)])
-    road = poly("road", [(0, 40), (100, 40), (100, 45), (0, 45)])
+    road = poly("road", [(0, 40), (99, 40), (99, 45), (0, 45)])
     mask = rasterize([outer, hole, road])
-    assert (mask[20:30, 20:30] == 0).all() and (mask[40:45] == 1).all() and mask[35, 35] == 4
+    assert (mask[20:31, 20:31] == 0).all() and (mask[40:46] == 1).all() and mask[35, 35] == 4
+    assert mask[19, 25] == 4 and mask[31, 25] == 4 and mask[46, 25] == 4
     by_priority = rasterize([road, outer, hole], options=MaskOptions(priority=(1, 4)))  # building wins
-    assert (by_priority[40:45, 10:60] == 4).all() and (by_priority[40:45, 60:] == 1).all()
-    assert (by_priority[20:30, 20:30] == 4).all()  # background is unlisted: painted first, then covered
-    assert (rasterize([road, outer, hole], options=MaskOptions(priority=(4, 0)))[20:30, 20:30] == 0).all()
+    assert (by_priority[40:46, 10:61] == 4).all() and (by_priority[40:46, 61:] == 1).all()
+    assert (by_priority[20:31, 20:31] == 4).all()  # background is unlisted: painted first, then covered
+    assert (rasterize([road, outer, hole], options=MaskOptions(priority=(4, 0)))[20:31, 20:31] == 0).all()
 
 
 def test_every_area_shape_type():
@@ -105,19 +115,25 @@ def test_every_area_shape_type():
         poly("road", [(50, 70), (60, 70), (60, 78), (50, 78)], "oriented_rectangle"),
     ]
     mask = rasterize(shapes)
-    assert (mask[5:25, 10:60] == 4).all() and (mask == 4).sum() == 50 * 20
-    assert (mask == 2).sum() == 20 * 20
-    assert abs((mask == 3).sum() - math.pi * 100) < 8
-    assert (mask[40:50, 70:90] == 1).all() and (mask[70:78, 50:60] == 1).all() and mask[72, 10] == 1
+    assert (mask[5:26, 10:61] == 4).all() and (mask == 4).sum() == 51 * 21
+    assert (mask[5:26, 70:91] == 2).all() and (mask == 2).sum() == 21 * 21
+    tree = mask == 3
+    rows, cols = np.nonzero(tree)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (40, 60, 20, 40)  # the disc spans 2r + 1 px
+    assert tree[50, 20:41].all() and tree[40:61, 30].all() and not tree[40, 20] and not tree[60, 40]
+    assert abs(tree.sum() - np.pi * 10.5 ** 2) < 12
+    assert (mask[40:51, 70:91] == 1).all() and (mask[70:79, 50:61] == 1).all() and mask[72, 10] == 1
 
 
-def test_lines_are_buffered_to_the_line_width():
+def test_lines_have_the_line_width():
     line = poly("road", [(10, 40), (90, 40)], "line")
-    area = (rasterize([line], options=MaskOptions(line_width_px=6)) == 1).sum()
-    assert abs(area - (80 * 6 + math.pi * 9)) < 12
+    mask = rasterize([line], options=MaskOptions(line_width_px=6))
+    assert (mask == 1).sum() == 6 * 81 and (mask[38:44, 10:91] == 1).all()  # Pillow's wide line, 6 rows
     strip = poly("road", [(10, 10), (50, 10), (50, 70)], "linestrip")
     mask = rasterize([strip], options=MaskOptions(line_width_px=4))
     assert mask[10, 30] == 1 and mask[40, 50] == 1 and mask[40, 30] == 0 and mask[14, 30] == 0
+    thin = rasterize([line], options=MaskOptions(line_width_px=1))
+    assert (thin == 1).sum() == 81 and (thin[40, 10:91] == 1).all()
 
 
 def test_labelme_mask_shape_paints_its_bitmap():
@@ -126,34 +142,59 @@ def test_labelme_mask_shape_paints_its_bitmap():
     bitmap[5:7, 8:12] = 0
     ok, png = cv2.imencode(".png", bitmap * 255)
     shape = poly("building", [(30, 40), (49, 51)], "mask", mask=base64.b64encode(png.tobytes()).decode())
-    mask = rasterize([shape])
-    assert np.array_equal(mask[40:52, 30:50] == 4, bitmap.astype(bool)) and (mask == 4).sum() == bitmap.sum()
+    for options in (MaskOptions(), CORNER):
+        mask = rasterize([shape], options=options)
+        assert np.array_equal(mask[40:52, 30:50] == 4, bitmap.astype(bool)) and (mask == 4).sum() == bitmap.sum()
+    edge = poly("building", [(90, 75), (109, 86)], "mask", mask=shape["mask"])  # partly outside: clipped
+    assert np.array_equal(rasterize([edge])[75:, 90:] == 4, bitmap[:5, :10].astype(bool))
 
 
-def test_skipped_degenerate_repaired_and_clipped_shapes_are_counted(caplog):
-    shapes = [
-        poly("building", [(10, 10), (30, 10)]),  # 2-point polygon: degenerate
-        poly("building", [(10, 10), (20, 20), (30, 30)]),  # collinear: zero area
-        poly("building", [(40, 40), (40, 40)], "rectangle"),  # zero size
-        poly("water", [(5, 5)], "point"), poly("water", [(5, 5), (6, 6)], "points"),
-        poly("water", [(5, 5), (6, 6), (7, 7), (8, 8)], "cuboid"),
-        poly("tree", [(0, 0), (20, 20), (20, 0), (0, 20)]),  # bow-tie: self-intersecting
-        poly("road", [(-50, -50), (50, -50), (50, 50), (-50, 50)]),  # partly outside
-        poly("road", [(200, 200), (300, 200), (300, 300)]),  # wholly outside
-    ]
+def test_thin_and_degenerate_shapes_paint_their_pixels():
+    assert np.array_equal(np.argwhere(rasterize([poly("road", [(10, 10), (30, 10)])]) == 1)[:, 1], np.arange(10, 31))
+    diagonal = rasterize([poly("road", [(10, 10), (20, 20), (30, 30)])])  # collinear: zero area
+    assert (diagonal == 1).sum() == 21 and all(diagonal[i, i] == 1 for i in range(10, 31))
+    assert (rasterize([poly("road", [(40, 40), (40, 40)], "rectangle")]) == 1).sum() == 1
+    assert not rasterize([poly("road", [(40, 40), (40, 40)], "circle")]).any()  # as in labelme: reported
+    assert (rasterize([poly("road", [(40, 40), (40.5, 40.5)], "circle")]) == 1).sum() == 4
+    assert (rasterize([poly("road", [(7.9, 3.2)])]) == 1).sum() == 1 and rasterize([poly("road", [(7.9, 3.2)])])[3, 7]
+    one_px_wide = rasterize([poly("road", [(5, 5), (50, 5), (50, 5), (5, 5)])])
+    assert (one_px_wide == 1).sum() == 46  # the old pixel-corner rule painted nothing here
+    assert not rasterize([poly("road", [(5, 5), (50, 5), (50, 5), (5, 5)])], options=CORNER).any()
+
+
+def test_points_paint_discs_and_cuboids_are_skipped():
+    shapes = [poly("water", [(20, 20)], "point"), poly("tree", [(60, 40), (80, 40)], "points"),
+              poly("road", [(5, 5), (6, 6), (7, 7), (8, 8)], "cuboid")]
+    parsed, stats = parse_shapes(label_doc(shapes), Path("c.json"), TABLE)
+    assert stats.skipped == 1 and [s.index for s in parsed] == [0, 1]
+    mask = rasterize_shapes(parsed, 100, 80, MaskOptions(point_radius_px=3))
+    rows, cols = np.nonzero(mask == 2)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (17, 23, 17, 23) and 25 < len(rows) < 49
+    assert mask[40, 60] == 3 and mask[40, 80] == 3 and mask[40, 70] == 0 and not (mask == 1).any()
+    assert (rasterize_shapes(parsed, 100, 80, MaskOptions(point_radius_px=1)) == 2).sum() == 5
+
+
+def test_self_intersections_and_outside_shapes_are_reported_once(tmp_path, caplog):
+    bowtie = poly("tree", [(0, 0), (20, 20), (20, 0), (0, 20)])
+    spur = poly("water", [(40, 40), (60, 40), (60, 50), (70, 50), (60, 50), (60, 60), (40, 60)])  # not crossing
+    shapes = [bowtie, spur, poly("road", [(-50, -50), (50, -50), (50, 3), (-50, 3)]),
+              poly("road", [(200, 200), (300, 200), (300, 300)])]
+    path = write_case(tmp_path / "in", shapes)
     with caplog.at_level(logging.WARNING):
-        parsed, stats = parse_shapes(label_doc(shapes), Path("c.json"), TABLE, 100, 80, MaskOptions())
-    assert (stats.degenerate, stats.skipped, stats.repaired, stats.clipped, stats.outside) == (3, 3, 1, 2, 1)
-    assert "covers no area" in caplog.text
-    mask = rasterize_shapes(parsed, 100, 80, MaskOptions())
-    assert (mask[:50, :50] == 1).all()  # the road drawn last covers the bow-tie; clipped at the border
-    bowtie = rasterize([shapes[6]])
-    assert bowtie[10, 3] == 3 and bowtie[10, 17] == 3 and bowtie[3, 10] == 0  # both lobes, not the gaps
+        labels_to_masks([path], tmp_path / "out", TABLE)
+    entry = json.loads((tmp_path / "out" / "index.json").read_text())[0]
+    assert entry["shape_counts"]["self_intersecting"] == 1 and entry["shape_counts"]["unpainted"] == 1
+    assert caplog.text.count("self-intersecting") == 1 and caplog.text.count("paint nothing") == 1
+    assert "(shape 0)" in caplog.text and "(shape 3)" in caplog.text
+    mask = read_mask(tmp_path / "out" / "scene.png")
+    assert mask[10, 3] == 3 and mask[10, 17] == 3 and mask[3, 10] == 1 and mask[5, 10] == 0  # even-odd lobes
+    assert mask[16, 10] == 0 and mask[10, 10] == 3  # between the lobes, and the crossing point
+    assert (mask[:4, :51] == 1).all() and (mask[50, 60:71] == 2).all()  # clipped at the border; the spur
 
 
 def test_label_matching_is_case_and_space_insensitive_and_legacy_means_polygon():
     legacy = {"label": "  Building ", "points": [[10, 10], [20, 10], [20, 20], [10, 20]], "line_color": None}
-    assert (rasterize([legacy]) == 4).sum() == 100
+    assert (rasterize([legacy]) == 4).sum() == 121
     assert normalize_label(" WATER\t") == "water"
 
 
@@ -161,10 +202,29 @@ def test_params_table_and_options(tmp_path):
     params = load_params(REPO / "params.yaml")
     table = LabelTable.from_params(params)
     assert table.lookup("Vegetation") == 3 and table.lookup("__ignore__") == IGNORE
+    assert MaskOptions.from_params(params) == MaskOptions()
     bad = {"classes": {"labels": {"car": "vehicle"}}}
     with pytest.raises(AerialsegError, match="unknown class 'vehicle'"):
         LabelTable.from_params(bad)
     assert MaskOptions.from_params({"masks": {"priority": ["building", "road"]}}).priority == (4, 1)
+    assert MaskOptions.from_params({"masks": {"vertex_convention": "Corner", "all_touched": True}}).all_touched
+    for masks, message in [({"vertex_convention": "edge"}, "center or corner"),
+                           ({"all_touched": True}, "corner only"), ({"line_width_px": 2.5}, "whole number"),
+                           ({"line_width_px": 0}, "from 1 to 999"), ({"point_radius_px": 0}, "from 1 to 999")]:
+        with pytest.raises(AerialsegError, match=message):
+            MaskOptions.from_params({"masks": masks})
+
+
+def test_label_to_mask_imports_no_torch(tmp_path):
+    path = write_case(tmp_path / "in", [poly("road", [(0, 0), (5, 0), (5, 5)])])
+    code = ("import sys; from aerialseg import cli; sys.argv = ['aerialseg', 'label-to-mask', sys.argv[1], "
+            "'--out', sys.argv[2]]\ntry:\n    cli.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'segmentation_models_pytorch') "
+            "if m in sys.modules)\nassert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "scene.png").is_file()
 
 
 # --- images, sizes, outputs ----------------------------------------------------------------------
@@ -182,12 +242,12 @@ def test_image_lookup_embedded_alpha_and_index(tmp_path):
     out = tmp_path / "masks"
     labels_to_masks([tmp_path / "emb.json", tmp_path / "win.json"], out, TABLE, images_dir=tmp_path / "imgs")
     mask = read_mask(out / "emb.png")
-    assert (mask[:, :10] == IGNORE).all() and (mask[:20, 10:] == 2).all() and (mask[20:, 10:] == 0).all()
+    assert (mask[:, :10] == IGNORE).all() and (mask[:21, 10:] == 2).all() and (mask[21:, 10:] == 0).all()
     index = json.loads((out / "index.json").read_text())
     assert [Path(e["mask"]).name for e in index] == ["emb.png", "win.png"]
     assert Path(index[0]["scene"]).name == "emb.scene.png" and (out / "emb.scene.png").is_file()
     assert Path(index[1]["scene"]) == (tmp_path / "imgs" / "pic.jpg").resolve()
-    assert index[0]["class_pixels"] == {"background": 20 * 50, "road": 0, "water": 20 * 50, "tree": 0,
+    assert index[0]["class_pixels"] == {"background": 19 * 50, "road": 0, "water": 21 * 50, "tree": 0,
                                         "building": 0, "ignore": 40 * 10}
     assert index[0]["shape_counts"]["polygon"] == 1 and index[0]["georeferenced"] is False
 
@@ -197,7 +257,10 @@ def test_masks_stage_uses_params_sections(tmp_path):
     params = load_params(REPO / "params.yaml") | {"data": {"labels": str(tmp_path / "labels")},
                                                   "masks": {"out": str(tmp_path / "out")}}
     written = masks_stage(params)
-    assert written == [tmp_path / "out" / "scene.png"] and (read_mask(written[0]) == 2).sum() == 100
+    assert written == [tmp_path / "out" / "scene.png"] and (read_mask(written[0]) == 2).sum() == 121
+    corner = params | {"masks": {"out": str(tmp_path / "gis"), "vertex_convention": "corner"}}
+    assert (read_mask(masks_stage(corner)[0]) == 2).sum() == 100
+    assert json.loads((tmp_path / "gis" / "index.json").read_text())[0]["vertex_convention"] == "corner"
 
 
 # --- real label files ----------------------------------------------------------------------------
@@ -229,9 +292,9 @@ def test_every_format_example_converts(path, tmp_path):
         assert (width, height) == (doc["imageWidth"], doc["imageHeight"])
     kinds = [str(s.get("shape_type") or "polygon").replace("line_strip", "linestrip") for s in doc["shapes"]]
     assert entry["shape_counts"]["total"] == len(doc["shapes"])
-    assert entry["shape_counts"]["skipped_no_area"] == sum(k in ("point", "points", "cuboid") for k in kinds)
+    assert entry["shape_counts"]["skipped_no_area"] == kinds.count("cuboid")
     assert set(np.unique(mask)) <= {0, 1, 2, 3, 4, IGNORE}
-    if any(k not in ("point", "points", "cuboid") for k in kinds):
+    if any(k != "cuboid" for k in kinds):
         assert sum(v for k, v in entry["class_pixels"].items() if k != "background") > 0
 
 
@@ -240,12 +303,11 @@ def test_primitives_every_labelme_shape_type(tmp_path):
     table = LabelTable({"rectangle": 4, "circle": 3, "polygon": 2, "line": 1, "point": 1, "line_strip": 1,
                         "octagon": 2})
     doc = load_label_json(path)
-    shapes, stats = parse_shapes(doc, path, table, 560, 450, MaskOptions())
-    assert stats.skipped == 1 and {s.order for s in shapes} == {0, 1, 2, 3, 4, 6, 7}
-    mask = labels_to_masks([path], tmp_path, table)[0]
-    mask = read_mask(mask)
-    assert (mask[35:135, 32:132] == 4).all()  # rectangle (32,35)-(132,135): exactly 100 x 100 px
-    assert abs((mask == 3).sum() - math.pi * (30 ** 2 + 41 ** 2)) < 40  # circle (195, 84) r = 50.8
+    shapes, stats = parse_shapes(doc, path, table)
+    assert stats.skipped == 0 and [s.index for s in shapes] == list(range(8)) and stats.by_type["point"] == 1
+    mask = read_mask(labels_to_masks([path], tmp_path, table)[0])
+    assert (mask[35:136, 32:133] == 4).all()  # rectangle (32,35)-(132,135): 101 x 101 px, edges included
+    assert abs((mask == 3).sum() - np.pi * 50.8 ** 2) < 80  # circle (195, 84) r = 50.8 (exact: reference test)
     octagon = doc["shapes"][7]
     bitmap = cv2.imdecode(np.frombuffer(base64.b64decode(octagon["mask"]), np.uint8), cv2.IMREAD_GRAYSCALE) > 0
     assert np.array_equal(mask[305:305 + bitmap.shape[0], 417:417 + bitmap.shape[1]] == 2, bitmap)
@@ -281,9 +343,7 @@ def test_matches_labelmes_own_semantic_segmentation_png(tmp_path):
         expected[ref == idx] = cls
     mask = labels_to_masks([root / "data_annotated" / "2011_000003.json"], tmp_path,
                            LabelTable({"person": 1, "bottle": 2, "__ignore__": IGNORE}))[0]
-    agreement = float((read_mask(mask) == expected).mean())
-    print(f"agreement with labelme's SegmentationClass/2011_000003.png: {agreement:.4%}")
-    assert agreement > 0.99  # labelme draws with PIL (outline included, pixel corners at integers)
+    assert np.array_equal(read_mask(mask), expected)  # pixel for pixel: labelme draws with the same Pillow calls
 
 
 def test_arctic_lakes_relative_paths_outside_vertices_and_overlaps(tmp_path):
@@ -311,17 +371,18 @@ def test_arctic_lakes_relative_paths_outside_vertices_and_overlaps(tmp_path):
         entry = index[path.name]
         assert mask.shape == (128, 128) and set(np.unique(mask)) <= {0, 2}
         assert Path(entry["scene"]).resolve() == (folder.parent / "images" / f"{path.stem}.jpg").resolve()
+        border = np.r_[mask[0], mask[-1], mask[:, 0], mask[:, -1]]
         if path in outside:
-            assert entry["shape_counts"]["clipped"] > 0
-        # union semantics: every pixel centre inside any polygon is water
+            assert (border == 2).any()  # painted up to the image edge, not dropped
+        # union semantics: every pixel whose centre lies inside a polygon (int() vertices) is water
         doc = json.loads(path.read_text())
-        cols, rows = np.meshgrid(np.arange(128) + 0.5, np.arange(128) + 0.5)
+        cols, rows = np.meshgrid(np.arange(128), np.arange(128))
         centres = np.c_[cols.ravel(), rows.ravel()]
         from matplotlib.path import Path as MplPath
         inside = np.zeros(128 * 128, bool)
         for shape in doc["shapes"]:
-            inside |= MplPath(np.asarray(shape["points"], float)).contains_points(centres)
-        assert ((mask.ravel() == 2) == inside).mean() > 0.98
+            inside |= MplPath(np.trunc(np.asarray(shape["points"], float))).contains_points(centres)
+        assert (mask.ravel()[inside] == 2).all() and (mask == 2).sum() >= inside.sum()
 
 
 # --- GeoTIFF scenes ------------------------------------------------------------------------------
@@ -376,8 +437,10 @@ def non_georeferenced_tiff(tmp_path: Path) -> Path:
 def test_non_georeferenced_tiff_gives_png_with_warning(tmp_path, caplog):
     scene = non_georeferenced_tiff(tmp_path)
     label_file = geotiff_case(scene, tmp_path / "labels", 400, 300)
+    with pytest.raises(AerialsegError, match="not georeferenced.*--allow-ungeoreferenced"):
+        labels_to_masks([label_file], tmp_path / "masks", TABLE)
     with caplog.at_level(logging.WARNING):
-        mask_path = labels_to_masks([label_file], tmp_path / "masks", TABLE)[0]
+        mask_path = labels_to_masks([label_file], tmp_path / "masks", TABLE, allow_ungeoreferenced=True)[0]
     assert mask_path.suffix == ".png" and "scene is not georeferenced; mask written as PNG" in caplog.text
     mask = read_mask(mask_path)
     assert mask.shape == (300, 400) and (mask[:, :50] == IGNORE).all() and (mask[:, 50:] != IGNORE).all()
@@ -388,7 +451,8 @@ def test_shared_non_georeferenced_tiff(tmp_path):
     scene = shared_path("geotiff-samples", "deepforest", "2019_YELL_2_541000_4977000_image_crop.tiff")
     with rasterio.open(scene) as ds:
         width, height = ds.width, ds.height
-    mask_path = labels_to_masks([geotiff_case(scene, tmp_path / "l", width, height)], tmp_path / "m", TABLE)[0]
+    mask_path = labels_to_masks([geotiff_case(scene, tmp_path / "l", width, height)], tmp_path / "m", TABLE,
+                                allow_ungeoreferenced=True)[0]
     assert mask_path.suffix == ".png" and read_mask(mask_path).shape == (height, width)
 
 
@@ -454,6 +518,7 @@ BAD_CASES = {
                        "unsupported shape_type 'spline'"),
     "bad rectangle": (lambda f: write_case(f, [poly("road", [(0, 0), (1, 1), (2, 2)], "rectangle")]),
                       "rectangle with 3 points"),
+    "huge circle": (lambda f: write_case(f, [poly("tree", [(0, 0), (1e6, 0)], "circle")]), "circle of radius"),
     "corrupt tiff": (_corrupt_tiff, "cannot read raster"),
     "truncated tiff": (_truncated_tiff, "scene.tif"),
 }
@@ -482,6 +547,12 @@ def test_unknown_labels_of_every_file_are_listed_at_once(tmp_path, monkeypatch, 
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "a.json: 'car' (1x)" in err and "b.json: 'Person' (1x), 'car' (1x)" in err and "classes.labels" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_label_of_one_file_names_the_file_once(tmp_path, monkeypatch, capsys):
+    path = write_case(tmp_path / "in", [poly("car", [(0, 0), (5, 0), (5, 5)])])
+    code, _, err = run_cli(["label-to-mask", path, "--out", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and err.count(str(path)) == 1 and "unknown label(s) 'car' (1x)" in err
 
 
 def test_cli_entry_point_end_to_end(tmp_path):

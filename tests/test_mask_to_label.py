@@ -13,15 +13,16 @@ import rasterio
 from aerialseg import cli
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
-from aerialseg.annotations.labels import LabelTable, MaskOptions, labels_to_masks
-from aerialseg.annotations.polygonize import (ANYLABELING_FORMAT_VERSION, mask_file_to_label, mask_to_shapes,
-                                     masks_to_labels, mid_edge_ring)
+from aerialseg.annotations.anylabeling import ANYLABELING_FORMAT_VERSION, LabelTable
+from aerialseg.annotations.labels import labels_to_masks
+from aerialseg.annotations.polygonize import mask_file_to_label, mask_to_shapes, masks_to_labels
+from aerialseg.annotations.rasterize import MaskOptions
 from conftest import REPO, shared_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
 TABLE = LabelTable({"background": 0, "road": 1, "water": 2, "tree": 3, "building": 4, "__ignore__": IGNORE})
-PARAMS = {"masks": {"simplify_px": 0.25, "min_area_px": 0}}
+PARAMS = {"masks": {"simplify_px": 0, "min_area_px": 0}}
 
 
 def make_sample_module():
@@ -58,7 +59,7 @@ def nested_mask() -> np.ndarray:
     return mask
 
 
-def round_trip(mask: np.ndarray, tmp_path: Path, simplify_px: float = 0.25, min_area_px: float = 0.0) -> np.ndarray:
+def round_trip(mask: np.ndarray, tmp_path: Path, simplify_px: float = 0.0, min_area_px: float = 0.0) -> np.ndarray:
     """mask -> PNG -> mask-to-label JSON -> label-to-mask -> mask, through the real file functions."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(tmp_path / "scene.png"), np.zeros((*mask.shape, 3), np.uint8))
@@ -106,20 +107,26 @@ def area(points: list[list[float]]) -> float:
     return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
 
 
-def test_mid_edge_contour_straightens_staircases():
-    ring = np.array([[0, 0], [1, 0], [1, 1], [2, 1], [2, 2], [3, 2], [3, 3], [0, 3], [0, 0]], float)
-    mids = mid_edge_ring(ring)
-    assert len(mids) == 12 and np.allclose(mids[0], [0.5, 0]) and np.allclose(mids[1], [1, 0.5])
+def test_polygons_run_through_pixel_centres_without_redundant_vertices():
     staircase = np.tril(np.ones((40, 40), np.uint8))
-    shapes = mask_to_shapes(staircase)
-    assert len(shapes) == 1 and len(shapes[0]["points"]) <= 6  # a triangle with cut corners, not 80 steps
+    assert [s["points"] for s in mask_to_shapes(staircase)] == [[[0, 0], [0, 39], [39, 39]]]  # one diagonal edge
+    block = np.zeros((20, 30), np.uint8)
+    block[5:9, 10:25] = 4
+    block[15, 3] = 2
+    block[17, 7:9] = 1
+    shapes = {s["label"]: s["points"] for s in mask_to_shapes(block)}
+    assert shapes["building"] == [[10, 5], [10, 8], [24, 8], [24, 5]]
+    assert shapes["water"] == [[3, 15]] * 3 and sorted(map(tuple, shapes["road"])) == [(7, 17), (8, 17), (8, 17)]
+    assert all(isinstance(v, int) for pts in shapes.values() for p in pts for v in p)
 
 
 def test_min_area_and_simplify(tmp_path):
     mask = nested_mask()
     assert "road" not in {s["label"] for s in mask_to_shapes(mask, min_area_px=50)[:3]}
-    small = [s for s in mask_to_shapes(mask, min_area_px=2) if len(s["points"]) == 4]
-    assert not any(s["label"] == "building" and len(s["points"]) == 4 for s in small)  # the 1-px building went
+    pixel = {"label": "building", "points": [[90, 20]] * 3}
+    def has_pixel(shapes: list[dict]) -> bool:
+        return any(s["label"] == pixel["label"] and s["points"] == pixel["points"] for s in shapes)
+    assert has_pixel(mask_to_shapes(mask)) and not has_pixel(mask_to_shapes(mask, min_area_px=2))
     part = dubai_part(2, 5)[1]
     exact, coarse = mask_to_shapes(part), mask_to_shapes(part, simplify_px=1.0)
     assert sum(map(len, (s["points"] for s in coarse))) < 0.5 * sum(map(len, (s["points"] for s in exact)))
@@ -137,7 +144,7 @@ def test_dubai_round_trip(tile, part, tmp_path):
     back = cv2.imread(str(labels_to_masks([label_file], tmp_path / "back", TABLE)[0]), cv2.IMREAD_UNCHANGED)
     agreement = float((back == mask).mean())
     print(f"Dubai tile_{tile} part {part:03d}: round-trip pixel agreement {agreement:.4%}")
-    assert agreement >= 0.995
+    assert np.array_equal(back, mask)
 
 
 def test_geotiff_mask_round_trip_keeps_nodata_as_ignore(tmp_path):
@@ -213,3 +220,25 @@ def test_mask_to_shapes_accepts_int_arrays_and_rejects_stray_values():
     mask[3, 3] = 9
     with pytest.raises(AerialsegError, match=r"value\(s\) \[9\]"):
         mask_to_shapes(mask)
+
+
+def test_infer_scene_anylabeling_puts_no_image_beside_the_scenes(tmp_path):
+    """infer-scene --format anylabeling: the JSON beside the scene, its preview PNG in infer.out_dir."""
+    from aerialseg.inference.scene import InferOptions, output_paths, write_anylabeling
+
+    scene = tmp_path / "scenes" / "x.png"
+    scene.parent.mkdir()
+    mask = nested_mask()
+    cv2.imwrite(str(scene), np.zeros((*mask.shape, 3), np.uint8))
+    with rasterio.open(tmp_path / "classes.tif", "w", driver="GTiff", width=mask.shape[1], height=mask.shape[0],
+                       count=1, dtype="uint8") as ds:
+        ds.write(mask, 1)
+    options = InferOptions(format="anylabeling", out_dir=str(tmp_path / "maps"), min_area_px=0)
+    paths = output_paths(scene, None, options)
+    assert paths["map"] == scene.with_suffix(".json") and paths["preview"].parent == tmp_path / "maps"
+    assert write_anylabeling(tmp_path / "classes.tif", paths["map"], scene, options) > 0
+    doc = json.loads(paths["map"].read_text())
+    assert doc["imagePath"] == "x.png" and doc["shapes"] == mask_to_shapes(mask)
+    assert len(paths["map"].read_text().splitlines()) == len(doc["shapes"]) + 10  # one shape per line
+    back = labels_to_masks([paths["map"]], tmp_path / "back", TABLE)[0]
+    assert np.array_equal(cv2.imread(str(back), cv2.IMREAD_UNCHANGED), mask)

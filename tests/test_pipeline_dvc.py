@@ -14,12 +14,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _merge(base: dict, overlay: dict) -> dict:
-    for key, value in overlay.items():
-        base[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
-    return base
-
-
 def _copy_repo(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     for name in files.decode().split("\0"):
@@ -40,9 +34,9 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     work = tmp_path / "repo"
     work.mkdir()
     _copy_repo(work)
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert _run(["aerialseg", "apply-profile", "ci"], work).returncode == 0  # what dvc.lock then records
+    (work / "params.yaml.bak").unlink()
     overlay = yaml.safe_load((work / "profiles/ci.yaml").read_text())
-    (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, overlay), sort_keys=False))
     ci_labels = work / overlay["data"]["labels"]
     ci_labels.mkdir()
     for name in ("dubai_tile2.json", "dubai_tile3.json"):
@@ -55,7 +49,8 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     metrics = json.loads((work / "reports/metrics.json").read_text())
-    assert 0.0 <= metrics["mIoU"] <= 1.0 and metrics["pixels"] > 0
+    evaluation = json.loads((work / "reports/evaluation.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and evaluation["pixels"] > 0 and metrics["mIoU"] == evaluation["mIoU"]
     report = (work / "reports/report.md").read_text()
     assert "mIoU" in report and list((work / "reports/figures").glob("*.png"))
     with rasterio.open(work / "data/sample/scenes/dubai_tile4.tif") as scene, \
@@ -66,6 +61,16 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
 
     status = _run(["dvc", "status"], work)  # a second look: everything is up to date
     assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
+    (work / "pipeline/aerialseg/geo/vectorize.py").write_text(
+        (work / "pipeline/aerialseg/geo/vectorize.py").read_text() + "\n")  # touch one geo module
+    changed = _run(["dvc", "status", "--json"], work)
+    stale = set(json.loads(changed.stdout))
+    sys.path.insert(0, str(REPO / "tools"))
+    from code_deps import command_files, stage_commands
+
+    users = {name for name, cmd in stage_commands().items()
+             if REPO / "pipeline/aerialseg/geo/vectorize.py" in command_files(cmd)}
+    assert "infer" in users and stale == users, (stale, users)  # exactly the stages that import it
 
     artifacts = os.environ.get("AERIALSEG_CI_ARTIFACTS")
     if artifacts:  # CI keeps the tiny-profile report

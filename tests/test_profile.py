@@ -22,10 +22,10 @@ from aerialseg.reporting.profile import (
     markdown_table,
     onnx_latency,
     profile_model,
-    profile_stage,
     read_model_table,
     time_calls,
 )
+from aerialseg.stages.profile import run as profile_stage
 
 TINY = "_test_profile_tiny"
 

@@ -9,6 +9,8 @@ import onnx
 import pytest
 import torch
 
+from aerialseg.data.datasets import spread_indices
+from aerialseg.stages.quantize import run as quantize_run
 from aerialseg.compression.prune import PruneConfig, make_criterion, prune_model, save_pruned_model
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import export_onnx
@@ -23,10 +25,8 @@ from aerialseg.compression.quantize import (
     onnx_predict,
     quantize_dynamic_int8,
     quantize_model_dir,
-    quantize_run,
     quantize_static_int8,
     session,
-    spread_indices,
     to_model_input,
 )
 from conftest import shared_path
@@ -268,10 +268,10 @@ def test_cli_prune_quantize_table_on_real_data_stages(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages.augment import run as augment_stage
     from aerialseg.cli import app
-    from aerialseg.data.split import split_stage
-    from aerialseg.data.tiling import tiles_stage
+    from aerialseg.stages.split import run as split_stage
+    from aerialseg.stages.tiles import run as tiles_stage
     from test_tiling import dubai_pairs, stage_params
 
     dubai_pairs(tmp_path, ("tile_2",))

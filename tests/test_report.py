@@ -16,7 +16,8 @@ from aerialseg.cli import app
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
-from aerialseg.reporting.report import load_class_shares, report_stage
+from aerialseg.reporting.report import load_class_shares
+from aerialseg.stages.report import run as report_stage
 from aerialseg.evaluation.stats import compare_runs, load_run, write_comparison
 from conftest import shared_path
 from test_metrics import DUBAI_COLORS

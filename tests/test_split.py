@@ -10,8 +10,11 @@ import pytest
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.data.split import (SPLITS, SplitParams, class_shares, find_leaks, make_split, overlapping_pairs,
-                             share_table, split_params, split_stage)
-from aerialseg.data.tiling import load_manifest, tiles_stage
+                                  share_table)
+from aerialseg.stages.split import run as split_stage
+from aerialseg.stages.split import split_params
+from aerialseg.data.tiling import load_manifest
+from aerialseg.stages.tiles import run as tiles_stage
 from test_tiling import dubai_pairs, stage_params
 
 REAL_TILES = ("tile_1", "tile_2", "tile_3")

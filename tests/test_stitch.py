@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from aerialseg.inference.scene import make_predictor
-from aerialseg.inference.stitch import BandAccumulator, axis_weights, blend_scene, pad_reflect, tile_starts
+from aerialseg.inference.predictor import Predictor
+from aerialseg.geo.windows import window_starts
+from aerialseg.inference.stitch import BandAccumulator, axis_weights, blend_scene, pad_reflect
 
 
 def _stitch(image: np.ndarray, predict, channels: int, tile: int, overlap: int, margin: int,
@@ -27,14 +28,14 @@ def _stitch(image: np.ndarray, predict, channels: int, tile: int, overlap: int, 
     return out
 
 
-def test_tile_starts_cover_the_axis_and_end_on_the_edge():
+def test_window_starts_cover_the_axis_and_end_on_the_edge():
     for length, tile, overlap in [(100, 32, 8), (32, 32, 8), (33, 32, 0), (1000, 256, 64), (10, 32, 8)]:
-        starts = tile_starts(length, tile, overlap)
+        starts = window_starts(length, tile, overlap)
         assert starts[0] == 0
         assert starts[-1] == max(length - tile, 0)
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
     with pytest.raises(ValueError):
-        tile_starts(100, 32, 32)
+        window_starts(100, 32, 32)
 
 
 @pytest.mark.parametrize("length,tile,overlap,margin", [
@@ -42,7 +43,7 @@ def test_tile_starts_cover_the_axis_and_end_on_the_edge():
     (33, 32, 1, 0), (20, 32, 8, 2), (500, 64, 50, 0),
 ])
 def test_axis_weights_are_a_partition_of_unity(length, tile, overlap, margin):
-    starts = tile_starts(length, tile, overlap)
+    starts = window_starts(length, tile, overlap)
     weights = axis_weights(length, tile, starts, margin)
     total = np.zeros(max(length, tile))
     for start, w in zip(starts, weights):
@@ -53,7 +54,7 @@ def test_axis_weights_are_a_partition_of_unity(length, tile, overlap, margin):
 
 
 def test_inner_margins_get_zero_weight():
-    starts = tile_starts(200, 64, 24)
+    starts = window_starts(200, 64, 24)
     weights = axis_weights(200, 64, starts, margin=5)
     for i in range(1, len(starts)):
         assert np.all(weights[i, :5] == 0), "a tile must not vote on its first margin px inside the scene"
@@ -78,7 +79,7 @@ def test_identity_model_reconstructs_input(shape, tile, overlap):
 
 def test_identity_through_the_torch_predictor_with_tta():
     image = np.random.default_rng(1).integers(0, 256, size=(3, 45, 29), dtype=np.uint8)
-    predict = make_predictor(lambda x: x, [0.0] * 3, [1 / 255.0] * 3, torch.device("cpu"), tta=True,
+    predict = Predictor(lambda x: x, [0.0] * 3, [1 / 255.0] * 3, torch.device("cpu"), tta=True,
                              activation="none")
     out = _stitch(image, predict, 3, 16, 6, margin=1)
     np.testing.assert_allclose(out, image.astype(np.float32), atol=1e-3)
@@ -96,7 +97,7 @@ def _toy_fcn(seed: int = 0) -> nn.Module:
 def test_stitched_equals_whole_image_when_receptive_field_fits(shape, tile, overlap):
     model = _toy_fcn()
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    predict = make_predictor(model, mean, std, torch.device("cpu"))
+    predict = Predictor(model, mean, std, torch.device("cpu"))
     image = np.random.default_rng(2).integers(0, 256, size=shape, dtype=np.uint8)
     whole = predict(image[None])[0]
     stitched = _stitch(image, predict, 4, tile, overlap, margin=3)
@@ -117,7 +118,7 @@ def test_accumulator_is_one_band_whatever_the_height():
     for _, band in blend_scene(read_rows, 1000, 50, lambda t: t.astype(np.float32), 1, 32, 8):
         shapes.add(band.shape[1] <= 32)
     assert shapes == {True}
-    assert len(reads) == len(tile_starts(1000, 32, 8)) and all(n == 32 for _, n in reads)
+    assert len(reads) == len(window_starts(1000, 32, 8)) and all(n == 32 for _, n in reads)
     acc = BandAccumulator(5, 32, 50)
     assert acc.sum.shape == (5, 32, 50)
 
@@ -133,7 +134,7 @@ def test_pad_reflect_handles_tiny_and_exact_sizes():
 
 def test_weights_sum_to_one_in_2d():
     height, width, tile, overlap = 75, 58, 24, 9
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    rows, cols = window_starts(height, tile, overlap), window_starts(width, tile, overlap)
     wy, wx = axis_weights(height, tile, rows, 2), axis_weights(width, tile, cols, 2)
     total = np.zeros((height + tile, width + tile))
     for (iy, r), (ix, c) in itertools.product(enumerate(rows), enumerate(cols)):

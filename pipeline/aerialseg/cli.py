@@ -40,13 +40,19 @@ def label_to_mask_command(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder [masks.out].")] = None,
     images: Annotated[Path | None, typer.Option(
         "--images", help="Folder to look up images whose imagePath does not resolve [data.images].")] = None,
+    allow_ungeoreferenced: Annotated[bool | None, typer.Option(
+        "--allow-ungeoreferenced/--no-allow-ungeoreferenced",
+        help="Accept TIFF scenes without georeferencing (plain PNG masks) [masks.allow_ungeoreferenced].")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace files in --out that the previous run (index.json) did not write.")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rasterise label JSON into class masks (GeoTIFF on the scene grid, else PNG) + index.json."""
+    """Paint label JSON into class masks as the annotation tools do (GeoTIFF on the scene grid, else PNG)."""
     from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
 
-    written = masks_stage(load_params(params), labels=labels, out=out, images=images)
+    written = masks_stage(load_params(params), labels=labels, out=out, images=images,
+                          allow_ungeoreferenced=allow_ungeoreferenced, overwrite=overwrite)
     typer.echo(f"wrote {len(written)} mask(s) and {Path(written[0]).parent / 'index.json'}")
 
 
@@ -59,14 +65,18 @@ def mask_to_label_command(
     min_area: Annotated[float | None, typer.Option(
         "--min-area", help="Drop regions smaller than this many pixels [masks.min_area_px].")] = None,
     simplify: Annotated[float | None, typer.Option(
-        "--simplify", help="Polygon simplification in px; <= 0.3 is exact [masks.simplify_px].")] = None,
+        "--simplify", help="Polygon simplification in px (Douglas-Peucker); 0 is exact [masks.simplify_px].")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing label file (it may hold hand labels).")] = False,
+    backup: Annotated[bool, typer.Option(
+        "--backup/--no-backup", help="With --overwrite, keep the old file as <name>.<time>.bak.")] = True,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Polygonise class masks into AnyLabeling JSON that label-to-mask paints back to the same mask."""
+    """Polygonise class masks into AnyLabeling JSON that label-to-mask (and labelme, X-AnyLabeling) paint back."""
     from aerialseg.annotations.polygonize import masks_to_labels
     from aerialseg.core.config import load_params
 
-    for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area):
+    for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area, overwrite, backup):
         typer.echo(f"wrote {path}")
 
 
@@ -76,9 +86,10 @@ def mask_to_label_command(
 def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Index overlapping patch windows of every masked scene (data/tiles/manifest.json); drop empty ones."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.tiling import describe, load_manifest, tiles_stage
+    from aerialseg.data.tiling import describe, load_manifest
+    from aerialseg.stages import tiles
 
-    manifest = tiles_stage(load_params(params))
+    manifest = tiles.run(load_params(params))
     typer.echo(describe(load_manifest(manifest)))
     typer.echo(f"wrote {manifest}")
 
@@ -87,18 +98,18 @@ def tiles_command(params: ParamsOpt = Path("params.yaml")) -> None:
 def split_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Seeded train/val/test split of the patches by scene or spatial block, with no shared pixel."""
     from aerialseg.core.config import load_params
-    from aerialseg.data.split import split_stage
+    from aerialseg.stages import split
 
-    typer.echo(f"wrote {split_stage(load_params(params))}")
+    typer.echo(f"wrote {split.run(load_params(params))}")
 
 
 @app.command("augment")
 def augment_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write augment.copies augmented copies of each train patch (data/augmented/*.npz + index.json)."""
-    from aerialseg.data.augment import augment_stage
+    from aerialseg.stages import augment
     from aerialseg.core.config import load_params
 
-    typer.echo(f"wrote {augment_stage(load_params(params))}")
+    typer.echo(f"wrote {augment.run(load_params(params))}")
 
 
 # --- models: pretrain, train, distil, evaluate, report ------------------------------------
@@ -161,17 +172,17 @@ def distil_command(
 @app.command("evaluate")
 def evaluate_command(
     params: ParamsOpt = Path("params.yaml"),
-    model: Annotated[Path | None, typer.Option(help="Trained model dir [evaluate.model].")] = None,
+    model: Annotated[Path | None, typer.Option(help="Bundle or trained model dir [evaluate.model].")] = None,
     split: Annotated[str | None, typer.Option(help="train | val | test [evaluate.split].")] = None,
     out: Annotated[Path | None, typer.Option(help="Where metrics.json, confusion.json, samples.npz go "
                                                   "[evaluate.out].")] = None,
 ) -> None:
-    """Metrics of a model on a split (one confusion matrix over whole scenes); writes metrics.json."""
-    from aerialseg.evaluation.evaluate import evaluate_run
+    """Metrics of the stitched scene maps (infer-scene's path) on a split; writes metrics.json."""
     from aerialseg.core.config import load_params
+    from aerialseg.stages import evaluate
 
-    metrics = evaluate_run(load_params(params), model, split, out)
-    typer.echo(f"{metrics['model']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
+    metrics = evaluate.run(load_params(params), model, split, out)
+    typer.echo(f"{metrics['model_dir']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
                f"{metrics['pixel_accuracy']}, BF1 {metrics['bf1']}")
 
 
@@ -226,12 +237,12 @@ def profile_models_command(
 ) -> None:
     """Model table: parameters (total, used), GFLOPs at a tile size, CPU latency per tile."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.profile import profile_stage
+    from aerialseg.stages import profile
 
     pairs = [item.split("=", 1) for item in onnx or []]
     if any(len(pair) != 2 for pair in pairs):
         raise AerialsegError("--onnx takes MODEL=FILE.onnx", fix="e.g. --onnx pspnet=models/pspnet.onnx")
-    path = profile_stage(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
+    path = profile.run(load_params(params), models=model, out=out, tile=tile, threads=threads, runs=runs,
                          onnx=dict(pairs))
     typer.echo(f"wrote {path} ({path.with_suffix('.md').name})")
 
@@ -240,9 +251,9 @@ def profile_models_command(
 def report_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """reports/report.md with figures: metrics, confusion matrix, curves, samples, model table, seeds."""
     from aerialseg.core.config import load_params
-    from aerialseg.reporting.report import report_stage
+    from aerialseg.stages import report
 
-    typer.echo(f"wrote {report_stage(load_params(params))}")
+    typer.echo(f"wrote {report.run(load_params(params))}")
 
 
 # --- inference: infer-scene, bundle -------------------------------------------------------
@@ -268,6 +279,12 @@ def infer_scene_command(
     fmt: Annotated[str | None, typer.Option("--format", help="geotiff | anylabeling [infer.format].")] = None,
     resample: Annotated[bool | None, typer.Option("--resample/--no-resample", help="Read at the training GSD "
                                                   "when the scene's differs > gsd_tolerance [infer.resample].")] = None,
+    allow_ungeoreferenced: Annotated[bool | None, typer.Option(
+        "--allow-ungeoreferenced/--no-allow-ungeoreferenced",
+        help="Map a scene without CRS/geotransform (pixel grid only) [infer.allow_ungeoreferenced].")] = None,
+    overwrite: Annotated[bool | None, typer.Option(
+        "--overwrite/--no-overwrite", help="--format anylabeling: replace an existing label file "
+        "[infer.overwrite].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Map a whole scene: seam-free tiles, constant memory, a COG on the scene's grid (QGIS-ready)."""
@@ -281,7 +298,8 @@ def infer_scene_command(
         raise AerialsegError("no model given", fix="pass --model BUNDLE or set infer.model in params.yaml")
     options = InferOptions.from_params(knobs, overlap=overlap, batch=batch, tta=tta, backend=backend, device=device,
                                        confidence=confidence, vectors=vectors, areas=areas, format=fmt,
-                                       resample=resample)
+                                       resample=resample, allow_ungeoreferenced=allow_ungeoreferenced,
+                                       overwrite=overwrite)
     typer.echo(infer_scene(scene, model, out, options).summary())
 
 
@@ -290,45 +308,40 @@ def bundle_command(
     model_dir: Annotated[Path, typer.Argument(help="Trained model dir (model.safetensors + model.json).")],
     out: Annotated[Path | None, typer.Option(help="Bundle dir (or .zip with --zip) [bundle.out; null = in place].")] = None,
     archive: Annotated[bool | None, typer.Option("--zip/--no-zip", help="Write a .zip [bundle.zip].")] = None,
-    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx", help="Export model.onnx [bundle.onnx].")] = None,
+    onnx: Annotated[bool | None, typer.Option("--onnx/--no-onnx",
+                                              help="Export model.onnx + model.deepness.onnx [bundle.onnx].")] = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile size [bundle.tile_size; null = the model's].")] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap px [bundle.overlap].")] = None,
     gsd_m: Annotated[float | None, typer.Option(help="Training GSD m/px [bundle.gsd_m; null = data.gsd_m].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Package a trained model for infer-scene / QGIS: weights, ONNX, manifest (classes, GSD, tiles, metrics)."""
-    from aerialseg.inference.bundle import build_bundle, read_model_record
-    from aerialseg.core.config import load_params, section
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import bundle
 
-    p = load_params(params)
-    cfg, exp = section(p, "bundle"), section(p, "export")
-    gsd = next((g for g in (gsd_m, cfg.get("gsd_m"), read_model_record(model_dir).get("gsd_m"),
-                            section(p, "data").get("gsd_m")) if g is not None), None)
-    dest = out if out is not None else (Path(cfg["out"]) if cfg.get("out") else None)
-    path = build_bundle(model_dir, dest, tile_size=tile_size or cfg.get("tile_size"),
-                        overlap=overlap if overlap is not None else cfg.get("overlap"), gsd_m=gsd,
-                        onnx=cfg.get("onnx", True) if onnx is None else onnx,
-                        archive=cfg.get("zip", False) if archive is None else archive,
-                        max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))
+    path = bundle.run(load_params(params), model_dir, out, archive, onnx, tile_size, overlap, gsd_m)
     typer.echo(f"wrote bundle {path}")
 
 
 @app.command("export-onnx")
 def export_onnx_command(
     model_dir: Annotated[Path, typer.Argument(help="Bundle or trained model dir.")],
-    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx].")] = None,
+    out: Annotated[Path | None, typer.Option(help="ONNX file [MODEL_DIR/model.onnx]; "
+                                                  "*.deepness.onnx goes beside it.")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """ONNX at the bundle's tile size with Deepness metadata, checked against PyTorch (export.max_abs_diff)."""
+    """ONNX at the bundle's tile size: logits for infer-scene, and *.deepness.onnx for QGIS; both checked."""
     from aerialseg.compression.onnx_export import export_bundle_onnx
     from aerialseg.core.config import load_params, section
 
     exp = section(load_params(params), "export")
     result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
                                 opset=int(exp.get("opset", 18)), parity_count=int(exp.get("parity_tiles", 2)))
-    parity = result["parity"]
+    parity, deepness = result["parity"], result["deepness_parity"]
     typer.echo(f"wrote {result['onnx']} (max |logit diff| {parity['max_abs_diff']:.2e}, "
                f"argmax agreement {parity['argmax_agreement']:.4f})")
+    typer.echo(f"wrote {result['deepness_onnx']} for QGIS Deepness (max |probability diff| "
+               f"{deepness['max_abs_diff']:.2e}, argmax agreement {deepness['argmax_agreement']:.4f})")
 
 
 # --- seed models: postprocess, prune, export, quantize ------------------------------------
@@ -393,9 +406,10 @@ def quantize_command(
 ) -> None:
     """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import INT8_NAME, quantize_run
+    from aerialseg.compression.quantize import INT8_NAME
+    from aerialseg.stages import quantize
 
-    report = quantize_run(load_params(params), model_dir=model_dir, out_dir=out)
+    report = quantize.run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
     typer.echo(f"wrote {Path(report['out_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
                f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
@@ -407,23 +421,202 @@ def quantize_command(
 def compression_table_command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Backbone x pruned x quantized table (paper Table II) -> reports/compression.{json,md}."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import compression_table_run
+    from aerialseg.stages import compression
 
-    result = compression_table_run(load_params(params))
+    result = compression.run(load_params(params))
     typer.echo(f"{len(result['rows'])} rows; wrote {result['out_json']}, {result['out_md']}")
 
+
+# --- model-assisted labelling: serve, rank-scenes ------------------------------------------
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[list[Path], typer.Option("--model", help="Bundle dir or .zip; repeat for several models "
+                                              "(model id = its folder or file name).")],
+    host: Annotated[str | None, typer.Option(help="Address to bind [serve.host: 127.0.0.1, this machine "
+                                             "only].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [serve.port; 0 = any free port].")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        "--api-key-file", help="File holding the API key (else $AERIALSEG_API_KEY; none = no key).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [serve.device].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Inference threads [serve.workers].")] = None,
+    queue: Annotated[int | None, typer.Option(help="Requests admitted at once; more get 503 [serve.queue].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve bundles to X-AnyLabeling (its Remote-Server model): pre-label images while you annotate."""
+    import os
+
+    from aerialseg.core.config import load_params, section
+    from aerialseg.inference.server import ServeOptions, read_api_key, serve
+
+    options = ServeOptions.from_params(section(load_params(params), "serve"), host=host, port=port, device=device,
+                                       workers=workers, queue=queue)
+    serve(model, options, read_api_key(api_key_file, dict(os.environ)))
+
+
+@app.command("rank-scenes")
+def rank_scenes_command(
+    scenes: Annotated[list[Path], typer.Argument(help="Unlabelled orthophotos (GeoTIFF) to rank windows of.")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle dir or .zip (`aerialseg bundle`).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder [rank.out].")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Windows to write [rank.top_k].")] = None,
+    window: Annotated[int | None, typer.Option(help="Window side, px [rank.window].")] = None,
+    crops: Annotated[bool | None, typer.Option("--crops/--no-crops", help="Write each window's GeoTIFF + "
+                                               "AnyLabeling pre-label [rank.crops].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [rank.device].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Which windows to label next: model uncertainty (rare classes weighted) -> CSV, GeoPackage, pre-labels."""
+    from aerialseg.core.config import load_params, section
+    from aerialseg.inference.ranking import RankOptions, rank_scenes
+
+    options = RankOptions.from_params(section(load_params(params), "rank"), out=str(out) if out else None,
+                                      top_k=top_k, window=window, crops=crops, device=device)
+    typer.echo(rank_scenes(scenes, model, options).summary())
+
+
+
+
+@app.command("apply-profile")
+def apply_profile_command(
+    profile: Annotated[str, typer.Argument(help="Profile name (profiles/NAME.yaml) or a YAML file of params sections.")],
+    out: Annotated[Path, typer.Option(help="Params file to write; `dvc repro` reads params.yaml.")] = Path(
+        "params.yaml"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Merge a profile (e.g. ci, gpu) over params into OUT, so `dvc repro` runs it and dvc.lock records it.
+
+    The file replaced is kept as OUT.bak (an existing backup is never overwritten).
+    """
+    import yaml
+
+    from aerialseg.core.config import load_params, load_profile, merge_profile
+    from aerialseg.core.fileio import write_text
+
+    source, overlay = load_profile(profile)
+    merged = merge_profile(load_params(params), overlay)
+    replaced = out.exists()
+    if replaced:
+        backup = out.with_name(out.name + ".bak")
+        if backup.exists():
+            raise AerialsegError("a backup from an earlier apply-profile exists", backup,
+                                 "restore or remove it first, or pass --out elsewhere")
+        backup.write_bytes(out.read_bytes())
+    header = f"# {out.name}: {params} with profile {source} merged over it (aerialseg apply-profile)\n"
+    write_text(out, header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+    typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
+
+
+RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "postprocess", "evaluate"}
+
+
+def _quiet_libraries() -> None:
+    """GDAL/rasterio and OpenCV chatter (warnings about the corrupt file we are about to refuse) stays off the
+    terminal unless --verbose: the user sees aerialseg's one line."""
+    import os
+    import warnings
+
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    if "-v" not in sys.argv and "--verbose" not in sys.argv:
+        logging.getLogger("rasterio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module="rasterio")
+        warnings.filterwarnings("ignore", category=UserWarning, module="pyogrio")
+
+
+class HeldStderr:
+    """C libraries (libtiff, libpng, GDAL's default handler) write to file descriptor 2 directly. For the raster
+    commands those bytes go to memory instead and are shown after a run that succeeded (or failed with a
+    traceback); a run that ends in a one-line user error drops them. Python's own stderr is not held."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.saved = os.dup(2)
+        self.python_stderr = sys.stderr
+        self.buffer = os.memfd_create("aerialseg-stderr") if hasattr(os, "memfd_create") else None
+        if self.buffer is None:
+            import tempfile
+
+            self.buffer = os.dup(tempfile.TemporaryFile().fileno())
+        sys.stderr.flush()
+        sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding="utf-8", errors="replace")
+        os.dup2(self.buffer, 2)
+
+    @classmethod
+    def wanted(cls) -> bool:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        verbose = "-v" in sys.argv or "--verbose" in sys.argv
+        return command in RASTER_COMMANDS and not verbose and sys.stderr is sys.__stderr__
+
+    def release(self, show: bool) -> None:
+        """Restore file descriptor 2; write what the libraries said when ``show``."""
+        import os
+
+        if self.buffer is None:
+            return
+        sys.stderr.flush()
+        sys.stderr.close()
+        sys.stderr = self.python_stderr
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.lseek(self.buffer, 0, os.SEEK_SET)
+        held = b"".join(iter(lambda: os.read(self.buffer, 1 << 16), b""))
+        os.close(self.buffer)
+        self.buffer = None
+        if show and held:
+            sys.stderr.write(held.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _user_error(exc: BaseException) -> AerialsegError | None:
+    """The one-line error for a failure the user can fix: the environment's (full or read-only disk,
+    permission denied, a folder where a file is expected, a file where a folder is expected) or GDAL's."""
+    from aerialseg.core.safety import environment_error
+
+    if isinstance(exc, AerialsegError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return AerialsegError("input nested too deeply to read (a malformed JSON or YAML file?)",
+                              fix="check the files you passed")
+    error = environment_error(exc)
+    if error is None and isinstance(exc, OSError) and exc.filename:
+        error = AerialsegError(exc.strerror or type(exc).__name__, exc.filename, "check the path")
+    if error is None and type(exc).__module__.startswith("rasterio"):
+        error = AerialsegError(f"GDAL cannot read or write a raster ({str(exc).splitlines()[0][:160]})",
+                               fix="check the input rasters and the output folder; rerun with -v for details")
+    return error
 
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    _quiet_libraries()
+    held = HeldStderr() if HeldStderr.wanted() else None
     try:
         app()
-    except AerialsegError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    except SystemExit:
+        if held:
+            held.release(show=True)
+        raise
     except KeyboardInterrupt:
+        if held:
+            held.release(show=False)
         typer.echo("interrupted: no output was written", err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001  (only errors the user can fix become one line)
+        error = _user_error(exc)
+        if held:
+            held.release(show=error is None)
+        if error is None:
+            raise
+        _fail(str(error))
+    finally:
+        if held:
+            held.release(show=True)
 
 
 if __name__ == "__main__":

@@ -1,133 +1,111 @@
 """mask-to-label: a class mask (GeoTIFF or PNG of class ids) -> AnyLabeling JSON that paints back to it.
 
-How the polygons reproduce the mask (AnyLabeling polygons have no holes):
-- ``rasterio.features.shapes`` (4-connectivity) splits the mask into connected regions of one class; each
-  region's outer ring becomes one polygon of that class. Its vertices lie on pixel edges (integers), so
-  label-to-mask's pixel-centre rule gives back exactly the region plus whatever fills its holes.
-- Every hole of a region is filled by other regions, which lie inside the outer ring. Shapes are written in
-  order of nesting depth (the number of holes around a region), larger first within a depth; since
-  label-to-mask paints later shapes over earlier ones, each pixel ends with its own region's class.
-  (This needs file order: keep ``masks.priority`` empty when reading these files back.)
-- Background regions that no other region surrounds are left out (unlabelled pixels are background);
-  ignore (255) regions are written as label ``__ignore__`` so they stay ignore.
-- ``simplify_px`` > 0 simplifies each ring (Douglas-Peucker, topology-preserving) and ``min_area_px`` drops
-  regions smaller than that many pixels (they take the class of what surrounds them): both trade exactness
-  at edges for smaller files.
+The polygons follow the annotation tools' convention (vertices on pixel centres, boundary pixels painted),
+so the mask comes back exactly through label-to-mask AND through labelme's and X-AnyLabeling's own mask
+export (docs/labels.md):
+- Every 4-connected region of one class becomes one polygon: the outer boundary of its pixels traced through
+  their centres (OpenCV ``findContours``, straight runs reduced to their end points), so painting it gives the
+  region plus whatever fills its holes. 1- and 2-pixel regions repeat a vertex (the tools need 3 points).
+- Whatever fills a hole lies inside the enclosing polygon, so it has a smaller area: shapes are written largest
+  first, and since later shapes paint over earlier ones each pixel ends with its own region's class. (This
+  needs file order: keep ``masks.priority`` empty when reading these files back.)
+- Background regions that no polygon covers are left out (unlabelled pixels are background); ignore (255)
+  regions are written as label ``__ignore__`` so they stay ignore.
+- ``simplify_px`` > 0 simplifies each polygon (Douglas-Peucker) and ``min_area_px`` drops regions smaller than
+  that many pixels (they take the class of what surrounds them): both trade exactness for smaller files.
+- The label file never replaces an input (the mask, the image) and never an existing label file (hand labels
+  beside the image) unless ``--overwrite``; the replaced file is then kept as ``<name>.<UTC time>.bak``.
 """
 
-import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
-import rasterio.features
-import shapely
-from shapely.geometry import Polygon
 
+from aerialseg.annotations.anylabeling import IMAGE_SUFFIXES, Shape, anylabeling_document, dumps_label_json
+from aerialseg.annotations.rasterize import rasterize_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
+from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_text
-from aerialseg.annotations.labels import IMAGE_SUFFIXES
-from aerialseg.core.config import section
+from aerialseg.core.safety import backup_path, refuse_inputs
 from aerialseg.geo.raster import open_raster
 
 log = logging.getLogger(__name__)
 
-ANYLABELING_FORMAT_VERSION = "2.4.0"  # the X-AnyLabeling file format written (readable by labelme too)
 IGNORE_LABEL = "__ignore__"
 VALID_VALUES = (*range(len(CLASS_NAMES)), IGNORE)
-EXACT_SIMPLIFY_PX = 0.25  # below sqrt(2)/4: the polygons still paint back to exactly the same pixels
 
 
 def label_name(value: int) -> str:
     return IGNORE_LABEL if value == IGNORE else CLASS_NAMES[value]
 
 
-def _regions(mask: np.ndarray) -> tuple[list[Polygon], np.ndarray]:
-    """Connected regions of a class mask as polygons (with holes) and their class values."""
-    polys, values = [], []
-    for geom, value in rasterio.features.shapes(mask, connectivity=4):
-        polys.append(shapely.geometry.shape(geom))
-        values.append(int(value))
-    return polys, np.asarray(values, dtype=np.int64)
+@dataclass(frozen=True)
+class Region:
+    """One 4-connected region of a class: its outline through pixel centres."""
+
+    value: int
+    outline: np.ndarray  # (N, 2) int32 x, y of pixel centres, N >= 3
+    pixels: int  # pixel count of the region
+    area: float  # area enclosed by the outline (orders nested regions: inner ones are smaller)
 
 
-def _nesting_depth(polys: Sequence[Polygon]) -> np.ndarray:
-    """For each region, how many holes (of any region) surround it."""
-    holes = [Polygon(ring) for p in polys for ring in p.interiors]
-    if not holes:
-        return np.zeros(len(polys), dtype=np.int64)
-    inside = shapely.point_on_surface(np.asarray(polys, dtype=object))
-    idx_in, _ = shapely.STRtree(holes).query(inside, predicate="within")
-    return np.bincount(idx_in, minlength=len(polys))
+def regions(mask: np.ndarray) -> list[Region]:
+    """Every 4-connected region of every value of a uint8 mask."""
+    found = []
+    for value in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((mask == value).view(np.uint8), connectivity=4,
+                                                                   ltype=cv2.CV_32S)
+        for k in range(1, count):
+            x, y, w, h, pixels = (int(v) for v in stats[k])
+            own = (labels[y:y + h, x:x + w] == k).view(np.uint8)
+            contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y))
+            outline = contours[0][:, 0, :]
+            found.append(Region(int(value), _at_least_3(outline), pixels, abs(cv2.contourArea(outline))))
+    return found
 
 
-def mid_edge_ring(ring: np.ndarray) -> np.ndarray:
-    """Midpoints of the unit pixel edges along an axis-aligned closed ring (integer vertices).
-
-    This is the marching-squares contour between the pixel centres inside and outside the ring: every
-    pixel centre is at least sqrt(2)/4 = 0.354 px from it, so it rasterises back exactly (pixel-centre rule)
-    and stays exact after simplifying with a tolerance below that. A 1-px staircase becomes a straight line.
-    """
-    start, step = ring[:-1], np.diff(ring, axis=0)
-    length = np.abs(step).sum(axis=1).round().astype(np.int64)
-    keep = length > 0
-    start, step, length = start[keep], step[keep], length[keep]
-    edge = np.repeat(np.arange(len(length)), length)
-    k = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
-    return start[edge] + step[edge] / length[edge, None] * (k[:, None] + 0.5)
+def _at_least_3(outline: np.ndarray) -> np.ndarray:
+    """1- and 2-pixel regions: repeat the last vertex (the tools want polygons of 3 points or more)."""
+    return np.r_[outline, np.repeat(outline[-1:], 3 - len(outline), axis=0)] if len(outline) < 3 else outline
 
 
-def _ring_points(poly: Polygon, simplify_px: float) -> list[list[float]] | None:
-    """The simplified mid-edge contour of a region's outer ring as [x, y] pairs (None if it vanishes)."""
-    outer = Polygon(mid_edge_ring(np.asarray(poly.exterior.coords)))
-    outer = shapely.simplify(outer, simplify_px, preserve_topology=True)
-    if outer.is_empty or outer.area == 0 or outer.geom_type != "Polygon":
-        return None
-    return [[_num(x), _num(y)] for x, y in outer.exterior.coords[:-1]]
+def _covered(outlines: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Pixels painted by any of the polygons."""
+    polys = [Shape(i, "", 1, "polygon", o.astype(np.float64)) for i, o in enumerate(outlines)]
+    return rasterize_shapes(polys, shape[1], shape[0]) > 0
 
 
-def _num(value: float) -> float | int:
-    """Coordinates are multiples of 0.5: write 12 rather than 12.0 (smaller files, same value)."""
-    return int(value) if float(value).is_integer() else float(value)
+def _simplified(outline: np.ndarray, simplify_px: float) -> np.ndarray:
+    if simplify_px <= 0:
+        return outline
+    return _at_least_3(cv2.approxPolyDP(outline.reshape(-1, 1, 2), simplify_px, True)[:, 0, :])
 
 
-def mask_to_shapes(mask: np.ndarray, simplify_px: float = EXACT_SIMPLIFY_PX,
-                   min_area_px: float = 0.0) -> list[dict[str, Any]]:
-    """AnyLabeling polygon shapes (in painting order) that label-to-mask turns back into `mask`.
+def mask_to_shapes(mask: np.ndarray, simplify_px: float = 0.0, min_area_px: float = 0.0) -> list[dict[str, Any]]:
+    """AnyLabeling polygon shapes (in painting order) that paint back to `mask` (see the module docstring).
 
-    mask: (H, W) uint8 classes 0..4 and 255 (ignore). See the module docstring for the method.
+    mask: (H, W) classes 0..4 and 255 (ignore).
     """
     check_class_values(mask)
-    polys, values = _regions(np.ascontiguousarray(mask, dtype=np.uint8))
-    depth = _nesting_depth(polys)
-    outer_area = np.array([Polygon(p.exterior).area for p in polys])
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    found = [r for r in regions(mask) if r.pixels >= min_area_px]
+    labelled = [r for r in found if r.value != 0]
+    covered = _covered([r.outline for r in labelled], mask.shape)
+    holes = [r for r in found if r.value == 0 and covered[r.outline[0, 1], r.outline[0, 0]]]
     shapes = []
-    for i in np.lexsort((-outer_area, depth)):
-        if (values[i] == 0 and depth[i] == 0) or polys[i].area < min_area_px:
-            continue
-        points = _ring_points(polys[i], simplify_px)
-        if points is not None:
-            shapes.append({"label": label_name(int(values[i])), "points": points, "group_id": None,
-                           "description": "", "shape_type": "polygon", "flags": {}})
+    for region in sorted(labelled + holes, key=lambda r: -r.area):
+        points = _simplified(region.outline, simplify_px).tolist()
+        shapes.append({"label": label_name(region.value), "points": points, "group_id": None, "description": "",
+                       "shape_type": "polygon", "flags": {}})
     return shapes
-
-
-def anylabeling_document(shapes: list[dict[str, Any]], image_path: str, width: int, height: int) -> dict[str, Any]:
-    """A complete AnyLabeling label file (imageData null, imagePath relative to the JSON)."""
-    return {"version": ANYLABELING_FORMAT_VERSION, "flags": {}, "shapes": shapes, "imagePath": image_path,
-            "imageData": None, "imageHeight": int(height), "imageWidth": int(width)}
-
-
-def dumps_label_json(doc: dict[str, Any]) -> str:
-    """JSON text with one shape per line: readable, diff-friendly and a fraction of indent=2's size."""
-    head = {k: v for k, v in doc.items() if k != "shapes"}
-    shapes = ",\n".join("    " + json.dumps(s, ensure_ascii=False, separators=(",", ":")) for s in doc["shapes"])
-    body = json.dumps(head, indent=2, ensure_ascii=False)[:-2]  # drop the closing "\n}"
-    return f'{body},\n  "shapes": [\n{shapes}\n  ]\n}}\n' if shapes else f'{body},\n  "shapes": []\n}}\n'
 
 
 def check_class_values(mask: np.ndarray, path: str | Path | None = None) -> None:
@@ -170,33 +148,62 @@ def find_image_for(mask_path: Path, image: Path | None) -> Path:
                          "pass --image IMAGE (the image file, or a folder holding it)")
 
 
-def mask_file_to_label(mask_path: str | Path, out_dir: str | Path | None = None, image: str | Path | None = None,
-                       simplify_px: float = 0.0, min_area_px: float = 0.0) -> Path:
-    """Write <out_dir>/<image stem>.json for one mask; out_dir defaults to the image's folder."""
-    mask_path = Path(mask_path)
-    mask = read_class_mask(mask_path)
+def label_document(mask: np.ndarray, image_path: Path, dest: Path, simplify_px: float = 0.0,
+                   min_area_px: float = 0.0) -> dict[str, Any]:
+    """The AnyLabeling document for `mask`, to be saved as `dest` (imagePath relative to dest's folder)."""
+    rel = Path(os.path.relpath(image_path.resolve(), dest.resolve().parent)).as_posix()
+    shapes = mask_to_shapes(mask, simplify_px, min_area_px)
+    return anylabeling_document(shapes, rel, mask.shape[1], mask.shape[0])
+
+
+def label_path_for(mask_path: Path, out_dir: str | Path | None, image: str | Path | None) -> tuple[Path, Path]:
+    """(the mask's image, the label file to write): <out_dir or the image's folder>/<image stem>.json."""
     image_path = find_image_for(mask_path, Path(image) if image else None)
+    return image_path, (Path(out_dir) if out_dir else image_path.parent) / f"{image_path.stem}.json"
+
+
+def check_label_dest(dest: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """A label file never replaces an input, nor an existing label file unless ``overwrite``."""
+    refuse_inputs([dest], inputs, "write the label file elsewhere (--out FOLDER)")
+    if (dest.exists() or dest.is_symlink()) and not overwrite and not dest.is_dir():
+        raise AerialsegError("a label file already exists here; it may hold hand-drawn labels", dest,
+                             "pass --out FOLDER to write elsewhere, or --overwrite to replace it (a .bak copy is kept)")
+
+
+def mask_file_to_label(mask_path: str | Path, out_dir: str | Path | None = None, image: str | Path | None = None,
+                       simplify_px: float = 0.0, min_area_px: float = 0.0, overwrite: bool = False,
+                       backup: bool = True) -> Path:
+    """Write <out_dir>/<image stem>.json for one mask; out_dir defaults to the image's folder.
+
+    An existing label file is replaced only with ``overwrite``; ``backup`` then keeps it as
+    ``<name>.<UTC time>.bak`` beside it.
+    """
+    mask_path = Path(mask_path)
+    image_path, dest = label_path_for(mask_path, out_dir, image)
+    check_label_dest(dest, [mask_path, image_path], overwrite)
+    mask = read_class_mask(mask_path)
     with open_raster(image_path) as ds:
         if (ds.height, ds.width) != mask.shape:
             raise AerialsegError(f"mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                                  f"{ds.width}x{ds.height}", mask_path, "pass the image this mask was made from")
-    out = Path(out_dir) if out_dir else image_path.parent
-    rel = Path(_relpath(image_path, out)).as_posix()
-    shapes = mask_to_shapes(mask, simplify_px, min_area_px)
-    dest = write_text(out / f"{image_path.stem}.json",
-                      dumps_label_json(anylabeling_document(shapes, rel, mask.shape[1], mask.shape[0])))
-    log.info("%s: %d polygon(s) -> %s", mask_path, len(shapes), dest)
+    doc = label_document(mask, image_path, dest, simplify_px, min_area_px)
+    if backup and dest.is_file():
+        kept = backup_path(dest)
+        shutil.copy2(dest, kept)
+        log.info("%s: previous label file kept as %s", dest, kept.name)
+    write_text(dest, dumps_label_json(doc))
+    log.info("%s: %d polygon(s) -> %s", mask_path, len(doc["shapes"]), dest)
     return dest
-
-
-def _relpath(target: Path, start: Path) -> str:
-    return os.path.relpath(target.resolve(), start.resolve())
 
 
 def masks_to_labels(masks: Sequence[str | Path], params: dict[str, Any], out_dir: str | Path | None = None,
                     image: str | Path | None = None, simplify_px: float | None = None,
-                    min_area_px: float | None = None) -> list[Path]:
-    """CLI `mask-to-label`: every mask -> AnyLabeling JSON; defaults from params masks.simplify_px/min_area_px."""
+                    min_area_px: float | None = None, overwrite: bool = False, backup: bool = True) -> list[Path]:
+    """CLI `mask-to-label`: every mask -> AnyLabeling JSON; defaults from params masks.simplify_px/min_area_px.
+
+    Every destination is checked (not an input, no existing label file unless ``overwrite``) before the
+    first file is written.
+    """
     cfg = section(params, "masks")
     simplify = float(cfg.get("simplify_px", 0.0) if simplify_px is None else simplify_px)
     min_area = float(cfg.get("min_area_px", 0.0) if min_area_px is None else min_area_px)
@@ -204,4 +211,13 @@ def masks_to_labels(masks: Sequence[str | Path], params: dict[str, Any], out_dir
         raise AerialsegError("--simplify and --min-area must be >= 0", None, "pass 0 or a positive number")
     if image and Path(image).is_file() and len(masks) > 1:
         raise AerialsegError("one --image file for several masks", image, "pass a folder of images via --image")
-    return [mask_file_to_label(m, out_dir, image, simplify, min_area) for m in masks]
+    plans = [(Path(m), *label_path_for(Path(m), out_dir, image)) for m in masks]
+    every_input = [p for mask, img, _ in plans for p in (mask, img)]
+    seen: dict[Path, Path] = {}
+    for mask, _, dest in plans:
+        check_label_dest(dest, every_input, overwrite)
+        if dest.absolute() in seen:
+            raise AerialsegError(f"same label file as for {seen[dest.absolute()]}: {dest}", mask,
+                                 "give each mask its own image (or --out folder)")
+        seen[dest.absolute()] = mask
+    return [mask_file_to_label(m, out_dir, image, simplify, min_area, overwrite, backup) for m in masks]

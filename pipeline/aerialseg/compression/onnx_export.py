@@ -1,16 +1,24 @@
-"""ONNX export at a fixed tile size, Deepness-readable metadata, and a PyTorch/ONNX parity gate.
+"""ONNX export at a fixed tile size, the QGIS Deepness model, and a PyTorch/ONNX parity gate.
 
-The graph takes ``input`` (N, C, tile, tile) float32, normalised as the model's ModelSpec says
-((pixel / 255 - mean) / std), and returns ``logits`` (N, classes, tile, tile); the batch dimension is
-dynamic when the exporter manages it. Metadata (``metadata_props``, JSON-encoded values) follows the
-QGIS Deepness plugin: model_type, class_names, resolution (cm/px), tiles_size, tiles_overlap (percent of
-the tile), standardization_mean/std (on the 0..1 scale).
+Two files per model (both take ``input`` (N, C, tile, tile) float32, normalised as the ModelSpec says,
+(pixel / 255 - mean) / std; the batch dimension is dynamic when the exporter manages it):
+
+- ``model.onnx`` returns ``logits`` (N, classes, tile, tile): infer-scene's ``--backend onnx`` applies softmax,
+  blends overlapping tiles and flips for TTA itself. Metadata: ``aerialseg_manifest`` only.
+- ``model.deepness.onnx`` returns ``probabilities`` (softmax over the classes inside the graph) for the QGIS
+  Deepness plugin, which thresholds the raw output as probabilities and takes the argmax. It is the logits
+  graph plus a softmax, stamped with the lowest IR version its opset allows (IR 8 for opset 18), so it loads
+  in onnxruntime 1.17.0, the newest that Deepness 0.6.5 installs (its requirement: ``>=1.12.1,<=1.17.0``).
+  Metadata (``metadata_props``, JSON-encoded values): every key Deepness reads, set to reproduce
+  aerialseg's own map (see ``deepness_metadata``).
 """
 
 import contextlib
+import copy
 import io
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,28 +30,62 @@ from torch import nn
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
+from aerialseg.models.runtime import onnx_session, run_onnx
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+PROBS_NAME = "probabilities"
+DEEPNESS_SUFFIX = ".deepness.onnx"
+# onnxruntime 1.17.0 (what QGIS Deepness 0.6.5 installs) loads IR <= 9 and ai.onnx opset <= 20.
+DEEPNESS_ONNXRUNTIME = "1.17.0"
+DEEPNESS_MAX_IR, DEEPNESS_MAX_OPSET = 9, 20
+
+
+def deepness_overlap_percent(tile: int, overlap: int) -> int:
+    """Smallest whole percent whose Deepness overlap in pixels, int(tile * p / 100 * 2) // 2, is >= overlap."""
+    percent = math.ceil(100 * overlap / tile)
+    while int(tile * percent / 100 * 2) // 2 < overlap:
+        percent += 1
+    return percent
 
 
 def deepness_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    """The Deepness metadata_props of a bundle manifest (every value JSON-encoded, as Deepness reads it)."""
+    """The Deepness metadata_props of a bundle manifest (every value JSON-encoded, as Deepness reads it).
+
+    Deepness reads ``tile_size`` (its docs say ``tiles_size``: both are written); ``seg_thresh`` 0 unticks its
+    probability threshold and ``seg_small_segment`` 0 its median filter, so the map is the plain argmax;
+    ``tiles_overlap`` is the bundle overlap in whole percent, rounded up. Deepness applies resolution,
+    overlap, threshold and filter only when the user clicks "Load default parameters".
+    Deepness feeds raw band values / 255 whatever the layer's type: a model trained on a declared value
+    range (band_policy, non-8-bit scenes mapped onto 0..255) gets that mapping folded into the
+    standardisation, so Deepness computes the same input (values outside the range are not clipped).
+    """
     norm = manifest["normalization"]
     tile, overlap = int(manifest["tile_size"]), int(manifest["overlap"])
+    low, high = (manifest.get("band_policy") or {}).get("value_range") or (0.0, 255.0)
+    span = (float(high) - float(low)) / 255.0  # raw / 255 = low / 255 + span * (8-bit value / 255)
     meta: dict[str, Any] = {
         "model_type": "Segmentor",
         "class_names": {str(c["id"]): c["name"] for c in manifest["classes"]},
+        "tile_size": tile,
         "tiles_size": tile,
-        "tiles_overlap": int(round(100 * overlap / tile)),
-        "standardization_mean": [float(v) for v in norm["mean"]],
-        "standardization_std": [float(v) for v in norm["std"]],
+        "tiles_overlap": deepness_overlap_percent(tile, overlap),
+        "standardization_mean": [float(low) / 255.0 + float(v) * span for v in norm["mean"]],
+        "standardization_std": [float(v) * span for v in norm["std"]],
+        "seg_thresh": 0.0,
+        "seg_small_segment": 0,
     }
     if manifest.get("gsd_m"):
-        meta["resolution"] = round(float(manifest["gsd_m"]) * 100.0, 4)
+        meta["resolution"] = round(float(manifest["gsd_m"]) * 100.0, 2)  # cm/px; Deepness's box has 2 decimals
     return {key: json.dumps(value) for key, value in meta.items()}
+
+
+def deepness_path(onnx_path: str | Path) -> Path:
+    """The Deepness model beside a logits model: model.onnx -> model.deepness.onnx."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + DEEPNESS_SUFFIX)
 
 
 @contextlib.contextmanager
@@ -116,42 +158,106 @@ def export_onnx(model: nn.Module, path: Path, tile_size: int, in_channels: int =
     return path
 
 
-def onnx_session(path: str | Path, device: str = "auto") -> Any:
-    """An ONNX Runtime session: CUDA provider when available (and device allows), else CPU."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise AerialsegError("ONNX model not found", path, "run `aerialseg export-onnx MODEL_DIR` first")
-    available = ort.get_available_providers()
-    providers = ["CPUExecutionProvider"]
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+def _main_opset(proto: Any) -> int:
+    """The model's ai.onnx opset (0 when it imports none)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def run_onnx(session: Any, inputs: np.ndarray) -> np.ndarray:
-    """Run a session on (N, C, H, W) float32; loops one tile at a time when the graph's batch is fixed."""
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    batch_dim = session.get_inputs()[0].shape[0]
-    name = session.get_inputs()[0].name
-    if isinstance(batch_dim, int) and batch_dim != inputs.shape[0]:
-        return np.concatenate([session.run(None, {name: inputs[i:i + 1]})[0] for i in range(len(inputs))])
-    return session.run(None, {name: inputs})[0]
+def lowest_ir_version(opset: int) -> int:
+    """IR version of the first ONNX release with ``opset`` (onnx.helper.VERSION_TABLE): 8 for opset 18."""
+    from onnx import helper
+
+    return min(row[1] for row in helper.VERSION_TABLE if row[2] >= opset)
 
 
-def check_parity(model: nn.Module, onnx_path: Path, tiles: np.ndarray | torch.Tensor, max_abs: float) -> dict:
-    """Compare PyTorch and ONNX Runtime logits on the same normalised float tiles (N, C, H, W).
+def _softmax_nodes(logits: str, opset: int) -> tuple[list[Any], Any]:
+    """Softmax over the class axis as exp(x - max) / sum (nodes, axes initializer).
 
-    Returns max/mean absolute difference and the share of pixels whose argmax agrees; raises
-    AerialsegError when the max absolute difference exceeds ``max_abs``.
+    ONNX Runtime runs this faster than a Softmax node on axis 1 of an NCHW tensor (bench/bench_deepness.py).
+    ReduceMax takes its axes as an input from opset 18, as an attribute before.
+    """
+    from onnx import helper, numpy_helper
+
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "softmax/class_axis")
+    reduce_max = (helper.make_node("ReduceMax", [logits, axes.name], ["softmax/max"], keepdims=1) if opset >= 18
+                  else helper.make_node("ReduceMax", [logits], ["softmax/max"], axes=[1], keepdims=1))
+    nodes = [reduce_max,
+             helper.make_node("Sub", [logits, "softmax/max"], ["softmax/shifted"]),
+             helper.make_node("Exp", ["softmax/shifted"], ["softmax/exp"]),
+             helper.make_node("ReduceSum", ["softmax/exp", axes.name], ["softmax/sum"], keepdims=1),
+             helper.make_node("Div", ["softmax/exp", "softmax/sum"], [PROBS_NAME])]
+    return nodes, axes
+
+
+def _strip_value_metadata(graph: Any) -> None:
+    """Drop metadata_props of the graph, its nodes and values (IR 10 fields; the dynamo exporter fills them
+    with stack traces), so that a lower IR version stamp is true."""
+    for item in (graph, *graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if "metadata_props" in type(item).DESCRIPTOR.fields_by_name:
+            del item.metadata_props[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _strip_value_metadata(sub)
+
+
+def probabilities_model(logits_model: Any) -> Any:
+    """A copy of a logits model (N, K, H, W) that outputs per-class probabilities, loadable by Deepness.
+
+    Appends a softmax over the classes, drops per-node metadata and stamps the lowest IR version the opset
+    allows. Raises AerialsegError for opsets outside 13 (single-axis softmax) .. DEEPNESS_MAX_OPSET.
+    """
+    import onnx
+
+    proto = copy.deepcopy(logits_model)
+    opset = _main_opset(proto)
+    if not 13 <= opset <= DEEPNESS_MAX_OPSET:
+        raise AerialsegError(f"ONNX opset {opset}: QGIS Deepness needs 13..{DEEPNESS_MAX_OPSET} "
+                             f"(onnxruntime {DEEPNESS_ONNXRUNTIME})",
+                             fix=f"set export.opset to 13..{DEEPNESS_MAX_OPSET}")
+    logits = proto.graph.output[0]
+    probs = copy.deepcopy(logits)
+    probs.name = PROBS_NAME
+    nodes, axes = _softmax_nodes(logits.name, opset)
+    proto.graph.initializer.append(axes)
+    proto.graph.node.extend(nodes)
+    del proto.graph.output[:]
+    proto.graph.output.append(probs)
+    _strip_value_metadata(proto.graph)
+    proto.ir_version = min(proto.ir_version, lowest_ir_version(opset))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def write_deepness_onnx(logits_path: str | Path, out: str | Path, metadata: dict[str, str]) -> Path:
+    """Write the Deepness model of a logits ONNX file (probabilities, ``metadata`` as metadata_props); atomic."""
+    import onnx
+
+    proto = probabilities_model(onnx.load(str(logits_path)))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    proto.doc_string = "aerialseg land-cover model for QGIS Deepness: per-class probabilities"
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return Path(out)
+
+
+def check_parity(model: nn.Module, onnx_path: Path, tiles: np.ndarray | torch.Tensor, max_abs: float,
+                 softmax: bool = False) -> dict:
+    """Compare PyTorch and ONNX Runtime outputs on the same normalised float tiles (N, C, H, W).
+
+    ``softmax``: the ONNX graph outputs probabilities, compared with the softmax of the PyTorch logits (the
+    report then also holds the largest |sum of probabilities - 1|). Returns max/mean absolute difference and
+    the share of pixels whose argmax agrees; raises AerialsegError when the max absolute difference exceeds
+    ``max_abs``.
     """
     inputs = torch.as_tensor(np.asarray(tiles) if not isinstance(tiles, torch.Tensor) else tiles).float().cpu()
     with torch.no_grad():
         expected = model.eval().cpu()(inputs)
-    expected = (expected[0] if isinstance(expected, (tuple, list)) else expected).numpy()
+        expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+        expected = (torch.softmax(expected.float(), dim=1) if softmax else expected).numpy()
     actual = run_onnx(onnx_session(onnx_path, device="cpu"), inputs.numpy())
     if actual.shape != expected.shape:
         raise AerialsegError(f"ONNX output shape {actual.shape} differs from PyTorch {expected.shape}", onnx_path,
@@ -164,8 +270,11 @@ def check_parity(model: nn.Module, onnx_path: Path, tiles: np.ndarray | torch.Te
         "argmax_agreement": float((actual.argmax(1) == expected.argmax(1)).mean()),
         "max_abs_allowed": float(max_abs),
     }
+    if softmax:
+        report["max_sum_error"] = float(np.abs(actual.astype(np.float64).sum(1) - 1.0).max())
     if report["max_abs_diff"] > max_abs:
-        raise AerialsegError(f"ONNX logits differ from PyTorch by {report['max_abs_diff']:.3g} "
+        what = "probabilities" if softmax else "logits"
+        raise AerialsegError(f"ONNX {what} differ from PyTorch by {report['max_abs_diff']:.3g} "
                              f"(allowed {max_abs:g})", onnx_path,
                              "check the export (opset, unsupported ops) or raise export.max_abs_diff")
     return report
@@ -183,12 +292,23 @@ def parity_tiles(in_channels: int, tile_size: int, mean: list[float], std: list[
     return (pixels / 255.0 - m) / s
 
 
+def onnx_record(path: Path, output: str, use: str, parity: dict[str, Any]) -> dict[str, Any]:
+    """What an exported file is, for bundle.json: output kind, use, IR version, opset, parity report."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {"output": output, "for": use, "ir_version": int(proto.ir_version), "opset": _main_opset(proto),
+            "parity": parity}
+
+
 def export_bundle_onnx(model_dir: str | Path, out: str | Path | None = None, max_abs_diff: float = 1e-3,
                        opset: int = 18, parity_count: int = 2) -> dict[str, Any]:
-    """Export a saved model (or bundle) directory to ONNX with Deepness metadata, then run the parity gate.
+    """Export a saved model (or bundle) directory to its two ONNX files and run the parity gate on both.
 
-    Writes ``model_dir/model.onnx`` unless ``out`` is given; updates bundle.json when present.
-    Returns {"onnx": path, "parity": {...}}.
+    Writes ``model_dir/model.onnx`` (logits) unless ``out`` is given, and the Deepness model beside it
+    (``model.deepness.onnx``: probabilities + Deepness metadata); updates bundle.json when present.
+    Returns {"onnx", "deepness_onnx": paths, "parity", "deepness_parity": reports}. Nothing is left behind
+    when a gate fails.
     """
     from aerialseg.inference.bundle import manifest_for, update_manifest_files
     from aerialseg.models import load_model
@@ -197,19 +317,26 @@ def export_bundle_onnx(model_dir: str | Path, out: str | Path | None = None, max
     model, _ = load_model(model_dir)
     manifest = manifest_for(model_dir)
     out = Path(out) if out is not None else model_dir / "model.onnx"
-    metadata = deepness_metadata(manifest)
-    metadata["aerialseg_manifest"] = json.dumps({k: v for k, v in manifest.items() if k != "files"})
-    export_onnx(model, out, int(manifest["tile_size"]), int(manifest["model"]["in_channels"]), metadata, opset)
+    deepness_out = deepness_path(out)
+    record = json.dumps({k: v for k, v in manifest.items() if k not in ("files", "onnx")})
+    tile, channels = int(manifest["tile_size"]), int(manifest["model"]["in_channels"])
     norm = manifest["normalization"]
-    tiles = parity_tiles(int(manifest["model"]["in_channels"]), int(manifest["tile_size"]), norm["mean"],
-                         norm["std"], count=parity_count)
+    tiles = parity_tiles(channels, tile, norm["mean"], norm["std"], count=parity_count)
     try:
+        export_onnx(model, out, tile, channels, {"aerialseg_manifest": record, "aerialseg_output": '"logits"'}, opset)
         parity = check_parity(model, out, tiles, max_abs_diff)
+        write_deepness_onnx(out, deepness_out, deepness_metadata(manifest)
+                            | {"aerialseg_manifest": record, "aerialseg_output": '"probabilities"'})
+        deepness_parity = check_parity(model, deepness_out, tiles, max_abs_diff, softmax=True)
     except AerialsegError:
         out.unlink(missing_ok=True)
+        deepness_out.unlink(missing_ok=True)
         raise
     if out.parent.resolve() == model_dir.resolve():
-        update_manifest_files(model_dir, parity=parity)
-    log.debug("exported %s (max |dlogit| %.2e, argmax agreement %.4f)", out.name, parity["max_abs_diff"],
-             parity["argmax_agreement"])
-    return {"onnx": str(out), "parity": parity}
+        update_manifest_files(model_dir, onnx={
+            out.name: onnx_record(out, "logits", "aerialseg infer-scene --backend onnx", parity),
+            deepness_out.name: onnx_record(deepness_out, "probabilities", "QGIS Deepness plugin", deepness_parity)})
+    log.debug("exported %s (max |dlogit| %.2e) and %s (max |dp| %.2e)", out.name, parity["max_abs_diff"],
+              deepness_out.name, deepness_parity["max_abs_diff"])
+    return {"onnx": str(out), "deepness_onnx": str(deepness_out), "parity": parity,
+            "deepness_parity": deepness_parity}

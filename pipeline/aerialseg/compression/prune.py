@@ -36,13 +36,13 @@ from aerialseg.core.classes import IGNORE, NUM_CLASSES
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.training.losses import build_loss, cross_entropy
+from aerialseg.models.pruning_plan import PLAN_FORMAT, apply_pruning_plan  # noqa: F401
 from aerialseg.models import count_parameters, create_model, get_spec, load_model, load_state, save_model
 from aerialseg.core.config import check_keys, section
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (images float normalised NCHW, masks int64 NHW)
-PLAN_FORMAT = "torch-pruning-history/1"
 PRUNABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 OUT_CHANNEL_FNS = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
 TRANSFORMER_HINTS = ("segformer", "mit_", "vit", "dinov2", "swin", "transformer")
@@ -293,20 +293,6 @@ def prune_model(model: nn.Module, batches: Iterable[Batch], config: PruneConfig,
 
 def _json_history(history: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
-
-
-def apply_pruning_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
-    """Replay a saved plan on a freshly built model of the same architecture (in place)."""
-    if plan.get("format") != PLAN_FORMAT:
-        raise AerialsegError(f"unknown pruning plan format {plan.get('format')!r}", fix="re-run `aerialseg prune`")
-    size = int(plan["example_size"])
-    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, int(plan["in_channels"]), size, size))
-    try:
-        graph.load_pruning_history([tuple(item) for item in plan["history"]])
-    except (AttributeError, IndexError, RuntimeError) as exc:
-        raise AerialsegError(f"pruning plan does not fit the model ({type(exc).__name__})",
-                             fix="check model.json names the model that was pruned") from None
-    return model
 
 
 # --- fine-tune ----------------------------------------------------------------------------------

@@ -41,13 +41,13 @@ from torch import nn
 from tqdm import tqdm
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
-from aerialseg.compression.prune import load_model_dir, open_split
+from aerialseg.compression.prune import load_model_dir
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import INPUT_NAME, check_parity, export_onnx, parity_tiles
 from aerialseg.core.fileio import atomic_path, write_json, write_text
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
 from aerialseg.models import ModelSpec, count_parameters, get_spec
-from aerialseg.core.config import check_keys, section
+from aerialseg.core.config import check_keys
 
 log = logging.getLogger(__name__)
 
@@ -371,42 +371,6 @@ def latencies(model: nn.Module, fp32_path: Path, int8_path: Path, size: int, in_
     return timing
 
 
-def spread_indices(count: int, limit: int | None) -> list[int]:
-    """``limit`` indices spread evenly over range(count) (all when limit is None or large)."""
-    if limit is None or limit >= count:
-        return list(range(count))
-    return sorted({int(round(i)) for i in np.linspace(0, count - 1, limit)})
-
-
-def split_tiles(params: dict[str, Any], split: str, limit: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Up to ``limit`` (image uint8 HxWx3, mask uint8 HxW) patches of a split, spread over the split."""
-    dataset = open_split(params, split)
-    try:
-        items = [dataset[i] for i in spread_indices(len(dataset), limit)]
-    finally:
-        dataset.close()
-    return [img for img, _ in items], [mask for _, mask in items]
-
-
-def quantize_run(params: dict[str, Any], model_dir: str | Path | None = None,
-                 out_dir: str | Path | None = None) -> dict[str, Any]:
-    """The `aerialseg quantize` stage on ``quantize.model_dir`` (or the given directory)."""
-    config = QuantizeConfig.from_params(section(params, "quantize"))
-    out_dir = out_dir or (None if model_dir else config.out)
-    model_dir = Path(model_dir or config.model_dir or section(params, "train").get("out", "models/default"))
-    if not (model_dir / "model.json").is_file():
-        raise AerialsegError("model not found", model_dir / "model.json",
-                             "run `aerialseg train` (or `aerialseg prune`) first or set quantize.model_dir")
-    calibration, _ = split_tiles(params, "train", config.calibration_tiles)
-    val_images, val_masks = split_tiles(params, "val", config.val_tiles)
-    report = quantize_model_dir(model_dir, calibration, val_images, val_masks, config, out_dir)
-    log.info("int8: %.2f MB (fp32 ONNX %.2f MB), ΔmIoU %.2f points, %.1f ms vs PyTorch fp32 %.1f ms (%.2fx)",
-             report["size_mb"]["onnx_int8"], report["size_mb"]["onnx_fp32"],
-             report["accuracy"]["delta_miou_points"], report["latency_ms"]["onnx_int8"],
-             report["latency_ms"]["torch_fp32"], report["latency_ms"]["speedup_int8_vs_torch"])
-    return report
-
-
 # --- compression table (paper Table II) -------------------------------------------------------
 
 
@@ -497,16 +461,3 @@ def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[n
     write_json(table.out_json, result)
     write_text(table.out_md, table_markdown(rows, table.tile_size, config.threads, len(val_images)))
     return result
-
-
-def compression_table_run(params: dict[str, Any]) -> dict[str, Any]:
-    """The `aerialseg compression-table` stage (entries from quantize.table)."""
-    config = QuantizeConfig.from_params(section(params, "quantize"))
-    check_keys("quantize.table", config.table, TableConfig.__dataclass_fields__)
-    table = TableConfig(**config.table)
-    if not table.entries:
-        raise AerialsegError("quantize.table.entries is empty", "params.yaml",
-                             "list {backbone, model_dir, pruned_dir} entries")
-    calibration, _ = split_tiles(params, "train", config.calibration_tiles)
-    val_images, val_masks = split_tiles(params, "val", table.val_tiles)
-    return compression_table(table.entries, calibration, val_images, val_masks, config, table)

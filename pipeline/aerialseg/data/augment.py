@@ -5,7 +5,7 @@
 always use nearest-neighbour interpolation, and geometric transforms that create new border pixels fill
 the mask with ignore (255) unless the pipeline says otherwise.
 
-``augment_stage`` writes ``augment.copies`` augmented copies of every train patch to per-scene ``.npz``
+``aerialseg.stages.augment`` writes ``augment.copies`` augmented copies of every train patch to per-scene ``.npz``
 shards (``images`` N x H x W x 3 uint8, ``masks`` N x H x W uint8, ``ids``) in ``data/augmented/`` with an
 ``index.json``. Copy k of patch p is seeded by (seed, p, k) alone, so the output is deterministic and
 does not depend on patch order.
@@ -21,13 +21,11 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from aerialseg.core.classes import IGNORE, colorize
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import atomic_path, write_json
-from aerialseg.core.config import DEFAULT_PARAMS, section
-from aerialseg.data.tiling import MANIFEST_NAME, write_png
+from aerialseg.core.fileio import atomic_path
+from aerialseg.core.config import DEFAULT_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -180,41 +178,3 @@ def preview(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) 
         rows.append(np.hstack([image, gap, colorize(mask), gap, aug_image, gap, colorize(aug_mask)]))
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
     return np.vstack(rows[:-1])
-
-
-def augment_stage(params: dict[str, Any]) -> Path:
-    """Write augment.copies augmented copies of each train patch as per-scene .npz shards + index.json."""
-    from aerialseg.data.datasets import PatchDataset  # torch is needed only here
-
-    aug = section(params, "augment")
-    copies, seed = int(aug.get("copies", 1)), int(aug.get("seed", 42))
-    shard_size = int(aug.get("shard_size", 512))
-    if copies < 0 or shard_size < 1:
-        raise AerialsegError("augment.copies must be >= 0 and augment.shard_size >= 1", DEFAULT_PARAMS)
-    transform = build_transform(aug, seed)
-    out_dir = Path(aug.get("out", "data/augmented"))
-    manifest = Path(section(params, "tiles").get("out", "data/tiles")) / MANIFEST_NAME
-    split_file = Path(section(params, "split").get("out", "data/split")) / "split.json"
-    train = PatchDataset(manifest, split_file, "train")
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)  # a run that fails leaves no index, never a stale one
-    order = sorted(range(len(train)), key=lambda i: (train.patches[i]["scene_name"], train.patches[i]["id"]))
-    writer, samples = ShardWriter(out_dir, shard_size), []
-    for i in tqdm(order if copies else [], desc="augment", unit="patch", leave=False, disable=None):
-        patch = train.patches[i]
-        image, mask = train.read(i)
-        for k in range(copies):
-            new_image, new_mask = augment_patch(transform, image, mask, seed, patch["id"], k)
-            writer.add(patch["scene_name"], new_image, new_mask, f"{patch['id']}_aug{k}", patch["id"])
-            if len(samples) < 4 and k == 0:
-                samples.append((image, mask, new_image, new_mask))
-    shards = writer.close()
-    if samples:
-        write_png(out_dir / "preview.png", preview(samples))
-    else:
-        (out_dir / "preview.png").unlink(missing_ok=True)
-    index = {"version": 1, "seed": seed, "copies": copies, "pipeline": aug.get("pipeline") or [],
-             "manifest": str(manifest), "split": str(split_file), "train_patches": len(train),
-             "total": sum(s["count"] for s in shards), "shards": shards}
-    log.info("%d augmented copies of %d train patches in %d shard(s) under %s",
-             index["total"], len(train), len(shards), out_dir)
-    return write_json(out_dir / INDEX_NAME, index)

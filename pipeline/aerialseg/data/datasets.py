@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Sequen
 from aerialseg.data.augment import seed_transform
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import open_raster
-from aerialseg.data.split import file_sha256, load_split
-from aerialseg.data.tiling import COUNT_KEYS, load_manifest, read_labels, read_rgb
+from aerialseg.data.split import split_patches
+from aerialseg.data.tiling import COUNT_KEYS, read_labels, read_rgb
 
 Item = tuple[np.ndarray, np.ndarray]
 
@@ -59,22 +59,10 @@ class PatchDataset(Dataset):
     def __init__(self, manifest: Path, split_file: Path, split: str, transform: Any = None,
                  augmented_dir: Path | None = None):
         self.manifest_path, self.split_path = Path(manifest), Path(split_file)
-        manifest_data, split_data = load_manifest(manifest), load_split(split_file)
-        made_from = split_data.get("manifest_sha256")
-        if made_from and made_from != file_sha256(manifest):
-            raise AerialsegError(f"split was made from another tile manifest than {manifest}", split_file,
-                                 "rerun aerialseg split (and augment) after aerialseg tiles")
-        if split not in split_data["splits"]:
-            raise AerialsegError(f"no split '{split}' (has {', '.join(split_data['splits'])})", split_file,
-                                 "use train, val or test")
-        by_id = {p["id"]: p for p in manifest_data["patches"]}
-        ids = split_data["splits"][split]
-        unknown = [i for i in ids if i not in by_id]
-        if unknown:
-            raise AerialsegError(f"split names patch {unknown[0]} that the manifest lacks ({len(unknown)} in all)",
-                                 split_file, "rerun aerialseg split after aerialseg tiles")
+        patches = split_patches(manifest, split_file, split)
+        ids = [p["id"] for p in patches]
         self.split = split
-        self.patches: list[dict[str, Any]] = [by_id[i] for i in ids]
+        self.patches: list[dict[str, Any]] = patches
         self.transform = transform
         self.augmented: list[tuple[Path, int, str]] = []  # (shard file, row in shard, id)
         if augmented_dir is not None and split == "train":
@@ -232,12 +220,25 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
 
 def stage_outputs(params: dict[str, Any]) -> tuple[Path, Path, Path]:
     """(manifest, split file, augmented dir) from params; a missing tiles/split output is a user error."""
-    from aerialseg.core.config import section
+    from aerialseg.core.paths import augmented_dir, data_stage_outputs
 
-    manifest = Path(section(params, "tiles").get("out", "data/tiles")) / "manifest.json"
-    split_file = Path(section(params, "split").get("out", "data/split")) / "split.json"
-    augmented = Path(section(params, "augment").get("out", "data/augmented"))
-    for path, stage in ((manifest, "tiles"), (split_file, "split")):
-        if not path.is_file():
-            raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
-    return manifest, split_file, augmented
+    return (*data_stage_outputs(params), augmented_dir(params))
+
+
+def spread_indices(count: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over range(count) (all when limit is None or large)."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, limit)})
+
+
+def split_arrays(manifest: Path, split_file: Path, split: str, limit: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Up to ``limit`` (image uint8 HxWx3, mask uint8 HxW) patches of a split, spread evenly over it."""
+    dataset = PatchDataset(manifest, split_file, split)
+    if len(dataset) == 0:
+        raise AerialsegError(f"the '{split}' split has no patches", split_file, "check split.fractions")
+    try:
+        items = [dataset[i] for i in spread_indices(len(dataset), limit)]
+    finally:
+        dataset.close()
+    return [img for img, _ in items], [mask for _, mask in items]

@@ -13,7 +13,6 @@ the seed, never on file listing order. Larger blocks lose fewer train patches at
 ones balance classes better.
 """
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,9 +24,9 @@ import numpy as np
 
 from aerialseg.core.classes import NUM_CLASSES
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import atomic_path, write_json
-from aerialseg.core.config import DEFAULT_PARAMS, section
-from aerialseg.data.tiling import COUNT_KEYS, MANIFEST_NAME, load_manifest
+from aerialseg.core.fileio import atomic_path, sha256_file
+from aerialseg.core.config import DEFAULT_PARAMS
+from aerialseg.data.tiling import COUNT_KEYS, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +43,9 @@ class SplitParams:
 
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     group: str = "block"
-    block_px: int = 768
+    block_px: int = 384
     seed: int = 42
     candidates: int = 100
-
-
-def split_params(params: dict[str, Any]) -> SplitParams:
-    """Read and check params.yaml `split`."""
-    sp = section(params, "split")
-    try:
-        fractions = tuple(float(f) for f in sp.get("fractions", (0.8, 0.1, 0.1)))
-        out = SplitParams(fractions=fractions, group=str(sp.get("group", "block")),  # type: ignore[arg-type]
-                          block_px=int(sp.get("block_px", 768)), seed=int(sp.get("seed", 42)),
-                          candidates=int(sp.get("candidates", 100)))
-    except (TypeError, ValueError) as exc:
-        raise AerialsegError(f"split: {exc}", DEFAULT_PARAMS, "use numbers for fractions, block_px, seed") from None
-    if len(out.fractions) != 3 or min(out.fractions) < 0 or abs(sum(out.fractions) - 1) > 1e-6 \
-            or out.fractions[0] <= 0:
-        raise AerialsegError(f"split.fractions must be three non-negative numbers (train > 0) summing to 1, "
-                             f"got {list(out.fractions)}", DEFAULT_PARAMS, "e.g. fractions: [0.8, 0.1, 0.1]")
-    if out.group not in ("block", "scene"):
-        raise AerialsegError(f"split.group must be 'block' or 'scene', got '{out.group}'", DEFAULT_PARAMS)
-    if out.block_px < 1 or out.candidates < 1:
-        raise AerialsegError("split.block_px and split.candidates must be positive", DEFAULT_PARAMS)
-    return out
 
 
 # --- geometry -------------------------------------------------------------------------------------
@@ -381,36 +359,6 @@ def plot_split(manifest: dict[str, Any], split: dict[str, Any], shares: dict[str
     return dest
 
 
-# --- the stage ------------------------------------------------------------------------------------
-
-def split_stage(params: dict[str, Any]) -> Path:
-    """Split data/tiles/manifest.json; write split.json, class_shares.json and split.png; print the table."""
-    sp = split_params(params)
-    manifest_path = Path(section(params, "tiles").get("out", "data/tiles")) / MANIFEST_NAME
-    out_dir = Path(section(params, "split").get("out", "data/split"))
-    manifest = load_manifest(manifest_path)
-    split = {**make_split(manifest, sp), "manifest": str(manifest_path),
-             "manifest_sha256": file_sha256(manifest_path)}
-    shares = class_shares(manifest, split)
-    write_json(out_dir / "class_shares.json", shares)
-    plot_split(manifest, split, shares, out_dir / "split.png")
-    dest = write_json(out_dir / "split.json", split)
-    log.info(share_table(shares))
-    dropped = len(split["guard_dropped"])
-    log.info("%d patches split %s; %d dropped by the overlap guard; 0 leaks",
-             sum(split["sizes"].values()), split["sizes"], dropped)
-    return dest
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_split(path: str | Path) -> dict[str, Any]:
     """Read data/split/split.json with a clear error when it is missing or broken."""
     from aerialseg.core.fileio import read_stage_json
@@ -420,3 +368,22 @@ def load_split(path: str | Path) -> dict[str, Any]:
     if not isinstance(split, dict) or not isinstance(split.get("splits"), dict):
         raise AerialsegError("not a split file (no 'splits')", path, "rerun aerialseg split")
     return split
+
+
+def split_patches(manifest: str | Path, split_file: str | Path, split: str) -> list[dict[str, Any]]:
+    """The manifest records of one split's patches, checked against the manifest the split was made from."""
+    manifest_data, split_data = load_manifest(manifest), load_split(split_file)
+    made_from = split_data.get("manifest_sha256")
+    if made_from and made_from != sha256_file(manifest):
+        raise AerialsegError(f"split was made from another tile manifest than {manifest}", split_file,
+                             "rerun aerialseg split (and augment) after aerialseg tiles")
+    if split not in split_data["splits"]:
+        raise AerialsegError(f"no split '{split}' (has {', '.join(split_data['splits'])})", split_file,
+                             "use train, val or test")
+    by_id = {p["id"]: p for p in manifest_data["patches"]}
+    ids = split_data["splits"][split]
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise AerialsegError(f"split names patch {unknown[0]} that the manifest lacks ({len(unknown)} in all)",
+                             split_file, "rerun aerialseg split after aerialseg tiles")
+    return [by_id[i] for i in ids]

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,15 @@ from typing import Any
 import cv2
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES, colorize
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import atomic_path, read_stage_json, write_json, write_text
-from aerialseg.core.config import DEFAULT_PARAMS, section
+from aerialseg.core.fileio import atomic_path, read_stage_json
+from aerialseg.geo.scene import SceneReader, window_label
+from aerialseg.geo.windows import grid_windows, window_starts
 from aerialseg.geo.raster import is_georeferenced, open_raster, valid_mask
 
 log = logging.getLogger(__name__)
@@ -54,86 +53,13 @@ class TileParams:
         return self.size - self.overlap
 
 
-def tile_params(params: dict[str, Any]) -> TileParams:
-    """Read and check params.yaml `tiles`."""
-    tiles = section(params, "tiles")
-    try:
-        tp = TileParams(size=int(tiles.get("size", 256)), overlap=int(tiles.get("overlap", 64)),
-                        keep_empty_fraction=float(tiles.get("keep_empty_fraction", 0.0)),
-                        seed=int(tiles.get("seed", 42)))
-    except (TypeError, ValueError) as exc:
-        raise AerialsegError(f"tiles: {exc}", DEFAULT_PARAMS, "use numbers for size, overlap, "
-                             "keep_empty_fraction and seed") from None
-    if tp.size < 8:
-        raise AerialsegError(f"tiles.size must be at least 8 (got {tp.size})", DEFAULT_PARAMS)
-    if not 0 <= tp.overlap < tp.size:
-        raise AerialsegError(f"tiles.overlap must be in [0, size) (got {tp.overlap})", DEFAULT_PARAMS,
-                             f"set tiles.overlap between 0 and {tp.size - 1}")
-    if not 0.0 <= tp.keep_empty_fraction <= 1.0:
-        raise AerialsegError(f"tiles.keep_empty_fraction must be in [0, 1] (got {tp.keep_empty_fraction})",
-                             DEFAULT_PARAMS)
-    return tp
-
-
 # --- window geometry ------------------------------------------------------------------------------
-
-def window_offsets(length: int, size: int, stride: int) -> list[int]:
-    """Start offsets along one axis: every `stride` px, the last one flush with the edge."""
-    if length < size:
-        raise ValueError(f"length {length} < window size {size}")
-    offsets = list(range(0, length - size + 1, stride))
-    if offsets[-1] != length - size:
-        offsets.append(length - size)
-    return offsets
-
-
-def fresh_spans(offsets: list[int], size: int) -> list[tuple[int, int]]:
-    """Per window, the absolute [start, stop) not covered by the windows before it (they tile the axis)."""
-    spans, covered = [], 0
-    for offset in offsets:
-        spans.append((max(covered, offset), offset + size))
-        covered = offset + size
-    return spans
-
-
-def grid_windows(height: int, width: int, size: int, stride: int) -> Iterator[tuple[Window, Window]]:
-    """Row-major (window, fresh part of it) pairs covering a height x width scene exactly once."""
-    rows, cols = window_offsets(height, size, stride), window_offsets(width, size, stride)
-    for row, (r0, r1) in zip(rows, fresh_spans(rows, size)):
-        for col, (c0, c1) in zip(cols, fresh_spans(cols, size)):
-            yield Window(col, row, size, size), Window(c0, r0, c1 - c0, r1 - r0)
-
 
 # --- reading windows (shared with data.py and augment.py) ------------------------------------------
 
-def rgb_bands(ds: rasterio.DatasetReader) -> list[int]:
-    """Band indexes giving R, G, B: the first three colour bands, or band 1 three times for grey."""
-    colour = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
-    if len(colour) >= 3:
-        return colour[:3]
-    return [colour[0] if colour else 1] * 3
-
-
-def check_scene(ds: rasterio.DatasetReader, path: str | Path) -> None:
-    """A scene must be 8-bit RGB(A), grey, or a palette image."""
-    if ds.dtypes[0] != "uint8":
-        raise AerialsegError(f"scene is {ds.dtypes[0]}, aerialseg reads 8-bit images", path,
-                             "convert it, e.g. gdal_translate -ot Byte -scale in.tif out.tif")
-
-
 def read_rgb(ds: rasterio.DatasetReader, window: Window, path: str | Path = "") -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a window of a scene (palette scenes are expanded)."""
-    try:
-        if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette:
-            table = np.zeros((256, 3), dtype=np.uint8)
-            for value, rgba in ds.colormap(1).items():
-                table[value] = rgba[:3]
-            return table[ds.read(1, window=window)]
-        bands = ds.read(rgb_bands(ds), window=window)
-    except RasterioError as exc:
-        raise AerialsegError(f"cannot read window {window_label(window)} ({str(exc)[:100]})", path or ds.name,
-                             "re-export the file; it is corrupt or truncated") from None
-    return np.ascontiguousarray(bands.transpose(1, 2, 0))
+    """(H, W, 3) uint8 RGB of a window of a scene, read by the one scene reader (aerialseg.geo.scene)."""
+    return SceneReader(ds, path or ds.name).read_hwc(window)
 
 
 def read_labels(mask_ds: rasterio.DatasetReader, scene_ds: rasterio.DatasetReader, window: Window,
@@ -153,10 +79,6 @@ def read_labels_valid(mask_ds: rasterio.DatasetReader, scene_ds: rasterio.Datase
                              mask_path or mask_ds.name, "re-export the file; it is corrupt or truncated") from None
     labels[~valid] = IGNORE
     return labels, valid
-
-
-def window_label(window: Window) -> str:
-    return f"row {int(window.row_off)} col {int(window.col_off)} {int(window.height)}x{int(window.width)}"
 
 
 # --- counting and keeping -------------------------------------------------------------------------
@@ -222,7 +144,7 @@ def scene_names(entries: list[dict[str, Any]]) -> list[str]:
 def check_pair(scene_ds: rasterio.DatasetReader, mask_ds: rasterio.DatasetReader, scene_path: str,
                mask_path: str, size: int) -> None:
     """Scene and mask must share a grid, hold 8-bit data, and be at least one patch large."""
-    check_scene(scene_ds, scene_path)
+    SceneReader(scene_ds, scene_path)  # refuses scenes the models cannot read (dtype, bands)
     if mask_ds.dtypes[0] != "uint8":
         raise AerialsegError(f"mask is {mask_ds.dtypes[0]}, expected uint8 classes", mask_path,
                              "rebuild it with aerialseg label-to-mask")
@@ -298,7 +220,7 @@ def tile_scene(entry: dict[str, Any], name: str, tp: TileParams, progress: tqdm 
         fates = dict.fromkeys(("kept", "kept_empty", "dropped_empty", "dropped_no_label"), 0)
         scene_counts = np.zeros(len(COUNT_KEYS), np.int64)
         valid_pixels, patches = 0, []
-        for window, fresh in grid_windows(scene_ds.height, scene_ds.width, tp.size, tp.stride):
+        for window, fresh in grid_windows(scene_ds.height, scene_ds.width, tp.size, tp.overlap):
             rgb = read_rgb(scene_ds, window, scene_path)
             labels, valid = read_labels_valid(mask_ds, scene_ds, window, mask_path)
             counts = class_counts(labels, mask_path)
@@ -336,7 +258,7 @@ def grid_record(ds: rasterio.DatasetReader) -> dict[str, Any]:
 def count_windows(height: int, width: int, tp: TileParams) -> int:
     if height < tp.size or width < tp.size:
         return 0
-    return len(window_offsets(height, tp.size, tp.stride)) * len(window_offsets(width, tp.size, tp.stride))
+    return len(window_starts(height, tp.size, tp.overlap)) * len(window_starts(width, tp.size, tp.overlap))
 
 
 def raster_shape(path: str) -> tuple[int, int]:
@@ -352,38 +274,6 @@ def write_png(dest: Path, rgb: np.ndarray) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data.tobytes())
     return dest
-
-
-# --- the stage ------------------------------------------------------------------------------------
-
-def tiles_stage(params: dict[str, Any]) -> Path:
-    """Tile every scene of data/masks/index.json; write manifest.json, summary.json (no patch list), previews/."""
-    tp = tile_params(params)
-    index_path = Path(section(params, "masks").get("out", "data/masks")) / "index.json"
-    out_dir = Path(section(params, "tiles").get("out", "data/tiles"))
-    entries = read_mask_index(index_path)
-    names = scene_names(entries)
-    total = sum(count_windows(*raster_shape(str(e["scene"])), tp) for e in entries)
-    patches, scenes = [], []
-    with tqdm(total=total, desc="tiles", unit="win", leave=False, disable=None) as progress:
-        for entry, name in zip(entries, names):
-            result = tile_scene(entry, name, tp, progress)
-            preview = write_png(out_dir / "previews" / f"{name}.png", result.preview)
-            scenes.append({**result.summary, "preview": str(preview)})
-            patches.extend(result.patches)
-    if not patches:
-        raise AerialsegError("no patch holds a road, water, tree or building pixel", index_path,
-                             "check the masks, or raise tiles.keep_empty_fraction")
-    manifest = {
-        "version": 1, "size": tp.size, "overlap": tp.overlap, "stride": tp.stride,
-        "keep_empty_fraction": tp.keep_empty_fraction, "seed": tp.seed, "count_keys": list(COUNT_KEYS),
-        "totals": totals(scenes, patches), "scenes": scenes, "patches": patches,
-    }
-    write_json(out_dir / "summary.json", {k: v for k, v in manifest.items() if k != "patches"})
-    for stale in (out_dir / "previews").glob("*.png"):
-        if stale.stem not in names:
-            stale.unlink()
-    return write_text(out_dir / MANIFEST_NAME, manifest_text(manifest))
 
 
 def manifest_text(manifest: dict[str, Any]) -> str:

@@ -1,155 +1,186 @@
-"""evaluate stage: metrics of a trained model on one split, from confusion matrices over whole scenes.
+"""evaluate: metrics of the map users get — infer-scene's stitched whole-scene prediction — on a split.
 
-Every labelled pixel of the split counts once: where patches of the split overlap (tiles overlap by
-``tiles.overlap`` px), a pixel is scored from the patch whose centre is nearest (ties: the earlier
-patch), so the matrix equals the one of a full-scene map restricted to the split's area (up to the
-context each patch sees). One confusion matrix covers the whole split, one each scene; metric
-definitions are in ``aerialseg.evaluation.metrics``.
+For every scene that holds patches of the split, the model maps the whole scene through
+``aerialseg.inference.scene.infer_scene`` (the same reader, Predictor, stitcher and options as
+`aerialseg infer-scene`, either backend); the map is then scored against the class mask on the
+split's area (the union of its patch windows; nodata and ignore pixels excluded). Each labelled pixel
+of the split counts once. The scores therefore equal those of the map infer-scene writes for the same
+scene, model and options.
 
-Writes into ``out_dir`` (default ``reports/``):
-- ``metrics.json``: ``aerialseg.evaluation.metrics.summarize`` keys (mIoU, pixel_accuracy, mF1, mPrecision,
-  mRecall, fwIoU, iou, f1, precision, recall, support_px, pixels) + boundary F1 (bf1, bf1_per_class,
-  bf1_precision, bf1_recall, bf1_counts, bf1_tolerance_px) + split, model, model_dir, seed, patches,
-  per_scene {scene: {mIoU, pixel_accuracy, mF1, bf1, iou, pixels}};
-- ``confusion.json``: classes, rows = truth, columns = prediction, matrix, per_scene matrices;
-- ``samples.npz``: images (N,H,W,3) uint8, truth (N,H,W) uint8, pred (N,H,W) uint8, ids, scenes for
-  N evenly spaced patches (``evaluate.samples``), for the report's overlays.
+Outputs (``out_dir``, default ``reports/``):
+- ``metrics.json``: the headline figures only (mIoU, pixel accuracy, mF1, BF1, per-class IoU), for
+  ``dvc metrics``;
+- ``evaluation.json``: everything (``aerialseg.evaluation.metrics.summarize`` keys, BF1 details, per
+  scene scores, model, split, options);
+- ``confusion.json``: rows = truth, columns = prediction, overall and per scene;
+- ``samples.npz``: image, truth and prediction crops of evenly spaced split patches (report overlays).
 """
 
 import logging
+import math
+import tempfile
 from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from rasterio.windows import Window
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
-from aerialseg.data.datasets import collate_patches
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.core.safety import temp_dir
 from aerialseg.evaluation.metrics import DEFAULT_BF1_TOLERANCE_PX, BoundaryF1, ConfusionMatrix
-from aerialseg.models import get_spec, load_model
-from aerialseg.core.config import section
-from aerialseg.training.train import autocast, forward_logits, resolve_device
+from aerialseg.geo.raster import open_raster
+from aerialseg.geo.scene import SceneReader
+from aerialseg.inference.scene import InferOptions, infer_scene
 
 log = logging.getLogger(__name__)
 
+HEADLINE = ("mIoU", "pixel_accuracy", "mF1", "bf1")
 SCENE_KEYS = ("mIoU", "pixel_accuracy", "mF1", "iou", "pixels")
+BLOCK_ROWS = 1024
 
 
-class Ownership:
-    """Which pixels of each patch it scores: those nearer its centre than any overlapping patch's."""
+@dataclass
+class SceneScores:
+    """Confusion matrix and boundary F1 of one scene (or of the whole split, merged)."""
 
-    def __init__(self, patches: list[dict[str, Any]]):
-        self.patches = patches
-        rects = np.array([[p["row"], p["col"], p["height"], p["width"]] for p in patches], dtype=np.float64)
-        scenes = np.array([p.get("scene_name", p.get("scene", "")) for p in patches])
-        self.rects, self.scenes = rects, scenes
+    tolerance_px: float
+    matrix: ConfusionMatrix = field(default_factory=lambda: ConfusionMatrix(NUM_CLASSES, IGNORE))
+    bf1: BoundaryF1 | None = None
 
-    def neighbours(self, i: int) -> np.ndarray:
-        r, c, h, w = self.rects[i]
-        others = self.rects
-        hit = ((others[:, 0] < r + h) & (others[:, 0] + others[:, 2] > r) & (others[:, 1] < c + w)
-               & (others[:, 1] + others[:, 3] > c) & (self.scenes == self.scenes[i]))
-        hit[i] = False
-        return np.flatnonzero(hit)
+    def __post_init__(self) -> None:
+        self.bf1 = self.bf1 or BoundaryF1(NUM_CLASSES, self.tolerance_px, IGNORE)
 
-    def mask(self, i: int) -> np.ndarray | None:
-        """Boolean (H, W) of the pixels patch ``i`` scores; None when it overlaps no other patch."""
-        near = self.neighbours(i)
-        if near.size == 0:
-            return None
-        r, c, h, w = self.rects[i]
-        ys = (r + 0.5 + np.arange(int(h)))[:, None]
-        xs = (c + 0.5 + np.arange(int(w)))[None, :]
-        own_dist = (ys - (r + h / 2)) ** 2 + (xs - (c + w / 2)) ** 2
-        owned = np.ones((int(h), int(w)), dtype=bool)
-        for j in near:
-            rj, cj, hj, wj = self.rects[j]
-            inside = (ys >= rj) & (ys < rj + hj) & (xs >= cj) & (xs < cj + wj)
-            dist = (ys - (rj + hj / 2)) ** 2 + (xs - (cj + wj / 2)) ** 2
-            owned &= ~(inside & ((dist < own_dist) | ((dist == own_dist) & (j < i))))
-        return owned
+    def merge(self, other: "SceneScores") -> None:
+        self.matrix.merge(other.matrix)
+        self.bf1.merge(other.bf1)
+
+    def summary(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.matrix.summary().items() if k != "confusion_matrix"},
+                **self.bf1.summary()}
 
 
-def sample_indices(count: int, samples: int) -> set[int]:
-    """``samples`` evenly spaced patch indices (all when there are fewer)."""
-    if count == 0 or samples <= 0:
-        return set()
-    return {int(i) for i in np.linspace(0, count - 1, min(samples, count)).round()}
+def area_mask(rects: np.ndarray, top: int, height: int, width: int) -> np.ndarray:
+    """Boolean (height, width) of rows top.. covered by any (row, col, h, w) rectangle."""
+    area = np.zeros((height, width), dtype=bool)
+    for r, c, h, w in rects:
+        r0, r1 = max(r, top) - top, min(r + h, top + height) - top
+        if r1 > r0:
+            area[r0:r1, max(c, 0):min(c + w, width)] = True
+    return area
 
 
-def split_dataset(params: dict[str, Any], split: str) -> Dataset:
-    """The patches of one split (no augmentation) from the tiles and split stage outputs."""
-    from aerialseg.data.datasets import PatchDataset, stage_outputs
+def score_map(map_path: Path, mask_path: Path, scene_path: Path, rects: np.ndarray,
+              tolerance_px: float = DEFAULT_BF1_TOLERANCE_PX, block_rows: int = BLOCK_ROWS) -> SceneScores:
+    """Scores of a class map against a mask inside the rectangles, read in row blocks (bounded memory).
 
-    manifest, split_file, _ = stage_outputs(params)
-    return PatchDataset(manifest, split_file, split)
-
-
-class Scores:
-    """Confusion matrices (split and per scene), boundary F1 and the kept sample patches."""
-
-    def __init__(self, tolerance_px: float, keep: set[int]):
-        self.tolerance_px = tolerance_px
-        self.matrix = ConfusionMatrix(NUM_CLASSES, IGNORE)
-        self.bf1 = BoundaryF1(NUM_CLASSES, tolerance_px, IGNORE)
-        self.scenes: dict[str, ConfusionMatrix] = defaultdict(lambda: ConfusionMatrix(NUM_CLASSES, IGNORE))
-        self.scene_bf1: dict[str, BoundaryF1] = defaultdict(lambda: BoundaryF1(NUM_CLASSES, tolerance_px, IGNORE))
-        self.keep = keep
-        self.samples: dict[str, list[Any]] = {"images": [], "truth": [], "pred": [], "ids": [], "scenes": []}
-
-    def add(self, index: int, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, scene: str, pid: str) -> None:
-        boundary = BoundaryF1(NUM_CLASSES, self.tolerance_px, IGNORE)
-        boundary.update(pred, truth)
-        for matrix, bf1 in ((self.matrix, self.bf1), (self.scenes[scene], self.scene_bf1[scene])):
-            matrix.update(pred, truth)
-            bf1.merge(boundary)
-        if index in self.keep:
-            for key, value in zip(self.samples, (image, truth, pred, pid, scene)):
-                self.samples[key].append(value)
-
-
-def score_split(model: torch.nn.Module, name: str, dataset: Dataset, device: torch.device, batch_size: int,
-                tolerance_px: float, samples: int, workers: int = 0) -> Scores:
-    """Predict every patch and accumulate the scores (pixels outside a patch's ownership are ignored)."""
-    spec = get_spec(name)
-    patches = getattr(dataset, "patches", None)
-    owner = Ownership(patches) if patches else None
-    scores = Scores(tolerance_px, sample_indices(len(dataset), samples))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_patches,
-                        num_workers=workers)
-    index = 0
-    with torch.inference_mode():
-        for images, masks in tqdm(loader, desc="evaluate", unit="batch", leave=False):
-            with autocast(device, True):
-                logits, _ = forward_logits(model, spec, images.to(device))
-            preds = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            for image, truth, pred in zip(images.permute(0, 2, 3, 1).numpy(), masks.numpy(), preds):
-                truth = truth.astype(np.uint8)
-                owned = owner.mask(index) if owner else None
-                if owned is not None:
-                    truth = np.where(owned, truth, IGNORE).astype(np.uint8)
-                patch = patches[index] if patches else {}
-                scores.add(index, image, truth, pred, str(patch.get("scene_name", "all")),
-                           str(patch.get("id", index)))
-                index += 1
+    Boundary F1 reads a halo of rows around each block so that block borders change nothing.
+    """
+    scores = SceneScores(tolerance_px)
+    halo = int(math.ceil(tolerance_px)) + 2
+    with open_raster(map_path) as pred_ds, open_raster(mask_path) as mask_ds, open_raster(scene_path) as scene_ds:
+        if (pred_ds.width, pred_ds.height) != (mask_ds.width, mask_ds.height):
+            raise AerialsegError(f"map is {pred_ds.width}x{pred_ds.height}, the mask {mask_ds.width}x"
+                                 f"{mask_ds.height}", map_path, "score a map of the mask's scene")
+        reader = SceneReader(scene_ds, scene_path)
+        width, height = mask_ds.width, mask_ds.height
+        for top in range(0, height, block_rows):
+            lo, hi = max(0, top - halo), min(height, top + block_rows + halo)
+            window = Window(0, lo, width, hi - lo)
+            truth = mask_ds.read(1, window=window)
+            truth[~reader.valid(window) | ~area_mask(rects, lo, hi - lo, width)] = IGNORE
+            pred = pred_ds.read(1, window=window)
+            core = np.zeros(truth.shape, dtype=bool)
+            core[top - lo:min(top + block_rows, height) - lo] = True
+            scores.matrix.update(pred[core], truth[core])
+            scores.bf1.update(pred, truth, counted=core)
     return scores
 
 
-def metrics_record(scores: Scores, meta: dict[str, Any], model_dir: Path, split: str, count: int) -> dict[str, Any]:
-    """The metrics.json content (keys listed in the module docstring)."""
-    overall = {k: v for k, v in scores.matrix.summary().items() if k != "confusion_matrix"}
+def sample_patches(patches: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """``count`` evenly spaced patches of the split (all when there are fewer)."""
+    if not patches or count <= 0:
+        return []
+    picks = sorted({int(i) for i in np.linspace(0, len(patches) - 1, min(count, len(patches))).round()})
+    return [patches[i] for i in picks]
+
+
+def crop_samples(map_path: Path, patches: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Image, truth and predicted crops of the patches (one scene)."""
+    out: dict[str, list[Any]] = {"images": [], "truth": [], "pred": [], "ids": [], "scenes": []}
+    if not patches:
+        return out
+    first = patches[0]
+    with open_raster(map_path) as pred_ds, open_raster(first["mask"]) as mask_ds, \
+            open_raster(first["scene"]) as scene_ds:
+        reader = SceneReader(scene_ds, first["scene"])
+        for p in patches:
+            window = Window(p["col"], p["row"], p["width"], p["height"])
+            truth = mask_ds.read(1, window=window)
+            truth[~reader.valid(window)] = IGNORE
+            values = (reader.read_hwc(window), truth, pred_ds.read(1, window=window), p["id"], p["scene_name"])
+            for key, value in zip(out, values):
+                out[key].append(value)
+    return out
+
+
+@dataclass
+class EvaluationResult:
+    """What evaluate measured: split totals, per-scene scores, samples."""
+
+    split: str
+    overall: SceneScores
+    scenes: dict[str, SceneScores]
+    samples: dict[str, list[Any]]
+    patches: int
+
+
+def evaluate_scenes(model: Path, patches: list[dict[str, Any]], split: str, options: InferOptions,
+                    tolerance_px: float = DEFAULT_BF1_TOLERANCE_PX, samples: int = 8) -> EvaluationResult:
+    """Map every scene holding split patches with infer-scene and score the maps on the split's area."""
+    if not patches:
+        raise AerialsegError(f"split '{split}' has no patches", fix="check split.fractions, or evaluate another split")
+    by_scene: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for p in patches:
+        by_scene[p["scene_name"]].append(p)
+    keep = {p["id"] for p in sample_patches(patches, samples)}
+    overall, per_scene = SceneScores(tolerance_px), {}
+    kept: dict[str, list[Any]] = defaultdict(list)
+    options = replace(options, format="geotiff", confidence=False, vectors=False, areas=False, preview=False,
+                      allow_ungeoreferenced=True)  # scored on the pixel grid: a map need not be placed
+    with temp_dir(tempfile.gettempdir(), "evaluate") as work:
+        for name in sorted(by_scene):
+            group = by_scene[name]
+            map_path = Path(work) / f"{name}_landcover.tif"
+            infer_scene(group[0]["scene"], model, map_path, options)
+            rects = np.array([[p["row"], p["col"], p["height"], p["width"]] for p in group], dtype=np.int64)
+            per_scene[name] = score_map(map_path, Path(group[0]["mask"]), Path(group[0]["scene"]), rects, tolerance_px)
+            overall.merge(per_scene[name])
+            for key, values in crop_samples(map_path, [p for p in group if p["id"] in keep]).items():
+                kept[key].extend(values)
+            log.info("evaluate %s: mIoU %s", name, per_scene[name].matrix.summary()["mIoU"])
+    return EvaluationResult(split, overall, per_scene, dict(kept), len(patches))
+
+
+def evaluation_record(result: EvaluationResult, model: Path, options: InferOptions) -> dict[str, Any]:
+    """evaluation.json: every figure, per scene, and what produced it."""
     per_scene = {}
-    for scene in sorted(scores.scenes):
-        summary = scores.scenes[scene].summary()
-        per_scene[scene] = {**{k: summary[k] for k in SCENE_KEYS}, "bf1": scores.scene_bf1[scene].summary()["bf1"]}
-    return {"split": split, "model": meta["name"], "model_dir": str(model_dir), "seed": meta.get("seed"),
-            "patches": count, **overall, **scores.bf1.summary(), "per_scene": per_scene,
-            "counting": "each labelled pixel of the split once (overlaps: nearest patch centre)"}
+    for name, scores in sorted(result.scenes.items()):
+        summary = scores.summary()
+        per_scene[name] = {**{k: summary[k] for k in SCENE_KEYS}, "bf1": summary["bf1"]}
+    return {"split": result.split, "model_dir": str(model), "patches": result.patches,
+            **result.overall.summary(), "per_scene": per_scene,
+            "inference": {"backend": options.backend, "tta": options.tta, "overlap": options.overlap,
+                          "margin_px": options.margin_px, "resample": options.resample},
+            "counting": "the stitched scene map (infer-scene) on the union of the split's patch windows"}
+
+
+def headline(record: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: the headline figures only."""
+    return {**{k: record.get(k) for k in HEADLINE}, "iou": record.get("iou")}
 
 
 def write_samples(dest: Path, samples: dict[str, list[Any]]) -> Path:
@@ -161,31 +192,15 @@ def write_samples(dest: Path, samples: dict[str, list[Any]]) -> Path:
     return dest
 
 
-def evaluate_run(params: dict[str, Any], model_dir: str | Path | None = None, split: str | None = None,
-                 out_dir: str | Path | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
-    """Evaluate a model dir on a split; writes metrics.json, confusion.json, samples.npz; returns the metrics.
-
-    ``dataset`` replaces the split's patches (any dataset of (image, mask); a ``patches`` attribute with
-    scene_name/row/col/height/width enables per-scene scores and overlap handling).
-    """
-    cfg = section(params, "evaluate")
-    model_dir = Path(model_dir or cfg.get("model", "models/default"))
-    split = split or str(cfg.get("split", "test"))
-    out_dir = Path(out_dir or cfg.get("out", "reports"))
-    dataset = dataset if dataset is not None else split_dataset(params, split)
-    if len(dataset) == 0:
-        raise AerialsegError(f"split '{split}' has no patches", fix="check split.fractions, or evaluate another split")
-    device = resolve_device(str(cfg.get("device", "auto")))
-    model, meta = load_model(model_dir)
-    scores = score_split(model.to(device), meta["name"], dataset, device, int(cfg.get("batch_size", 8)),
-                         float(cfg.get("bf1_tolerance_px", DEFAULT_BF1_TOLERANCE_PX)), int(cfg.get("samples", 8)))
-    metrics = metrics_record(scores, meta, model_dir, split, len(dataset))
-    write_json(out_dir / "metrics.json", metrics)
+def write_evaluation(out_dir: Path, result: EvaluationResult, model: Path, options: InferOptions) -> dict[str, Any]:
+    """metrics.json, evaluation.json, confusion.json and samples.npz; returns the evaluation record."""
+    record = evaluation_record(result, model, options)
+    write_json(out_dir / "evaluation.json", record)
     write_json(out_dir / "confusion.json", {
-        "classes": list(CLASS_NAMES), "rows": "truth", "columns": "prediction", "split": split,
-        "matrix": scores.matrix.matrix.tolist(),
-        "per_scene": {s: m.matrix.tolist() for s, m in sorted(scores.scenes.items())}})
-    write_samples(out_dir / "samples.npz", scores.samples)
-    log.debug("%s on %s: mIoU %s, pixel accuracy %s, BF1 %s", meta["name"], split, metrics["mIoU"],
-             metrics["pixel_accuracy"], metrics["bf1"])
-    return metrics
+        "classes": list(CLASS_NAMES), "rows": "truth", "columns": "prediction", "split": result.split,
+        "matrix": result.overall.matrix.matrix.tolist(),
+        "per_scene": {s: m.matrix.matrix.tolist() for s, m in sorted(result.scenes.items())}})
+    write_samples(out_dir / "samples.npz", result.samples)
+    write_json(out_dir / "metrics.json", headline(record))
+    return record
+

@@ -146,17 +146,25 @@ class BoundaryF1:
         self.ignore_index = ignore_index
         self.counts = np.zeros((num_classes, 4), dtype=np.int64)
 
-    def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
-        """Add one mask (H, W) or a batch (N, H, W) of class predictions and labels."""
+    def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
+               counted: np.ndarray | None = None) -> None:
+        """Add one mask (H, W) or a batch (N, H, W) of class predictions and labels.
+
+        ``counted`` (H, W, one mask only) restricts the counted pixels, e.g. to the core rows of a block
+        read with a halo, while boundaries and distances still see the whole block.
+        """
         pred, target = _as_numpy(pred), _as_numpy(target)
         if pred.shape != target.shape or pred.ndim not in (2, 3):
             raise ValueError(f"pred {pred.shape} and target {target.shape} must both be (H, W) or (N, H, W)")
+        if counted is not None and counted.shape != pred.shape:
+            raise ValueError(f"counted {counted.shape} must match pred {pred.shape}")
         if pred.ndim == 2:
             pred, target = pred[None], target[None]
-        for one_pred, one_target in zip(pred, target):
-            self._update_one(one_pred, one_target)
+            counted = None if counted is None else counted[None]
+        for i, (one_pred, one_target) in enumerate(zip(pred, target)):
+            self._update_one(one_pred, one_target, None if counted is None else counted[i])
 
-    def _update_one(self, pred: np.ndarray, target: np.ndarray) -> None:
+    def _update_one(self, pred: np.ndarray, target: np.ndarray, counted: np.ndarray | None = None) -> None:
         ignore = (target == self.ignore_index) | (target < 0) | (target >= self.num_classes)
         for c in range(self.num_classes):
             true_edge = class_boundary(target == c, ignore)
@@ -165,6 +173,9 @@ class BoundaryF1:
                 continue
             matched_pred = pred_edge & (_distance_to(true_edge) <= self.tolerance_px)
             matched_true = true_edge & (_distance_to(pred_edge) <= self.tolerance_px)
+            if counted is not None:
+                matched_pred, pred_edge = matched_pred & counted, pred_edge & counted
+                matched_true, true_edge = matched_true & counted, true_edge & counted
             self.counts[c] += (matched_pred.sum(), pred_edge.sum(), matched_true.sum(), true_edge.sum())
 
     def merge(self, other: "BoundaryF1") -> None:

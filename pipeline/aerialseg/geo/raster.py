@@ -1,5 +1,6 @@
 """Raster helpers shared by the stages: open scenes safely, valid-data masks, atomic GeoTIFF writes."""
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,24 +8,37 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import Interleaving
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 
-GEOTIFF_SUFFIXES = {".tif", ".tiff", ".gtif"}
+CORRUPT_FIX = "re-export the file; it is corrupt or truncated"
 
 
 @contextmanager
-def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
-    """Open a raster for reading; a missing or corrupt file becomes one clear AerialsegError."""
+def open_raster(path: str | Path, check_complete: bool = True) -> Iterator[rasterio.DatasetReader]:
+    """Open a raster for reading; a missing, unreadable, corrupt or truncated file is one clear AerialsegError.
+
+    ``check_complete``: a TIFF whose image blocks reach past the end of the file, a PNG without its IEND
+    chunk or a JPEG without its end marker is refused before any pixel is read (GDAL would otherwise read
+    zeros or garbage with only a warning).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise AerialsegError("is a folder, a raster file was expected", path, "give the path of the image file")
     if not path.is_file():
         raise AerialsegError("file not found", path, "check the path")
     try:
-        import warnings
-
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise AerialsegError(f"cannot read ({exc.strerror})", path, "check the file permissions") from None
+    if check_complete:
+        _check_trailer(path, head)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path)
@@ -32,7 +46,39 @@ def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
         raise AerialsegError(f"cannot read raster ({str(exc).splitlines()[0][:120]})", path,
                              "re-export the file; it is corrupt or not a raster") from None
     with ds:
+        if check_complete and ds.driver == "GTiff":
+            _check_tiff_blocks(ds, path)
         yield ds
+
+
+def _check_trailer(path: Path, head: bytes) -> None:
+    """PNG and JPEG files end with a fixed marker; a file cut short lacks it."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 1024))
+        tail = fh.read()
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in tail[-12:]:
+        raise AerialsegError("PNG is truncated (no IEND chunk at its end)", path, CORRUPT_FIX)
+    if head.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in tail:
+        raise AerialsegError("JPEG is truncated (no end-of-image marker)", path, CORRUPT_FIX)
+
+
+def _check_tiff_blocks(ds: rasterio.DatasetReader, path: Path) -> None:
+    """Every image block of a TIFF must lie inside the file (GDAL's TIFF metadata: block offsets/sizes)."""
+    size = path.stat().st_size
+    block_h, block_w = ds.block_shapes[0]
+    rows, cols = -(-ds.height // block_h), -(-ds.width // block_w)
+    bands = range(1, ds.count + 1) if ds.interleaving != Interleaving.pixel else (1,)
+    for band in bands:
+        for y in range(rows):
+            for x in range(cols):
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+                if offset is None:
+                    return  # not a plain TIFF GDAL can describe: nothing to check
+                length = ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+                if int(offset) and int(offset) + int(length or 0) > size:
+                    raise AerialsegError(f"TIFF is truncated: block row {y} col {x} of band {band} lies past the "
+                                         f"end of the file ({size} bytes)", path, CORRUPT_FIX)
 
 
 def is_georeferenced(ds: rasterio.DatasetReader) -> bool:

@@ -2,21 +2,23 @@
 
 Layout (a directory, or a .zip holding the same files at its top level):
 - ``model.safetensors`` + ``model.json``: weights and how to rebuild them (aerialseg.models.save_model);
-- ``model.onnx``: the same model for ONNX Runtime / QGIS Deepness (aerialseg.compression.onnx_export);
+- ``model.onnx``: the same model for ONNX Runtime, outputting logits (``infer-scene --backend onnx``);
+- ``model.deepness.onnx``: the model for the QGIS Deepness plugin: probabilities + Deepness metadata
+  (both from aerialseg.compression.onnx_export);
 - ``bundle.json``: the manifest — classes and colours, band order, normalisation, tile size, overlap,
-  training GSD, training data hash and metrics (copied from model.json extras), file checksums.
+  training GSD, training data hash and metrics (copied from model.json extras), file checksums, and what
+  each ONNX file is for (output, IR version, opset, parity report).
 
 A plain model directory without bundle.json still opens: its manifest is derived from model.json.
 """
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +29,10 @@ from torch import nn
 
 from aerialseg.core.classes import CLASS_NAMES, COLORS
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.geo.scene import BandPolicy
+from aerialseg.core.safety import temp_dir
+from aerialseg.inference.bundle_check import verify_bundle
+from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +40,11 @@ MANIFEST = "bundle.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 ONNX = "model.onnx"
-BUNDLE_FILES = (WEIGHTS, CONFIG, ONNX, MANIFEST)
+DEEPNESS_ONNX = "model.deepness.onnx"
+ONNX_FILES = (ONNX, DEEPNESS_ONNX)
+BUNDLE_FILES = (WEIGHTS, CONFIG, *ONNX_FILES, MANIFEST)
 _RECORD_KEYS = {"name", "classes", "in_channels", "kwargs", "preprocessing"}
-_DATA_HASH_KEYS = ("data_hash", "dataset_hash", "train_data_hash", "data_sha256")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_DATA_HASH_KEYS = ("training_data_sha256", "data_hash", "dataset_hash", "train_data_hash", "data_sha256")
 
 
 def read_model_record(model_dir: Path) -> dict[str, Any]:
@@ -85,6 +83,7 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
                   "in_channels": int(record["in_channels"]), "kwargs": record.get("kwargs") or {}},
         "classes": class_table(int(record["classes"])),
         "band_order": list(pre.get("band_order") or ("red", "green", "blue")[: int(record["in_channels"])]),
+        "band_policy": BandPolicy(int(record["in_channels"]), _value_range(extras)).to_json(),
         "normalization": {"mean": list(pre.get("mean") or (0.485, 0.456, 0.406)),
                           "std": list(pre.get("std") or (0.229, 0.224, 0.225)),
                           "formula": "(pixel / 255 - mean) / std"},
@@ -92,10 +91,16 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
         "tile_size": tile,
         "overlap": overlap,
         "gsd_m": float(gsd) if gsd is not None else None,
-        "data_hash": next((extras[k] for k in _DATA_HASH_KEYS if k in extras), None),
+        "data_hash": next((extras[k] for k in _DATA_HASH_KEYS if extras.get(k)), None),
         "metrics": extras.get("metrics"),
         "training": extras,
     }
+
+
+def _value_range(extras: dict[str, Any]) -> tuple[float, float] | None:
+    """The training data's declared value range (model.json ``value_range``), if any."""
+    vr = extras.get("value_range")
+    return (float(vr[0]), float(vr[1])) if vr else None
 
 
 def manifest_for(model_dir: str | Path, overlap: int | None = None) -> dict[str, Any]:
@@ -114,31 +119,34 @@ def manifest_for(model_dir: str | Path, overlap: int | None = None) -> dict[str,
 def file_records(bundle_dir: Path) -> dict[str, Any]:
     """{file name: {bytes, sha256}} for the bundle files present in a directory."""
     return {name: {"bytes": (bundle_dir / name).stat().st_size, "sha256": sha256_file(bundle_dir / name)}
-            for name in (WEIGHTS, CONFIG, ONNX) if (bundle_dir / name).is_file()}
+            for name in (WEIGHTS, CONFIG, *ONNX_FILES) if (bundle_dir / name).is_file()}
 
 
-def update_manifest_files(bundle_dir: str | Path, parity: dict[str, Any] | None = None) -> None:
-    """Refresh the checksums (and the ONNX parity report) in an existing bundle.json; no-op without one."""
+def update_manifest_files(bundle_dir: str | Path, onnx: dict[str, Any] | None = None) -> None:
+    """Refresh the checksums in an existing bundle.json (no-op without one).
+
+    ``onnx`` ({file name: what it is for, IR, opset, parity}) replaces the ``onnx`` section; entries whose
+    file is gone are dropped either way.
+    """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / MANIFEST).is_file():
         return
     manifest = manifest_for(bundle_dir)
     manifest["files"] = file_records(bundle_dir)
-    if parity is not None:
-        manifest["onnx_parity"] = parity
+    records = onnx if onnx is not None else manifest.get("onnx") or {}
+    manifest["onnx"] = {name: rec for name, rec in records.items() if (bundle_dir / name).is_file()}
     write_json(bundle_dir / MANIFEST, manifest)
 
 
-def build_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
-                 overlap: int | None = None, gsd_m: float | None = None, onnx: bool = True,
-                 archive: bool = False, max_abs_diff: float = 1e-3, opset: int = 18) -> Path:
-    """Bundle a trained model directory: copy weights, write bundle.json, export and check model.onnx.
+def assemble_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
+                    overlap: int | None = None, gsd_m: float | None = None, archive: bool = False,
+                    export: Callable[[Path], object] | None = None) -> Path:
+    """Bundle a trained model directory: copy weights, write bundle.json, run ``export`` on the staged folder
+    (the ONNX export: aerialseg.stages.bundle.build_bundle passes it), then checksum the files.
 
     ``out`` None bundles in place. The bundle is assembled in a temp folder beside ``out`` and renamed
     into place (or zipped to ``out`` with a .zip suffix when ``archive``). Returns the bundle path.
     """
-    from aerialseg.compression.onnx_export import export_bundle_onnx
-
     model_dir = Path(model_dir)
     record = read_model_record(model_dir)
     if not (model_dir / WEIGHTS).is_file():
@@ -152,8 +160,8 @@ def build_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size
         for name in (WEIGHTS, CONFIG):
             shutil.copy2(model_dir / name, stage / name)
         write_json(stage / MANIFEST, manifest)
-        if onnx:
-            export_bundle_onnx(stage, max_abs_diff=max_abs_diff, opset=opset)
+        if export is not None:
+            export(stage)
         update_manifest_files(stage)
         if archive:
             return _write_zip(stage, out.with_suffix(".zip"))
@@ -179,7 +187,7 @@ def _install_dir(stage: Path, dest: Path) -> Path:
         for name in BUNDLE_FILES:
             if (stage / name).is_file():
                 os.replace(stage / name, dest / name)
-            elif name == ONNX:
+            elif name in ONNX_FILES:
                 (dest / name).unlink(missing_ok=True)  # a stale export would not match the new weights
         return dest
     os.replace(stage, dest)
@@ -227,6 +235,11 @@ class Bundle:
         return [float(v) for v in self.manifest["normalization"]["std"]]
 
     @property
+    def band_policy(self) -> BandPolicy:
+        """How scenes are read for this model (aerialseg.geo.scene); older bundles: 8-bit, in_channels."""
+        return BandPolicy.from_json(self.manifest.get("band_policy") or {"channels": self.in_channels})
+
+    @property
     def onnx_path(self) -> Path:
         return self.root / ONNX
 
@@ -239,20 +252,24 @@ class Bundle:
 
 @contextmanager
 def open_bundle(path: str | Path, overlap: int | None = None) -> Iterator[Bundle]:
-    """Open a bundle directory or .zip (extracted to a temp folder removed on exit)."""
+    """Open a bundle directory or .zip (extracted to a run-named temp folder removed on exit), verified:
+    every file's size and SHA-256 as bundle.json lists them, and the manifest's and model.json's schemas."""
     path = Path(path)
     if path.is_dir():
-        yield Bundle(path, manifest_for(path, overlap=overlap))
+        bundle = Bundle(path, manifest_for(path, overlap=overlap))
+        verify_bundle(path, bundle.manifest)
+        yield bundle
         return
     if not path.is_file():
         raise AerialsegError("model bundle not found", path, "give a bundle directory or .zip (`aerialseg bundle`)")
     if not zipfile.is_zipfile(path):
         raise AerialsegError("not a bundle directory or .zip archive", path, "rebuild it with `aerialseg bundle --zip`")
-    with tempfile.TemporaryDirectory(prefix="aerialseg-bundle-") as tmp_name:
-        root = Path(tmp_name)
+    with temp_dir(tempfile.gettempdir(), "bundle") as root:
         with zipfile.ZipFile(path) as zf:
             names = {Path(n).name: n for n in zf.namelist() if Path(n).name in BUNDLE_FILES}
             for name, member in names.items():  # only known flat names: no path traversal
                 with zf.open(member) as src, open(root / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        yield Bundle(root, manifest_for(root, overlap=overlap))
+        manifest = manifest_for(root, overlap=overlap)
+        verify_bundle(root, manifest, source=path)
+        yield Bundle(root, manifest)

@@ -113,12 +113,6 @@ def sort_objects(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in table.items()}
 
 
-def label_array(mask: np.ndarray, class_ids: Iterable[int]) -> dict[str, np.ndarray]:
-    """Objects of an in-memory class mask, labelled whole with cv2 (the reference for the banded scan)."""
-    tables = [_stats_table(c, *_components(mask == c)[1:]) for c in class_ids]
-    return sort_objects(_concat(tables))
-
-
 class UnionFind:
     """Disjoint sets over integer ids, grown on demand; path halving + union by smaller root."""
 

@@ -17,25 +17,29 @@ number of classes K, the input bands B and the batch N (bytes):
 
 e.g. K=5, B=3, T=512, N=8, W=8192: accumulator 84 MB, pixels 13 MB, buffers 17 MB. With ``--resample``
 the same holds on the model's grid (W scaled by scene GSD / model GSD).
+
+Refused before any tile is computed: an output that is the scene or a bundle file (also through links or
+letter case), a label file that exists (``--format anylabeling`` without ``--overwrite``), a scene without
+georeferencing (unless ``--allow-ungeoreferenced``) and a scene that is nodata everywhere. Temp files and the
+work folder are named for the run (``aerialseg.core.safety``), so the next run removes those of a killed one;
+a .zip bundle is extracted into such a run folder of the system temp dir.
 """
 
 import json
 import logging
-import math
-import os
+import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
-import torch
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 from tqdm import tqdm
@@ -44,14 +48,16 @@ from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.core.classes import IGNORE, colorize, colormap
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
-from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2, valid_mask
-from aerialseg.inference.stitch import ReadRows, blend_scene, tile_starts
+from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
+from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
+from aerialseg.geo.scene import SceneReader, scene_gsd_m
+from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
+from aerialseg.geo.windows import window_starts
+from aerialseg.inference.stitch import ReadRows, blend_scene
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
 FORMATS = ("geotiff", "anylabeling")
-FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 EMIT_ROWS = 128  # rows classified at a time (bounds argmax temporaries)
 
 
@@ -80,6 +86,8 @@ class InferOptions:
     gdal_cache_mb: int = 128  # GDAL block cache cap (its default, 5 % of RAM, would grow with the scene)
     out_dir: str = "outputs/infer"
     progress: bool = True
+    allow_ungeoreferenced: bool = False  # map a scene without CRS / geotransform (pixel grid only)
+    overwrite: bool = False  # anylabeling: replace an existing label file (a .bak copy is kept)
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "InferOptions":
@@ -122,93 +130,7 @@ class InferResult:
                 f"{self.mpx_per_s:.2f} Mpx/s ({self.backend}/{self.device}) -> {self.outputs.get('map')}")
 
 
-# --- the model as a function of uint8 tiles ---------------------------------------------------
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AerialsegError("CUDA requested but not available", fix="use --device cpu or auto")
-    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
-def make_predictor(logits_fn: Callable[[torch.Tensor], torch.Tensor], mean: list[float], std: list[float],
-                   device: torch.device, tta: bool = False, activation: str = "softmax",
-                   pad_multiple: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 (N, B, T, T) -> float32 (N, K, T, T): normalise, run, softmax, mean over flips when ``tta``."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
-    scale_t, shift_t = 1.0 / std_t, -mean_t / std_t
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = logits_fn(x).float()
-        return torch.softmax(out, dim=1) if activation == "softmax" else out
-
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(tiles)).to(device, torch.float32, copy=True)
-            x = x.mul_(scale_t).add_(shift_t)  # (x - mean) / std, in place
-            h, w = x.shape[-2:]
-            ph, pw = (-h) % pad_multiple, (-w) % pad_multiple
-            if ph or pw:
-                x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
-            probs = run(x)
-            if tta:
-                for dims in FLIPS[1:]:
-                    probs = probs + run(x.flip(dims)).flip(dims)
-                probs = probs / len(FLIPS)
-            return probs[..., :h, :w].cpu().numpy()
-
-    return predict
-
-
-def bundle_predictor(bundle: Bundle, backend: str, device: torch.device,
-                     tta: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """The bundle's model (PyTorch or ONNX Runtime) as a uint8-tiles -> probabilities function."""
-    if backend == "onnx":
-        from aerialseg.compression.onnx_export import onnx_session, run_onnx
-
-        session = onnx_session(bundle.onnx_path, "cuda" if device.type == "cuda" else "cpu")
-
-        def logits_fn(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(run_onnx(session, x.cpu().numpy())).to(device)
-
-        return make_predictor(logits_fn, bundle.mean, bundle.std, device, tta)
-    model = bundle.load_torch().to(device)
-
-    def logits_fn(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-            out = model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    pad_multiple = int(bundle.manifest.get("pad_multiple") or 1)
-    return make_predictor(logits_fn, bundle.mean, bundle.std, device, tta, pad_multiple=pad_multiple)
-
-
 # --- the scene -------------------------------------------------------------------------------
-
-def scene_bands(ds: rasterio.DatasetReader, expected: int, path: Path) -> list[int]:
-    """1-based band indexes to feed the model: all bands but alpha; wrong count -> AerialsegError."""
-    bands = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
-    if len(bands) != expected:
-        alpha = ds.count - len(bands)
-        raise AerialsegError(f"scene has {len(bands)} image band(s){f' (+{alpha} alpha)' if alpha else ''}, "
-                             f"the model expects {expected}", path,
-                             f"give a {expected}-band scene in the model's band order")
-    return bands
-
-
-def scene_gsd_m(ds: rasterio.DatasetReader) -> float | None:
-    """Pixel size in metres (square root of the pixel area); geographic CRSs approximated at the centre."""
-    area = pixel_area_m2(ds)
-    if area:
-        return math.sqrt(area)
-    if not is_georeferenced(ds) or not ds.crs.is_geographic:
-        return None
-    _, lat = ds.transform * (ds.width / 2, ds.height / 2)
-    dx = abs(ds.transform.a) * 111_320.0 * math.cos(math.radians(lat))
-    dy = abs(ds.transform.e) * 110_574.0
-    return math.sqrt(dx * dy) if dx > 0 and dy > 0 else None
-
 
 def resample_scale(ds: rasterio.DatasetReader, bundle: Bundle, options: InferOptions, path: Path) -> float:
     """Model-grid pixels per scene pixel: 1, or scene GSD / bundle GSD when far apart and resampling is on."""
@@ -250,17 +172,17 @@ class Grid:
         return np.minimum(((np.arange(n) + 0.5) * self.scale).astype(np.int64), model_n - 1)
 
 
-def make_reader(ds: rasterio.DatasetReader, bands: list[int], grid: Grid) -> ReadRows:
+def make_reader(reader: SceneReader, grid: Grid) -> ReadRows:
     """read_rows(row, rows) on the model grid: windowed reads, resampled when the grid's scale is not 1."""
+    width = reader.width
     if grid.scale == 1.0:
-        return lambda row, rows: ds.read(bands, window=Window(0, row, ds.width, rows))
+        return lambda row, rows: reader.read(Window(0, row, width, rows))
     method = Resampling.average if grid.scale < 1.0 else Resampling.bilinear
 
     def read_rows(row: int, rows: int) -> np.ndarray:
         top = row / grid.scale
-        height = min(rows / grid.scale, ds.height - top)
-        return ds.read(bands, window=Window(0, top, ds.width, height),
-                       out_shape=(len(bands), rows, grid.model_width), resampling=method)
+        height = min(rows / grid.scale, reader.height - top)
+        return reader.read(Window(0, top, width, height), (rows, grid.model_width), method)
 
     return read_rows
 
@@ -322,15 +244,16 @@ def temp_profile(ds: rasterio.DatasetReader, nodata: int, blocksize: int) -> dic
             "bigtiff": "if_safer"}
 
 
-def predict_scene(ds: rasterio.DatasetReader, bands: list[int], predict: Callable[[np.ndarray], np.ndarray],
+def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarray],
                   classes: int, tile: int, overlap: int, margin: int, batch: int, grid: Grid, class_path: Path,
                   confidence_path: Path | None = None, blocksize: int = 512,
                   progress: bool = True) -> tuple[np.ndarray, int]:
     """Blend tiles over the scene into a class GeoTIFF (+ confidence); returns (pixel counts per value, tiles)."""
+    ds = reader.ds
     mh, mw = grid.model_height, grid.model_width
     row_index = None if grid.scale == 1.0 else grid.model_index(ds.height, mh)
     col_index = None if grid.scale == 1.0 else grid.model_index(ds.width, mw)
-    n_tiles = len(tile_starts(mh, tile, overlap)) * len(tile_starts(mw, tile, overlap))
+    n_tiles = len(window_starts(mh, tile, overlap)) * len(window_starts(mw, tile, overlap))
     counts = np.zeros(256, dtype=np.int64)
     with ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -341,12 +264,12 @@ def predict_scene(ds: rasterio.DatasetReader, bands: list[int], predict: Callabl
         if confidence_path is not None:
             conf_dst = stack.enter_context(rasterio.open(confidence_path, "w", **temp_profile(ds, 0, blocksize)))
             writers.append(RowWriter(conf_dst, blocksize))
-        bar = stack.enter_context(tqdm(total=n_tiles, unit="tile", desc="infer", disable=not progress,
+        bar = stack.enter_context(tqdm(total=n_tiles, unit="tile", desc="infer", disable=None if progress else True,
                                        dynamic_ncols=True))
-        for top, band in blend_scene(make_reader(ds, bands, grid), mh, mw, predict, classes, tile, overlap,
+        for top, band in blend_scene(make_reader(reader, grid), mh, mw, predict, classes, tile, overlap,
                                      margin, batch, on_tiles=bar.update):
             for row, cls, conf in emit_rows(band, top, row_index, col_index, confidence_path is not None):
-                invalid = ~valid_mask(ds, Window(0, row, ds.width, cls.shape[0]))
+                invalid = ~reader.valid(Window(0, row, ds.width, cls.shape[0]))
                 cls[invalid] = IGNORE
                 counts += np.bincount(cls.ravel(), minlength=256)
                 writers[0].write(cls)
@@ -366,9 +289,10 @@ def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[s
         out = out / (f"{scene.stem}.json" if options.format == "anylabeling" else f"{scene.stem}_landcover.tif")
     if options.format == "anylabeling":
         main = out or scene.with_suffix(".json")
-        if out is None and main.exists():
-            raise AerialsegError("a label file already exists beside the scene", main,
-                                 "pass --out to write the prediction elsewhere, or move the file")
+        if main.is_file() and not options.overwrite:
+            raise AerialsegError("a label file already exists here; it may hold hand-drawn labels", main,
+                                 "pass --out to write the prediction elsewhere, or --overwrite to replace it "
+                                 "(a .bak copy is kept)")
     else:
         main = out or Path(options.out_dir) / f"{scene.stem}_landcover.tif"
     stem = main.with_suffix("")
@@ -379,9 +303,56 @@ def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[s
         paths["vectors"] = Path(f"{stem}_polygons.gpkg")
     if options.areas:
         paths["areas"] = Path(f"{stem}_areas.json")
-    if options.preview:
-        paths["preview"] = Path(f"{stem}_preview.png")
+    if options.preview:  # AnyLabeling JSON sits among the images: its preview goes to out_dir, not beside it
+        preview_dir = Path(options.out_dir) if options.format == "anylabeling" else stem.parent
+        paths["preview"] = preview_dir / f"{stem.name}_preview.png"
     return paths
+
+
+def check_outputs(paths: dict[str, Path], scene: Path, model: Path) -> None:
+    """No output may be the scene or a file of the model bundle (also through links or letter case)."""
+    model_files = [p for p in model.iterdir() if p.is_file()] if model.is_dir() else [model]
+    refuse_inputs(paths.values(), [scene, *model_files], "pass another --out (the map must not replace an input)")
+    seen: dict[Path, str] = {}
+    for role, path in paths.items():
+        if path.absolute() in seen:
+            raise AerialsegError(f"the {role} and the {seen[path.absolute()]} would be the same file", path,
+                                 "pass another --out")
+        seen[path.absolute()] = role
+
+
+def check_scene(reader: SceneReader, path: Path, options: InferOptions, rows: int = 1024) -> None:
+    """Refuse a scene without georeferencing (unless allowed) and one that is nodata everywhere."""
+    ds = reader.ds
+    if not is_georeferenced(ds) and not options.allow_ungeoreferenced:
+        raise AerialsegError("scene is not georeferenced (no CRS or geotransform): the map could not be placed "
+                             "on the ground", path, "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
+                             "--allow-ungeoreferenced for a map on the pixel grid")
+    for row in range(0, ds.height, rows):
+        if reader.valid(Window(0, row, ds.width, min(rows, ds.height - row))).any():
+            return
+    raise AerialsegError("scene holds no valid pixel (nodata, alpha = 0 or NaN everywhere)", path,
+                         "check the scene's nodata value (gdalinfo) or pass the right file")
+
+
+@contextmanager
+def open_model(model: Path) -> Iterator[Bundle]:
+    """open_bundle, with whatever it extracts from a .zip kept in a run-named temp folder (no copies pile up)."""
+    with ExitStack() as stack:
+        if model.is_file():
+            folder = stack.enter_context(temp_dir(Path(tempfile.gettempdir()), "bundle"))
+            with tempfiles_in(folder):
+                bundle = stack.enter_context(open_bundle(model))
+        else:
+            bundle = stack.enter_context(open_bundle(model))
+        yield bundle
+
+
+def _keep_backup(path: Path) -> None:
+    if path.is_file():
+        kept = backup_path(path)
+        shutil.copy2(path, kept)
+        log.info("%s: previous label file kept as %s", path, kept.name)
 
 
 def write_cog(src: Path, dest: Path, resampling: str, blocksize: int) -> None:
@@ -411,25 +382,18 @@ def write_preview(src: Path, dest: Path, max_side: int = 1024) -> None:
 def write_anylabeling(src: Path, dest: Path, scene: Path, options: InferOptions) -> int:
     """The prediction as AnyLabeling JSON polygons (annotators correct it); returns the shape count.
 
-    Uses aerialseg.annotations.polygonize (polygons that paint back to the mask); simplify_px 0 = its exact default.
+    The same polygons and file as `aerialseg mask-to-label` (docs/labels.md): vertices on pixel centres, so the
+    tools paint the mask back; one shape per line; imagePath relative to dest's folder (dest may be a temp
+    file beside the final one).
     """
-    try:
-        from aerialseg.annotations import polygonize as mask_to_label
-    except ImportError as exc:
-        raise AerialsegError(f"AnyLabeling output needs aerialseg.annotations.polygonize ({exc})",
-                             fix="use --format geotiff") from None
+    from aerialseg.annotations.anylabeling import dumps_label_json
+    from aerialseg.annotations.polygonize import label_document
+
     with rasterio.open(src) as ds:
         mask = ds.read(1)
-    simplify = options.simplify_px or getattr(mask_to_label, "EXACT_SIMPLIFY_PX", 0.0)
-    shapes = mask_to_label.mask_to_shapes(mask, simplify, options.min_area_px)
-    image_path = os.path.relpath(scene.resolve(), dest.resolve().parent)
-    if hasattr(mask_to_label, "anylabeling_document"):
-        record = mask_to_label.anylabeling_document(shapes, image_path, mask.shape[1], mask.shape[0])
-    else:
-        record = {"version": "5.5.0", "flags": {}, "shapes": shapes, "imagePath": image_path, "imageData": None,
-                  "imageHeight": int(mask.shape[0]), "imageWidth": int(mask.shape[1])}
-    dest.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return len(shapes)
+    doc = label_document(mask, scene, dest, options.simplify_px, options.min_area_px)
+    dest.write_text(dumps_label_json(doc), encoding="utf-8")
+    return len(doc["shapes"])
 
 
 def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: dict[str, Path],
@@ -462,35 +426,38 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
     """Run a model bundle over a whole scene and write the map (+ optional side outputs) atomically."""
     options = options or InferOptions()
     options.check()
-    scene, out = Path(scene), (Path(out) if out is not None else None)
+    scene, out, model = Path(scene), (Path(out) if out is not None else None), Path(model)
     start = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds, \
-            open_bundle(model) as bundle:
-        bands = scene_bands(ds, bundle.in_channels, scene)
+            open_model(model) as bundle:
+        paths = output_paths(scene, out, options)
+        check_outputs(paths, scene, model)
+        reader = SceneReader(ds, scene, bundle.band_policy)
+        check_scene(reader, scene, options)
         overlap = bundle.overlap if options.overlap is None else int(options.overlap)
         if not 0 <= overlap < bundle.tile_size:
+            source = (model, "rebuild the bundle (aerialseg bundle) with a tile size > 0 and a smaller overlap") \
+                if options.overlap is None else (None, "pass a smaller --overlap")
             raise AerialsegError(f"overlap {overlap} px must be >= 0 and below the tile size {bundle.tile_size}",
-                                 fix="pass a smaller --overlap")
+                                 *source)
         margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
-        if options.backend == "onnx" and not bundle.onnx_path.is_file():
-            raise AerialsegError("the bundle has no model.onnx", bundle.root,
-                                 "run `aerialseg export-onnx` on it, or use --backend torch")
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
-        paths = output_paths(scene, out, options)
         device = resolve_device(options.device)
-        predict = bundle_predictor(bundle, options.backend, device, options.tta)
+        predict = Predictor.from_bundle(bundle, options.backend, device, options.tta)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
         main = paths["map"]
-        main.parent.mkdir(parents=True, exist_ok=True)
+        if options.format == "anylabeling" and options.overwrite:
+            _keep_backup(main)
         with ExitStack() as stack:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".aerialseg-tmp-", dir=main.parent)))
-            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in paths.items()}
+            work = stack.enter_context(temp_dir(main.parent, "infer-work"))
+            # the map's temp file is entered last, so an error (e.g. a full disk) is reported for the map
+            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in reversed(paths.items())}
             counts, n_tiles = predict_scene(
-                ds, bands, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
+                reader, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
                 work / "classes.tif", work / "confidence.tif" if options.confidence else None,
                 options.cog_blocksize, options.progress)
             _finish_outputs(ds, scene, work, tmp, counts, options, class_names)
-        width, height = ds.width, ds.height
+    width, height = ds.width, ds.height
     seconds = time.perf_counter() - start
     result = InferResult({k: str(v) for k, v in paths.items()}, width, height, n_tiles, seconds,
                          width * height / 1e6 / max(seconds, 1e-9), grid.scale, options.backend, device.type)

@@ -19,20 +19,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from aerialseg.geo.windows import window_starts
+
 Predict = Callable[[np.ndarray], np.ndarray]
 ReadRows = Callable[[int, int], np.ndarray]
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets along one axis: stride ``tile - overlap``, the last tile ending on the edge."""
-    if tile <= 0 or not 0 <= overlap < tile:
-        raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
 
 
 def _ramp(overlap_px: int, margin: int) -> np.ndarray:
@@ -113,7 +103,7 @@ def blend_scene(read_rows: ReadRows, height: int, width: int, predict: Predict, 
     row exactly once. A yielded band is a view into the accumulator: use (or copy) it before asking for
     the next one. ``on_tiles(n)`` is called after each batch (progress bars).
     """
-    rows_at, cols_at = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    rows_at, cols_at = window_starts(height, tile, overlap), window_starts(width, tile, overlap)
     row_w = axis_weights(height, tile, rows_at, margin).astype(np.float32)
     col_w = axis_weights(width, tile, cols_at, margin).astype(np.float32)
     band = BandAccumulator(channels, tile, width)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,7 +101,11 @@ def load_state(model: nn.Module, path: str | Path, strict: bool = True) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # SafetensorError: truncated or corrupt header/data
+            raise AerialsegError(f"cannot read the weights ({str(exc).splitlines()[0][:120]})", path,
+                                 "the file is truncated or corrupt: copy it again or rebuild it") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -141,14 +144,42 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not meta_path.is_file():
         raise AerialsegError("no model.json in the model directory", directory,
                              "point at a directory written by `aerialseg train`")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    model = create_model(meta["name"], classes=meta["classes"], in_channels=meta["in_channels"], **meta["kwargs"])
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise AerialsegError(f"model.json is not valid JSON ({str(exc)[:80]})", meta_path,
+                             "restore the file or re-save the model") from None
+    model = _build_from_record(meta, meta_path)
     if "pruning" in meta:  # a pruned model: replay its channel-removal plan (plain JSON) before loading weights
-        from aerialseg.compression.prune import apply_pruning_plan
+        from aerialseg.models.pruning_plan import apply_pruning_plan
 
         apply_pruning_plan(model, meta["pruning"])
     load_state(model, directory / "model.safetensors")
     return model.eval(), meta
+
+
+def _build_from_record(meta: Any, path: Path) -> nn.Module:
+    """The model a model.json record describes; a malformed record or bogus kwargs are one clear error."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise AerialsegError("model.json has no model name", path, "restore the file or re-save the model")
+    classes, channels, kwargs = meta.get("classes"), meta.get("in_channels"), meta.get("kwargs") or {}
+    for key, value in (("classes", classes), ("in_channels", channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+            raise AerialsegError(f"{key} must be a whole number from 1 to 1024, got {value!r}", path,
+                                 "restore the file or re-save the model")
+    if not isinstance(kwargs, dict):
+        raise AerialsegError(f"kwargs must be a mapping, got {type(kwargs).__name__}", path,
+                             "restore the file or re-save the model")
+    if meta["name"] not in _REGISTRY:
+        raise AerialsegError(f"unknown model '{meta['name']}'", path, f"use one of: {', '.join(list_models())}")
+    try:
+        return create_model(meta["name"], classes=classes, in_channels=channels, **kwargs)
+    except AerialsegError:
+        raise
+    except Exception as exc:  # a builder refusing its kwargs: TypeError, ValueError, KeyError, ...
+        raise AerialsegError(f"model '{meta['name']}' cannot be built from its kwargs {kwargs} "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})", path,
+                             "restore model.json (or re-save the model)") from None
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
@@ -166,6 +197,3 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
 
-def to_numpy_probs(logits: torch.Tensor) -> np.ndarray:
-    """Softmax over classes, float32 numpy (N, C, H, W)."""
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json, write_text
 from aerialseg.models import count_parameters, create_model, get_spec, load_model
-from aerialseg.core.config import section
 
 
 def example_input(tile: int, in_channels: int = 3, seed: int = 0) -> torch.Tensor:
@@ -246,18 +245,3 @@ def read_model_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a models.json written by ``write_model_table``."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     return list(data.get("rows", [])) if isinstance(data, dict) else []
-
-
-def profile_stage(params: dict[str, Any], models: Sequence[str] | None = None, out: str | Path | None = None,
-                  tile: int | None = None, threads: int | None = None, runs: int | None = None,
-                  onnx: dict[str, str] | None = None) -> Path:
-    """`aerialseg profile-models`: profile the listed models (flags override report.profile)."""
-    cfg = section(section(params, "report"), "profile")
-    models = list(models or cfg.get("models") or [])
-    if not models:
-        raise AerialsegError("no models to profile", fix="pass --model NAME_OR_DIR or set report.profile.models")
-    rows = profile_models(models, tile=int(tile or cfg.get("tile", 512)),
-                          threads=int(threads if threads is not None else cfg.get("threads", 0)),
-                          runs=int(runs or cfg.get("runs", 10)), warmup=int(cfg.get("warmup", 3)),
-                          onnx={**(cfg.get("onnx") or {}), **(onnx or {})})
-    return write_model_table(rows, out or cfg.get("out", "reports/models.json"))

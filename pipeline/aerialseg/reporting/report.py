@@ -1,6 +1,6 @@
 """The report stage: reports/report.md with PNG figures from the evaluation, training and comparison outputs.
 
-Required: the metrics.json of ``aerialseg evaluate``. Optional (a section says "not run" without them):
+Required: the evaluation.json of ``aerialseg evaluate``. Optional (a section says "not run" without them):
 confusion.json, models/<run>/history.csv, reports/samples.npz, data/split/class_shares.json,
 reports/models.json (``aerialseg profile-models``) and reports/compare.json (``aerialseg compare``).
 """
@@ -10,6 +10,7 @@ import glob
 import json
 import math
 import os
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ from aerialseg.evaluation import stats as stats_module  # noqa: E402
 from aerialseg.core.classes import CLASS_NAMES, COLORS, IGNORE, IGNORE_COLOR, colorize  # noqa: E402
 from aerialseg.core.errors import AerialsegError  # noqa: E402
 from aerialseg.core.fileio import atomic_path, write_text  # noqa: E402
-from aerialseg.core.config import section  # noqa: E402
 
 NOT_RUN = "_not run_"
 FIGURES = ("per_class_iou.png", "confusion.png", "class_shares.png", "training_curves.png", "samples.png",
@@ -460,20 +460,29 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
     return stats_module.read_json(path) if path.is_file() else None
 
 
-def report_stage(params: dict[str, Any]) -> Path:
-    """Write reports/report.md and its figures; returns the report's path."""
-    cfg = section(params, "report")
-    out = Path(cfg.get("out", "reports/report.md"))
-    figures = Path(cfg.get("figures", out.parent / "figures"))
-    metrics_path = Path(cfg.get("metrics", "reports/metrics.json"))
-    metrics = load_metrics(metrics_path)
-    confusion_path = Path(cfg.get("confusion", "reports/confusion.json"))
-    shares_path = Path(cfg.get("class_shares", "data/split/class_shares.json"))
-    samples_path = Path(cfg.get("samples", "reports/samples.npz"))
-    models_path = Path(cfg.get("models", "reports/models.json"))
-    compare_path = Path(cfg.get("compare", "reports/compare.json"))
-    history_pattern = cfg.get("history", "models/*/history.csv")
+@dataclass(frozen=True)
+class ReportInputs:
+    """Where the report reads from and writes to (the report stage fills it from params ``report``)."""
 
+    out: Path
+    figures: Path
+    metrics: Path
+    confusion: Path
+    class_shares: Path
+    samples: Path
+    models: Path
+    compare: Path
+    compression: Path
+    history: Any = "models/*/history.csv"  # glob or list of globs
+    max_runs: int = 8
+    max_samples: int = 6
+    provenance: str = ""  # e.g. which commit made the inputs
+
+
+def write_report(inp: ReportInputs) -> Path:
+    """Write the report markdown and its figures; returns the report's path."""
+    out, figures = inp.out, inp.figures
+    metrics = load_metrics(inp.metrics)
     made: dict[str, str] = {}
 
     def figure(name: str, plot: Any, *args: Any) -> str:
@@ -482,37 +491,38 @@ def report_stage(params: dict[str, Any]) -> Path:
         return made[name]
 
     figure("per_class_iou.png", plot_per_class, metrics)
-    matrix = load_confusion(metrics, confusion_path)
+    matrix = load_confusion(metrics, inp.confusion)
     if matrix is not None:
         figure("confusion.png", plot_confusion, matrix)
-    shares = load_class_shares(shares_path)
+    shares = load_class_shares(inp.class_shares)
     if shares:
         figure("class_shares.png", plot_class_shares, shares)
-    histories = {_run_name(p): load_history(p) for p in _history_paths(history_pattern)[: int(cfg.get("max_runs", 8))]}
+    histories = {_run_name(p): load_history(p) for p in _history_paths(inp.history)[: inp.max_runs]}
     if histories:
         figure("training_curves.png", plot_history, histories)
-    samples = load_samples(samples_path, int(cfg.get("max_samples", 6)))
+    samples = load_samples(inp.samples, inp.max_samples)
     if samples is not None and len(samples["image"]):
         figure("samples.png", plot_samples, samples)
-    compare = _optional_json(compare_path)
+    compare = _optional_json(inp.compare)
     if compare is not None:
         figure("seeds.png", lambda c, dest: stats_module.plot_comparison(c, dest), compare)
-    rows = profile_module.read_model_table(models_path) if models_path.is_file() else None
+    rows = profile_module.read_model_table(inp.models) if inp.models.is_file() else None
     for name in FIGURES:  # figures of sections that did not run this time would be stale
         if name not in made:
             (figures / name).unlink(missing_ok=True)
 
     sections = [
         "# aerialseg report",
-        f"Metrics from `{metrics_path}`. Sections whose input is missing say \"not run\".",
+        f"Metrics from `{inp.metrics}`{f' ({inp.provenance})' if inp.provenance else ''}. "
+        "Sections whose input is missing say \"not run\".",
         _metrics_section(metrics, made["per_class_iou.png"]),
         _confusion_section(matrix, made.get("confusion.png")),
-        _shares_section(shares, made.get("class_shares.png"), shares_path),
-        _history_section(histories, made.get("training_curves.png"), history_pattern),
-        _samples_section(samples, made.get("samples.png"), samples_path),
-        _models_section(rows, _miou_lookup(metrics, compare, rows or []), models_path),
-        _compare_section(compare, made.get("seeds.png"), compare_path),
-        _compression_section(Path(cfg.get("compression", "reports/compression.md"))),
+        _shares_section(shares, made.get("class_shares.png"), inp.class_shares),
+        _history_section(histories, made.get("training_curves.png"), inp.history),
+        _samples_section(samples, made.get("samples.png"), inp.samples),
+        _models_section(rows, _miou_lookup(metrics, compare, rows or []), inp.models),
+        _compare_section(compare, made.get("seeds.png"), inp.compare),
+        _compression_section(inp.compression),
         _definitions(metrics, compare),
     ]
     return write_text(out, "\n\n".join(sections) + "\n")

@@ -1,0 +1,31 @@
+"""Where the data stages write: the one place that turns params sections into stage output paths."""
+
+from pathlib import Path
+from typing import Any
+
+from aerialseg.core.config import section
+from aerialseg.core.errors import AerialsegError
+
+MANIFEST_NAME = "manifest.json"
+SPLIT_NAME = "split.json"
+
+
+def tiles_manifest(params: dict[str, Any]) -> Path:
+    return Path(section(params, "tiles").get("out", "data/tiles")) / MANIFEST_NAME
+
+
+def split_file(params: dict[str, Any]) -> Path:
+    return Path(section(params, "split").get("out", "data/split")) / SPLIT_NAME
+
+
+def augmented_dir(params: dict[str, Any]) -> Path:
+    return Path(section(params, "augment").get("out", "data/augmented"))
+
+
+def data_stage_outputs(params: dict[str, Any]) -> tuple[Path, Path]:
+    """(tiles manifest, split file); a missing one is a user error naming the stage to run."""
+    manifest, split = tiles_manifest(params), split_file(params)
+    for path, stage in ((manifest, "tiles"), (split, "split")):
+        if not path.is_file():
+            raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
+    return manifest, split

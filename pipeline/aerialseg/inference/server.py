@@ -1,0 +1,565 @@
+"""aerialseg serve: model bundles behind X-AnyLabeling's remote-server protocol (model-assisted labelling).
+
+Protocol (as X-AnyLabeling's ``remote_server`` model type and X-AnyLabeling-Server speak it):
+- ``GET /health`` -> ``{"status": "healthy", "models_loaded": n, "timestamp": ...}`` (never needs the key);
+- ``GET /v1/models`` -> ``{"success": true, "data": {model_id: {display_name, classes, widgets, params, ...}}}``;
+- ``POST /v1/predict`` with ``{"model", "image": data URI or bare base64, "params": {...}}`` ->
+  ``{"success": true, "data": {"shapes": [{label, shape_type: "polygon", points, score, ...}], "description"}}``;
+- every error: ``{"success": false, "error": {"code", "message"}}`` with a 4xx/5xx status, never a traceback.
+
+Predictions: the bundle's model over the whole uploaded image (read by the one ``SceneReader``) with
+infer-scene's seam-free stitcher (``aerialseg.inference.stitch.blend_scene``), so an image of any size is
+tiled; nodata/alpha pixels are left unlabelled. Each 4-connected region of one class becomes polygons
+through its boundary pixel centres, mask-to-label's convention (they paint back to exactly its pixels
+in label-to-mask, labelme and X-AnyLabeling); ``score`` is the region's mean confidence (max probability).
+AnyLabeling polygons have no holes, and X-AnyLabeling may reorder shapes, so a region with holes is cut
+between two pixel columns into hole-free pieces: every shape covers exactly its own pixels, in any
+order, and background is never returned (mask-to-label instead relies on file order and background
+hole shapes, which a live session cannot keep).
+
+Safety: binds 127.0.0.1 unless told otherwise; with an API key (``Token`` header, constant-time compare)
+every route but /health needs it; the body is capped, the image size is read from its header and refused
+before any pixel is decoded; only PNG/JPEG/WEBP/BMP/TIFF are opened, from memory (images never touch the
+disk); at most ``queue`` requests are admitted at once (503 beyond); each request has a deadline (504).
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import rasterio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import MemoryFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aerialseg.core.classes import IGNORE
+from aerialseg.core.errors import AerialsegError
+from aerialseg.geo.raster import is_georeferenced
+from aerialseg.inference.bundle import Bundle, open_bundle
+from aerialseg.inference.ranking import tile_predictor
+from aerialseg.geo.scene import SceneReader
+from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
+from aerialseg.inference.stitch import Predict, blend_scene
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "AERIALSEG_API_KEY"
+TOKEN_HEADER = b"token"  # X-AnyLabeling sends the key as "Token: <key>" (ASGI lower-cases header names)
+IMAGE_DRIVERS = ["PNG", "JPEG", "WEBP", "BMP", "GTiff"]  # never VRT & co.: they can read local files
+BACKGROUND = 0
+
+
+@dataclass
+class ServeOptions:
+    """Every knob of `aerialseg serve` (params.yaml section ``serve``; CLI flags override)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_mb: float = 64.0  # request body cap (base64 image + JSON)
+    max_megapixels: float = 50.0  # decoded-pixel cap, checked from the image header before decoding
+    min_side_px: int = 16  # smaller images are refused (nothing to segment)
+    queue: int = 16  # requests admitted at once (running + waiting); more -> 503
+    workers: int = 1  # inference threads (each runs the whole model; torch already uses every core)
+    timeout_s: float = 120.0  # per-request deadline -> 504
+    device: str = "auto"  # auto | cpu | cuda
+    batch: int = 8  # tiles per forward pass
+    conf_threshold: float = 0.0  # default when a request does not set it
+    epsilon_factor: float = 0.0  # default simplification (fraction of each ring's perimeter, as X-AnyLabeling)
+    min_area_px: float = 16.0  # default: regions smaller than this are not returned
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], **overrides: Any) -> "ServeOptions":
+        """Options from a params section; overrides that are not None win; unknown keys are errors."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise AerialsegError(f"unknown key(s) in section 'serve': {', '.join(unknown)}", "params.yaml",
+                                 f"use: {', '.join(sorted(names))}")
+        return cls(**{**section, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def check(self) -> None:
+        positive = {"max_body_mb": self.max_body_mb, "max_megapixels": self.max_megapixels, "queue": self.queue,
+                    "workers": self.workers, "timeout_s": self.timeout_s, "batch": self.batch}
+        for name, value in positive.items():
+            if not value > 0:
+                raise AerialsegError(f"serve.{name} must be > 0, got {value}", "params.yaml")
+        if not 0 <= self.port < 65536:
+            raise AerialsegError(f"port {self.port} is out of range", fix="pass --port 1-65535 (0 = any free port)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise AerialsegError(f"unknown device '{self.device}'", fix="use auto, cpu or cuda")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"success": false, "error": {code, message}}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"success": False, "error": {"code": code, "message": message}}, status_code=status)
+
+
+# --- request schema ----------------------------------------------------------------------------
+
+class PredictParams(BaseModel):
+    """``params`` of /v1/predict; unknown names are refused (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conf_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    epsilon_factor: float | None = Field(None, ge=0.0, le=0.1)
+    filter_classes: list[str] | None = None
+    min_area_px: float | None = Field(None, ge=0.0)
+    iou_threshold: float | None = None  # X-AnyLabeling's client sends it on every request; no meaning here
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    image: str
+    params: PredictParams = PredictParams()
+
+
+def parse_request(body: bytes) -> PredictRequest:
+    """The JSON body as a PredictRequest; malformed JSON -> 400, wrong fields -> 422."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "INVALID_JSON", "request body nests too deeply") from None
+    try:
+        return PredictRequest.model_validate(payload)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(422, "INVALID_REQUEST", problems) from None
+
+
+def decode_base64_image(image: str) -> bytes:
+    """Bytes of a data URI (``data:image/png;base64,...``) or of bare base64."""
+    payload = image
+    if image.startswith("data:"):
+        header, _, payload = image.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, "INVALID_IMAGE", "data URI is not base64-encoded")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "INVALID_IMAGE", "image is not valid base64") from None
+    if not raw:
+        raise ApiError(400, "INVALID_IMAGE", "image is empty")
+    return raw
+
+
+@contextmanager
+def open_image(raw: bytes, options: ServeOptions) -> Iterator[rasterio.DatasetReader]:
+    """Open encoded image bytes from memory; size caps are checked on the header, before decoding."""
+    with MemoryFile(raw) as memfile, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            ds = memfile.open(driver=IMAGE_DRIVERS)
+        except RasterioError:
+            raise ApiError(400, "INVALID_IMAGE", "not a PNG, JPEG, WEBP, BMP or TIFF image") from None
+        with ds:
+            pixels = ds.width * ds.height
+            if pixels > options.max_megapixels * 1e6:
+                raise ApiError(413, "IMAGE_TOO_LARGE", f"image is {ds.width}x{ds.height} px = {pixels / 1e6:.1f} MPix; "
+                                                       f"the limit is {options.max_megapixels:g} MPix")
+            if min(ds.width, ds.height) < options.min_side_px:
+                raise ApiError(422, "IMAGE_TOO_SMALL", f"image is {ds.width}x{ds.height} px; each side needs at "
+                                                       f"least {options.min_side_px} px")
+            yield ds
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+@dataclass
+class ServedModel:
+    """One bundle, loaded once: its id, its model as a tile function and its class names."""
+
+    model_id: str
+    bundle: Bundle
+    predict: Predict
+    class_names: tuple[str, ...]
+    batch: int = 8
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names a prediction can return (background never is)."""
+        return [n for i, n in enumerate(self.class_names) if i != BACKGROUND]
+
+    def metadata(self, options: ServeOptions) -> dict[str, Any]:
+        """What /v1/models says about the model (X-AnyLabeling reads display_name and widgets)."""
+        slider = 1 + round((min(max(options.epsilon_factor, 1e-4), 1e-2) - 1e-4) * 99 / (1e-2 - 1e-4))
+        return {
+            "display_name": f"aerialseg {self.bundle.manifest['model']['name']} ({self.model_id})",
+            "classes": self.labels,
+            "batch_processing_mode": "default",
+            "widgets": [{"name": "button_run", "value": None}, {"name": "input_conf", "value": None},
+                        {"name": "edit_conf", "value": float(options.conf_threshold)},
+                        {"name": "mask_fineness_slider", "value": int(slider)},
+                        {"name": "mask_fineness_value_label", "value": None},
+                        {"name": "toggle_preserve_existing_annotations", "value": False}],
+            "params": {"conf_threshold": options.conf_threshold, "epsilon_factor": options.epsilon_factor,
+                       "min_area_px": options.min_area_px, "filter_classes": self.labels},
+            "tile_size": self.bundle.tile_size,
+            "gsd_m": self.bundle.gsd_m,
+        }
+
+
+def model_ids(paths: list[Path]) -> list[str]:
+    """A unique id per bundle: its folder (or .zip) name, numbered when names repeat."""
+    ids: list[str] = []
+    for path in paths:
+        base = Path(path).stem or "model"
+        name, n = base, 1
+        while name in ids:
+            n += 1
+            name = f"{base}-{n}"
+        ids.append(name)
+    return ids
+
+
+def load_models(paths: list[Path], options: ServeOptions, stack: ExitStack) -> dict[str, ServedModel]:
+    """Open every bundle (kept open on ``stack``) and load its model once."""
+    if not paths:
+        raise AerialsegError("no model given", fix="pass --model BUNDLE (several --model allowed)")
+    models = {}
+    for model_id, path in zip(model_ids(paths), paths):
+        bundle = stack.enter_context(open_bundle(path))
+        names = tuple(c["name"] for c in bundle.manifest["classes"])
+        models[model_id] = ServedModel(model_id, bundle, tile_predictor(bundle, options.device), names,
+                                       options.batch)
+        log.info("serve: model %s <- %s (%s, %d classes)", model_id, path, bundle.manifest["model"]["name"],
+                 len(names))
+    return models
+
+
+def predict_array(model: ServedModel, image: np.ndarray,
+                  on_tiles: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (B, H, W) -> (classes uint8, confidence float32) (H, W): infer-scene's stitcher over the image."""
+    _, height, width = image.shape
+    classes = np.empty((height, width), np.uint8)
+    confidence = np.empty((height, width), np.float32)
+    bundle = model.bundle
+    for top, probs in blend_scene(lambda row, rows: image[:, row:row + rows], height, width, model.predict,
+                                  bundle.num_classes, bundle.tile_size, bundle.overlap, bundle.overlap // 4,
+                                  model.batch, on_tiles=on_tiles):
+        rows = probs.shape[1]
+        classes[top:top + rows] = probs.argmax(axis=0)
+        confidence[top:top + rows] = probs.max(axis=0)
+    return classes, confidence
+
+
+def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: float,
+                    on_tiles: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An opened image -> (classes, confidence) on its grid, read at the training GSD like infer-scene
+    (at most ``max_pixels`` there); nodata/alpha pixels are IGNORE."""
+    try:
+        reader = SceneReader(ds, "image", model.bundle.band_policy)
+    except AerialsegError as exc:  # band count, bit depth
+        raise ApiError(422, "INVALID_IMAGE", str(exc).removeprefix("image: ")) from None
+    scale = resample_scale(ds, model.bundle, InferOptions(), Path("image")) if is_georeferenced(ds) else 1.0
+    grid = Grid(ds.height, ds.width, scale)
+    if grid.model_height * grid.model_width > max_pixels:
+        raise ApiError(413, "IMAGE_TOO_LARGE", f"at the training GSD the image is {grid.model_width}x"
+                                               f"{grid.model_height} px, above the limit of {max_pixels / 1e6:g} MPix")
+    try:
+        pixels = make_reader(reader, grid)(0, grid.model_height)
+        valid = reader.valid()
+    except (AerialsegError, RasterioError):
+        raise ApiError(400, "INVALID_IMAGE", "the image data is corrupt or truncated") from None
+    classes, confidence = predict_array(model, pixels, on_tiles)
+    if grid.scale != 1.0:
+        rows = grid.model_index(ds.height, grid.model_height)[:, None]
+        cols = grid.model_index(ds.width, grid.model_width)[None, :]
+        classes, confidence = classes[rows, cols], confidence[rows, cols]
+    classes[~valid] = IGNORE
+    return classes, confidence
+
+
+# --- class map -> hole-free scored polygons ----------------------------------------------------
+
+def holes(own: np.ndarray) -> np.ndarray:
+    """Pixels inside a region's outer outline that are not its own (what painting the outline would add)."""
+    contours, _ = cv2.findContours(own.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros(own.shape, np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return (filled > 0) & ~own
+
+
+def hole_free_pieces(own: np.ndarray, x: int, y: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Split a 4-connected region (bool crop at column ``x``, row ``y``) into hole-free 4-connected pieces.
+
+    A region with holes is cut between two pixel columns through its middle hole (by x): each side is
+    open on that hole, so every piece has fewer holes; the pieces partition the region's pixels.
+    """
+    enclosed = holes(own)
+    if not enclosed.any():
+        yield own, x, y
+        return
+    count, _, stats, centroids = cv2.connectedComponentsWithStats(enclosed.view(np.uint8), connectivity=4)
+    middle = 1 + int(np.argsort(centroids[1:, 0], kind="stable")[(count - 1) // 2])
+    cut = int(stats[middle, cv2.CC_STAT_LEFT] + stats[middle, cv2.CC_STAT_WIDTH] // 2)
+    for side, offset in ((own[:, :cut], 0), (own[:, cut:], cut)):
+        n, parts, part_stats, _ = cv2.connectedComponentsWithStats(side.astype(np.uint8), connectivity=4)
+        for k in range(1, n):
+            px, py, pw, ph = (int(v) for v in part_stats[k, :4])
+            yield from hole_free_pieces(parts[py:py + ph, px:px + pw] == k, x + offset + px, y + py)
+
+
+def outline(own: np.ndarray, x: int, y: int, epsilon_factor: float = 0.0) -> list[list[int]]:
+    """The outer outline of a hole-free piece through its boundary pixel centres (mask-to-label's convention:
+    it paints back to exactly the piece), simplified by ``epsilon_factor`` x its length (X-AnyLabeling's rule)."""
+    contours, _ = cv2.findContours(own.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y))
+    points = contours[0]
+    if epsilon_factor > 0:
+        points = cv2.approxPolyDP(points, epsilon_factor * cv2.arcLength(points, True), True)
+    points = points[:, 0, :]
+    if len(points) < 3:  # 1- and 2-pixel pieces: the tools want 3 points or more
+        points = np.r_[points, np.repeat(points[-1:], 3 - len(points), axis=0)]
+    return points.tolist()
+
+
+def scored_shapes(classes: np.ndarray, confidence: np.ndarray, class_names: tuple[str, ...],
+                  conf_threshold: float = 0.0, epsilon_factor: float = 0.0, min_area_px: float = 0.0,
+                  keep: set[int] | None = None, on_region: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """X-AnyLabeling shapes of a class map: one or more hole-free polygons per 4-connected region, score = the
+    region's mean confidence; background, ignore, regions below ``conf_threshold`` or ``min_area_px`` and
+    classes not in ``keep`` (None = all) are left out. Largest regions first. ``on_region(n)`` is called as
+    regions are done (deadline checks)."""
+    found, done = [], 0
+    for value in np.flatnonzero(np.bincount(classes.ravel(), minlength=256)):
+        if value in (BACKGROUND, IGNORE) or (keep is not None and value not in keep):
+            continue
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((classes == value).view(np.uint8),
+                                                                   connectivity=4, ltype=cv2.CV_32S)
+        area = stats[:, cv2.CC_STAT_AREA]
+        score = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=count) / np.maximum(area, 1)
+        wanted = (area >= max(min_area_px, 1)) & (score >= conf_threshold)
+        wanted[0] = False  # label 0: the pixels of other classes
+        for k in np.flatnonzero(wanted):
+            if on_region is not None and done % 256 == 0:
+                on_region(done)
+            done += 1
+            x, y, w, h = (int(v) for v in stats[k, :4])
+            for piece, px, py in hole_free_pieces(labels[y:y + h, x:x + w] == k, x, y):
+                found.append((-int(area[k]), int(value), int(k), {
+                    "label": class_names[value], "shape_type": "polygon",
+                    "points": outline(piece, px, py, epsilon_factor), "score": round(float(score[k]), 4),
+                    "group_id": None, "description": "", "difficult": False, "flags": {}, "attributes": {}}))
+    found.sort(key=lambda item: item[:3])
+    return [shape for *_, shape in found]
+
+
+def class_filter(model: ServedModel, names: list[str] | None) -> set[int] | None:
+    """filter_classes (names, case-insensitive) -> class ids; unknown names -> 422."""
+    if names is None:
+        return None
+    lookup = {n.lower(): i for i, n in enumerate(model.class_names)}
+    unknown = [n for n in names if n.strip().lower() not in lookup]
+    if unknown:
+        raise ApiError(422, "INVALID_PARAMS", f"filter_classes: unknown class(es) {unknown}; "
+                                              f"this model has {model.labels}")
+    return {lookup[n.strip().lower()] for n in names}
+
+
+def handle_predict(models: dict[str, ServedModel], options: ServeOptions, body: bytes,
+                   deadline: float) -> dict[str, Any]:
+    """The whole /v1/predict work (runs in an inference thread): parse, decode, predict, polygonise."""
+    request = parse_request(body)
+    model = models.get(request.model)
+    if model is None:
+        raise ApiError(404, "MODEL_NOT_FOUND", f"model '{request.model}' is not served; "
+                                               f"available: {', '.join(models)}")
+    params = request.params
+    keep = class_filter(model, params.filter_classes)
+    raw = decode_base64_image(request.image)
+    del request
+
+    def check_deadline(_: int = 0) -> None:
+        if time.monotonic() > deadline:
+            raise ApiError(504, "TIMEOUT", f"prediction took longer than {options.timeout_s:g} s")
+
+    check_deadline()
+    with open_image(raw, options) as ds:
+        classes, confidence = predict_dataset(model, ds, options.max_megapixels * 1e6, check_deadline)
+    del raw
+    shapes = scored_shapes(
+        classes, confidence, model.class_names,
+        options.conf_threshold if params.conf_threshold is None else params.conf_threshold,
+        options.epsilon_factor if params.epsilon_factor is None else params.epsilon_factor,
+        options.min_area_px if params.min_area_px is None else params.min_area_px, keep, check_deadline)
+    return {"shapes": shapes, "description": ""}
+
+
+# --- the web app -------------------------------------------------------------------------------
+
+class TokenAuth:
+    """ASGI middleware: with a key set, every path but /health needs ``Token: <key>`` (constant-time compare)."""
+
+    def __init__(self, app: Any, api_key: str | None):
+        self.app = app
+        self.key = api_key.encode("utf-8") if api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.key is not None and scope["type"] == "http" and scope["path"] != "/health":
+            token = next((value for name, value in scope["headers"] if name == TOKEN_HEADER), b"")
+            if not hmac.compare_digest(token, self.key):
+                await error_response(401, "UNAUTHORIZED", "invalid or missing API key (header 'Token')")(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Gate:
+    """Admission control: at most ``limit`` requests in flight; a slot is freed when its work has ended."""
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+
+    def enter(self) -> None:
+        if self.active >= self.limit:
+            raise ApiError(503, "QUEUE_FULL", f"{self.active} requests are in progress; try again shortly")
+        self.active += 1
+
+    def leave(self, *_: Any) -> None:
+        self.active -= 1
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "BODY_TOO_LARGE", f"request body is {int(declared) / 2**20:.1f} MiB; "
+                                              f"the limit is {limit / 2**20:g} MiB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds the limit of {limit / 2**20:g} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Consume a finished future's exception (the request may have timed out and gone)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def create_app(models: dict[str, ServedModel], options: ServeOptions, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` (already loaded)."""
+    executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="aerialseg-predict")
+    gate = Gate(options.queue)
+    app = FastAPI(title="aerialseg serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "INVALID_REQUEST", "; ".join(e["msg"] for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("serve: internal error", exc_info=exc)
+        return error_response(500, "INTERNAL_ERROR", "internal server error (see the server log)")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return {"status": "healthy", "models_loaded": len(models), "timestamp": now}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"success": True, "data": {mid: m.metadata(options) for mid, m in models.items()}}
+
+    @app.get("/v1/models/{model_id}/info")
+    async def model_info(model_id: str) -> dict[str, Any]:
+        if model_id not in models:
+            raise ApiError(404, "MODEL_NOT_FOUND", f"model '{model_id}' is not served")
+        return {"success": True, "data": {"model_id": model_id, **models[model_id].metadata(options)}}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        deadline = time.monotonic() + options.timeout_s
+        gate.enter()
+        try:
+            body = await read_body(request, int(options.max_body_mb * 2**20))
+        except BaseException:
+            gate.leave()
+            raise
+        future = asyncio.get_running_loop().run_in_executor(executor, handle_predict, models, options, body,
+                                                             deadline)
+        future.add_done_callback(gate.leave)
+        future.add_done_callback(_retrieve)
+        del body
+        try:
+            data = await asyncio.wait_for(asyncio.shield(future), timeout=max(deadline - time.monotonic(), 0) + 1)
+        except TimeoutError:
+            raise ApiError(504, "TIMEOUT", f"prediction took longer than {options.timeout_s:g} s") from None
+        return {"success": True, "data": data}
+
+    app.add_middleware(TokenAuth, api_key=api_key)
+    app.state.executor, app.state.gate = executor, gate
+    return app
+
+
+# --- running it --------------------------------------------------------------------------------
+
+def read_api_key(key_file: Path | None, environ: dict[str, str]) -> str | None:
+    """The API key: --api-key-file wins over $AERIALSEG_API_KEY; None = no key (open server)."""
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AerialsegError(f"cannot read the API key file ({exc.__class__.__name__})", key_file,
+                                 "give a readable UTF-8 text file holding the key") from None
+        if not key:
+            raise AerialsegError("the API key file is empty", key_file, "write the key into it")
+        return key
+    return environ.get(API_KEY_ENV, "").strip() or None
+
+
+def serve(model_paths: list[Path], options: ServeOptions, api_key: str | None) -> None:
+    """Load the bundles and run the server until interrupted (uvicorn)."""
+    import uvicorn
+
+    options.check()
+    if api_key is None and options.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serve: listening on %s without an API key: anyone who can reach it can use the models "
+                    "(set %s or pass --api-key-file)", options.host, API_KEY_ENV)
+    with ExitStack() as stack:
+        app = create_app(load_models(model_paths, options, stack), options, api_key)
+        stack.callback(app.state.executor.shutdown, wait=False, cancel_futures=True)
+        log.info("serve: %s; settings %s", "API key required (header Token)" if api_key else "no API key",
+                 json.dumps({k: v for k, v in asdict(options).items()}))
+        uvicorn.run(app, host=options.host, port=options.port, log_level="info", timeout_graceful_shutdown=5)

@@ -1,0 +1,35 @@
+"""bundle stage (`aerialseg bundle MODEL_DIR`, params ``bundle`` and ``export``): weights, bundle.json and the
+two ONNX files (model.onnx: logits for infer-scene; model.deepness.onnx: probabilities for QGIS Deepness)."""
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from aerialseg.compression.onnx_export import export_bundle_onnx
+from aerialseg.core.config import section
+from aerialseg.inference.bundle import assemble_bundle, read_model_record
+
+
+def build_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
+                 overlap: int | None = None, gsd_m: float | None = None, onnx: bool = True,
+                 archive: bool = False, max_abs_diff: float = 1e-3, opset: int = 18) -> Path:
+    """Bundle a trained model dir (``out`` None: in place; ``archive``: one .zip); ``onnx`` exports and
+    checks both ONNX files (aerialseg.compression.onnx_export). Returns the bundle path."""
+    export = partial(export_bundle_onnx, max_abs_diff=max_abs_diff, opset=opset) if onnx else None
+    return assemble_bundle(model_dir, out, tile_size, overlap, gsd_m, archive, export)
+
+
+def run(params: dict[str, Any], model_dir: str | Path, out: str | Path | None = None, archive: bool | None = None,
+        onnx: bool | None = None, tile_size: int | None = None, overlap: int | None = None,
+        gsd_m: float | None = None) -> Path:
+    """The bundle stage: each argument left None takes its ``bundle`` value from params (the GSD: bundle.gsd_m,
+    else model.json's gsd_m, else data.gsd_m); the parity gate and opset come from ``export``."""
+    cfg, exp = section(params, "bundle"), section(params, "export")
+    gsd = next((g for g in (gsd_m, cfg.get("gsd_m"), read_model_record(Path(model_dir)).get("gsd_m"),
+                            section(params, "data").get("gsd_m")) if g is not None), None)
+    dest = out if out is not None else (Path(cfg["out"]) if cfg.get("out") else None)
+    return build_bundle(model_dir, dest, tile_size=tile_size or cfg.get("tile_size"),
+                        overlap=overlap if overlap is not None else cfg.get("overlap"), gsd_m=gsd,
+                        onnx=cfg.get("onnx", True) if onnx is None else onnx,
+                        archive=cfg.get("zip", False) if archive is None else archive,
+                        max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))

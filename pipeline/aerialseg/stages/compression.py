@@ -1,0 +1,22 @@
+"""compression stage (`aerialseg compression-table`, params ``quantize.table``): backbone x pruned x int8 table."""
+
+from typing import Any
+
+from aerialseg.compression.quantize import QuantizeConfig, TableConfig, compression_table
+from aerialseg.core.config import DEFAULT_PARAMS, check_keys, section
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.paths import data_stage_outputs
+from aerialseg.data.datasets import split_arrays
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    """The `aerialseg compression-table` stage (entries from quantize.table)."""
+    config = QuantizeConfig.from_params(section(params, "quantize"))
+    check_keys("quantize.table", config.table, TableConfig.__dataclass_fields__)
+    table = TableConfig(**config.table)
+    if not table.entries:
+        raise AerialsegError("quantize.table.entries is empty", DEFAULT_PARAMS,
+                             "list {backbone, model_dir, pruned_dir} entries")
+    calibration, _ = split_arrays(*data_stage_outputs(params), "train", config.calibration_tiles)
+    val_images, val_masks = split_arrays(*data_stage_outputs(params), "val", table.val_tiles)
+    return compression_table(table.entries, calibration, val_images, val_masks, config, table)

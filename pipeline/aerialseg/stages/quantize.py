@@ -1,0 +1,39 @@
+"""quantize stage (`aerialseg quantize`, params ``quantize``): ONNX Runtime static int8, gated on ΔmIoU."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aerialseg.compression.quantize import QuantizeConfig, quantize_model_dir
+from aerialseg.core.config import section
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.paths import data_stage_outputs
+from aerialseg.data.datasets import split_arrays
+
+log = logging.getLogger(__name__)
+
+
+def split_tiles(params: dict[str, Any], split: str, limit: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Up to ``limit`` patches of a split of the data stages' outputs."""
+    return split_arrays(*data_stage_outputs(params), split, limit)
+
+
+def run(params: dict[str, Any], model_dir: str | Path | None = None,
+                 out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The `aerialseg quantize` stage on ``quantize.model_dir`` (or the given directory)."""
+    config = QuantizeConfig.from_params(section(params, "quantize"))
+    out_dir = out_dir or (None if model_dir else config.out)
+    model_dir = Path(model_dir or config.model_dir or section(params, "train").get("out", "models/default"))
+    if not (model_dir / "model.json").is_file():
+        raise AerialsegError("model not found", model_dir / "model.json",
+                             "run `aerialseg train` (or `aerialseg prune`) first or set quantize.model_dir")
+    calibration, _ = split_tiles(params, "train", config.calibration_tiles)
+    val_images, val_masks = split_tiles(params, "val", config.val_tiles)
+    report = quantize_model_dir(model_dir, calibration, val_images, val_masks, config, out_dir)
+    log.info("int8: %.2f MB (fp32 ONNX %.2f MB), ΔmIoU %.2f points, %.1f ms vs PyTorch fp32 %.1f ms (%.2fx)",
+             report["size_mb"]["onnx_int8"], report["size_mb"]["onnx_fp32"],
+             report["accuracy"]["delta_miou_points"], report["latency_ms"]["onnx_int8"],
+             report["latency_ms"]["torch_fp32"], report["latency_ms"]["speedup_int8_vs_torch"])
+    return report

@@ -1,0 +1,119 @@
+"""The layout's rules: layers import one way, no cycles, stages stand alone, DVC knows each stage's code,
+and the torch-free commands start without torch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "pipeline" / "aerialseg"
+
+# Lower layers never import higher ones (same rank: the two packages may not import each other).
+LAYERS = {"core": 0, "geo": 1, "annotations": 2, "data": 2, "models": 3, "inference": 4, "evaluation": 5,
+          "training": 6, "compression": 7, "reporting": 8, "stages": 9, "cli": 10}
+TORCH_FREE_COMMANDS = ("label-to-mask", "mask-to-label", "tiles", "split")
+HEAVY = ("torch", "timm", "segmentation_models_pytorch")
+
+
+sys.path.insert(0, str(REPO / "tools"))
+from code_deps import GRAPH, MODULES, command_files, commands, rewrite  # noqa: E402
+
+
+def _layer(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "root"
+
+
+def _command_files(command: set[str]) -> set[Path]:
+    """Files a CLI command runs: cli.py plus the import closure of its own code."""
+    return {MODULES[m].resolve() for m in _closure(command)} | {(PKG / "cli.py").resolve()}
+
+
+def test_every_module_sits_in_a_layer():
+    assert {_layer(m) for m in MODULES} <= set(LAYERS) | {"root"}
+
+
+def test_layers_import_one_way():
+    wrong = []
+    for mod, targets in GRAPH.items():
+        for target in targets:
+            a, b = _layer(mod), _layer(target)
+            if a == b or b == "root":
+                continue
+            if a == "root" or LAYERS[b] >= LAYERS[a]:
+                wrong.append(f"{mod} -> {target}")
+    assert not wrong, "imports against the layer order:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles():
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_stage_imports_another_stage():
+    wrong = [f"{m} -> {t}" for m, ts in GRAPH.items() if _layer(m) == "stages"
+             for t in ts if _layer(t) == "stages" and t != "aerialseg.stages"]
+    assert not wrong, wrong
+
+
+def _dvc_stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def test_dvc_code_deps_are_exactly_what_each_stage_imports():
+    """Every package file a stage's command imports is a dep, and no other code is: touching a module
+    re-runs exactly the stages that run it (`python tools/code_deps.py --write` updates dvc.yaml)."""
+    text = (REPO / "dvc.yaml").read_text()
+    assert rewrite(text) == text, "dvc.yaml code deps are stale: run python tools/code_deps.py --write"
+    stages = [s for s in _dvc_stages().values() if s["cmd"].split()[0] == "aerialseg"]
+    assert len(stages) >= 10
+    for stage in stages:
+        deps = [(REPO / d).resolve() for d in stage["deps"] if d.startswith("pipeline/")]
+        files = {f.resolve() for f in command_files(stage["cmd"].split()[1])}
+        assert all(any(f == d or d in f.parents for d in deps) for f in files), stage["cmd"]
+        assert all(any(f == d or d in f.parents for f in files) for d in deps), stage["cmd"]
+
+
+@pytest.mark.parametrize("command", [None, *TORCH_FREE_COMMANDS])
+def test_torch_free_commands_start_without_torch(command):
+    """`aerialseg --help` and the data stages import no torch, timm or smp (checked in a fresh interpreter)."""
+    code = ("import sys; from typer.testing import CliRunner; import aerialseg.cli as cli; "
+            f"args = {[command, '--help'] if command else ['--help']!r}; "
+            "r = CliRunner().invoke(cli.app, args); assert r.exit_code == 0, r.output; "
+            "import aerialseg.cli")
+    if command:  # the modules the command imports when it runs, too
+        mods = sorted(commands()[command])
+        code += "; " + "; ".join(f"import {m}" for m in mods)
+    code += f"; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
