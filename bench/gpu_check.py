@@ -4,8 +4,8 @@
     python bench/gpu_check.py speed [--tiny] [--models a,b,c] [--size 512] [--json speed.json]
     python bench/gpu_check.py summary WORKDIR [--speed speed.json]
 
-``params``: params.yaml with profile overlays merged in order (mappings merge key by key, anything else
-replaces: the rule tests/test_pipeline_dvc.py applies profiles/ci.yaml with), then the short-run settings
+``params``: params.yaml with profile overlays merged in order by ``aerialseg.core.config.merge_profile`` (what
+``aerialseg apply-profile`` does: mappings merge key by key, anything else replaces), then the short-run settings
 (``SHORT``), then with ``--tiny`` the CPU settings (``TINY``) that keep the whole check under a minute on
 two cores. ``speed``: training images/s of the teacher (synthetic batch, AMP on CUDA) and inference FPS
 at size x size, batch 1, fp32 and fp16 (fp16 on CUDA only) for the default model, DAS-Net and SegFormer-B0.
@@ -13,7 +13,6 @@ at size x size, batch 1, fp32 and fp16 (fp16 on CUDA only) for the default model
 """
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -44,14 +43,6 @@ TINY: dict[str, Any] = {
 }
 
 
-def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """``overlay`` merged into a copy of ``base``: mappings key by key, other values replace."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else copy.deepcopy(value)
-    return out
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
@@ -61,14 +52,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def build_params(profiles: list[Path], tiny: bool, oem: str | None, base: Path = REPO / "params.yaml") -> dict:
     """params.yaml + profiles + the short-run settings (+ the tiny CPU settings)."""
+    from aerialseg.core.config import merge_profile
+
     params = read_yaml(base)
     for profile in profiles:
-        params = merge(params, read_yaml(profile))
-    params = merge(params, SHORT)
+        params = merge_profile(params, read_yaml(profile))
+    params = merge_profile(params, SHORT)
     if tiny:
-        params = merge(params, TINY)
+        params = merge_profile(params, TINY)
     if oem:
-        params = merge(params, {"pretrain": {"enabled": True, "root": str(Path(oem).resolve())}})
+        params = merge_profile(params, {"pretrain": {"enabled": True, "root": str(Path(oem).resolve())}})
     return params
 
 

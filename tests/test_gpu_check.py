@@ -18,13 +18,12 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_check  # noqa: E402
 
 
-def test_merge_is_key_by_key_and_does_not_touch_its_inputs():
-    base = {"train": {"epochs": 6, "loss": {"name": "ce", "focal_gamma": 2.0}}, "model": {"name": "a"}}
-    overlay = {"train": {"loss": {"name": "ce+dice"}}, "model": {"name": "b"}, "new": [1, 2]}
-    merged = gpu_check.merge(base, overlay)
-    assert merged == {"train": {"epochs": 6, "loss": {"name": "ce+dice", "focal_gamma": 2.0}},
-                      "model": {"name": "b"}, "new": [1, 2]}
-    assert base["train"]["loss"]["name"] == "ce" and base["model"]["name"] == "a"
+def test_short_and_tiny_settings_leave_the_profile_files_alone():
+    before = (REPO / "profiles/gpu.yaml").read_text()
+    params = gpu_check.build_params([REPO / "profiles/gpu.yaml"], tiny=True, oem=None)
+    assert params["train"]["loss"] == yaml.safe_load((REPO / "params.yaml").read_text())["train"]["loss"]
+    assert params["train"]["epochs"] == 1 and params["distil"]["student"] == "segformer_b0"
+    assert (REPO / "profiles/gpu.yaml").read_text() == before
 
 
 def test_gpu_profile_is_the_thesis_recipe_and_every_key_is_known(tmp_path):
