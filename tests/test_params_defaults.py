@@ -11,11 +11,13 @@ from aerialseg.core.config import load_params
 from aerialseg.data.split import SplitParams
 from aerialseg.data.tiling import TileParams
 from aerialseg.inference.scene import InferOptions
+from aerialseg.training.train import TrainConfig
 
 # (section, typed config, keys whose code default means "derive it" and params.yaml names the derived value)
 SECTIONS = [("infer", InferOptions, ()), ("tiles", TileParams, ()), ("split", SplitParams, ()),
             ("masks", MaskOptions, ()), ("prune", PruneConfig, ()),
-            ("quantize", QuantizeConfig, ("out", "table"))]
+            ("quantize", QuantizeConfig, ("out", "table")),
+            ("train", TrainConfig, ("init_from",))]  # code: no init; params.yaml: the pretrain stage's output
 
 
 def _default(f: dataclasses.Field):

@@ -65,7 +65,7 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 8
     patch_size: int | None = None  # random training crop; None = the whole patch
     optimizer: str = "adamw"  # adamw | adam | sgd
@@ -74,9 +74,10 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "poly"  # poly | cosine | constant, per iteration
     poly_power: float = 0.9
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     min_lr: float = 0.0
-    loss: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "ce", "class_weights": None, "label_smoothing": 0.0,
+                                                          "focal_gamma": 2.0, "dice_weight": 1.0})
     seed: int = 42
     patience: int = 0  # early stopping: epochs without a better val mIoU (0 = off)
     init_from: str | None = None
