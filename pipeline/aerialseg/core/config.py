@@ -1,32 +1,16 @@
 """params.yaml: every knob, one section per stage, read and checked once at start-up."""
 
-import os
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from aerialseg.core.errors import AerialsegError, set_params_file
 
 PARAMS_YAML = Path("params.yaml")
-
-
-class _ParamsInUse(os.PathLike):
-    """The params file this run read: what errors about a params key name (params.yaml until loaded)."""
-
-    path: Path = PARAMS_YAML
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.path), spec)
-
-
-DEFAULT_PARAMS = _ParamsInUse()  # pass as the path of errors about params keys: names the file actually read
+T = TypeVar("T")
+DEFAULT_PARAMS = PARAMS_YAML  # the path of errors about params keys; AerialsegError names the file actually read
 # Keys that hold paths: relative values are relative to the params file (not to the working directory).
 PATH_KEYS = (
     "data.labels", "data.images", "masks.out", "tiles.out", "split.out", "augment.out", "pretrain.root",
@@ -63,7 +47,6 @@ def load_params(path: str | Path = PARAMS_YAML, required: tuple[str, ...] = ()) 
         raise AerialsegError("YAML nested too deeply", path, "pass the params.yaml file (--params)") from None
     if not isinstance(params, dict):
         raise AerialsegError("top level must be a mapping of sections", path)
-    DEFAULT_PARAMS.path = path
     base = path.resolve().parent
     if not fallback and base != Path.cwd().resolve():
         params = relative_to(params, base)
@@ -100,6 +83,16 @@ def relative_to(params: dict[str, Any], base: Path) -> dict[str, Any]:
         table["entries"] = [{k: (_rebase(v, base) if k in ("model_dir", "pruned_dir") else v) for k, v in e.items()}
                             if isinstance(e, dict) else e for e in table["entries"]]
     return params
+
+
+def options_from_section(cls: type[T], name: str, values: dict[str, Any], **overrides: Any) -> T:
+    """A typed options dataclass from a params section; overrides that are not None win; unknown keys are errors."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise AerialsegError(f"unknown key(s) in section '{name}': {', '.join(unknown)}", DEFAULT_PARAMS,
+                             f"use: {', '.join(sorted(names))}")
+    return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def section(params: dict[str, Any], name: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from aerialseg.core.classes import IGNORE
+from aerialseg.core.config import options_from_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_text
 from aerialseg.core.safety import refuse_inputs
@@ -87,12 +88,8 @@ class RankOptions:
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "RankOptions":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise AerialsegError(f"unknown key(s) in section 'rank': {', '.join(unknown)}", "params.yaml",
-                                 f"use: {', '.join(sorted(names))}")
-        return cls(**{**section, **{k: v for k, v in overrides.items() if v is not None}})
+        """Options from the params section 'rank'; overrides that are not None win; unknown keys are errors."""
+        return options_from_section(cls, "rank", section, **overrides)
 
     def check(self) -> None:
         if self.window < 16:

@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.core.classes import IGNORE, colorize, colormap
+from aerialseg.core.config import options_from_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
@@ -91,14 +92,8 @@ class InferOptions:
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "InferOptions":
-        """Options from a params section; overrides that are not None win; unknown keys are errors."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise AerialsegError(f"unknown key(s) in section 'infer': {', '.join(unknown)}", "params.yaml",
-                                 f"use: {', '.join(sorted(names))}")
-        values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**values)
+        """Options from the params section 'infer'; overrides that are not None win; unknown keys are errors."""
+        return options_from_section(cls, "infer", section, **overrides)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from rasterio.io import MemoryFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aerialseg.core.classes import IGNORE
+from aerialseg.core.config import options_from_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
@@ -87,13 +88,8 @@ class ServeOptions:
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "ServeOptions":
-        """Options from a params section; overrides that are not None win; unknown keys are errors."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise AerialsegError(f"unknown key(s) in section 'serve': {', '.join(unknown)}", "params.yaml",
-                                 f"use: {', '.join(sorted(names))}")
-        return cls(**{**section, **{k: v for k, v in overrides.items() if v is not None}})
+        """Options from the params section 'serve'; overrides that are not None win; unknown keys are errors."""
+        return options_from_section(cls, "serve", section, **overrides)
 
     def check(self) -> None:
         positive = {"max_body_mb": self.max_body_mb, "max_megapixels": self.max_megapixels, "queue": self.queue,
