@@ -21,6 +21,7 @@ EXPECTED_M = {
     "deeplabv3plus_resnet18": 12.3,
     "deeplabv3plus_resnet50": 26.7,
     "unet_efficientnet_lite0": 5.2,
+    "unet_efficientnet_lite0_slim": 0.92,
 }
 
 
@@ -31,7 +32,7 @@ def test_all_zoo_models_are_registered():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_M))
 def test_builds_forwards_and_counts(name):
-    kwargs = {"pretrained_encoder": False} if name == "unet_efficientnet_lite0" else {}
+    kwargs = {"pretrained_encoder": False} if name.startswith("unet_efficientnet_lite0") else {}
     model = create_model(name, **kwargs).eval()
     spec = get_spec(name)
     assert spec.family and spec.tile_size == 512 and spec.tile_size % spec.pad_multiple == 0
@@ -81,3 +82,13 @@ def test_lite0_rejects_files_that_do_not_fit(tmp_path):
     with pytest.raises(AerialsegError, match="3 input bands"):
         create_model("unet_efficientnet_lite0", in_channels=4)
     assert create_model("unet_efficientnet_lite0", in_channels=4, pretrained_encoder=False)
+
+
+def test_slim_student_is_the_default_encoder_cut_at_stride_16_with_its_imagenet_weights():
+    """unet_efficientnet_lite0_slim: <= 1/5 of the default's parameters, its encoder a prefix of the default's."""
+    slim, full = create_model("unet_efficientnet_lite0_slim"), create_model("unet_efficientnet_lite0")
+    assert count_parameters(slim) * 5 <= count_parameters(full)
+    slim_sd, full_sd = slim.encoder.model.state_dict(), full.encoder.model.state_dict()
+    assert len(slim_sd) < len(full_sd)
+    assert all(torch.equal(tensor, full_sd[key]) for key, tensor in slim_sd.items())  # ImageNet, not random
+    assert get_spec("unet_efficientnet_lite0_slim").pad_multiple == 16

@@ -73,26 +73,26 @@ def area_mask(rects: np.ndarray, top: int, height: int, width: int) -> np.ndarra
     return area
 
 
-def score_map(map_path: Path, mask_path: Path, scene_path: Path, rects: np.ndarray,
+def score_map(map_path: Path, mask_path: Path, rects: np.ndarray,
               tolerance_px: float = DEFAULT_BF1_TOLERANCE_PX, block_rows: int = BLOCK_ROWS) -> SceneScores:
     """Scores of a class map against a mask inside the rectangles, read in row blocks (bounded memory).
 
-    Boundary F1 reads a halo of rows around each block so that block borders change nothing.
+    Map pixels of 255 (infer-scene's nodata: where the scene is nodata, alpha-transparent or NaN, as its
+    SceneReader says) do not count, so the scene itself is not read again. Boundary F1 reads a halo of
+    rows around each block so that block borders change nothing.
     """
     scores = SceneScores(tolerance_px)
     halo = int(math.ceil(tolerance_px)) + 2
-    with open_raster(map_path) as pred_ds, open_raster(mask_path) as mask_ds, open_raster(scene_path) as scene_ds:
+    with open_raster(map_path) as pred_ds, open_raster(mask_path) as mask_ds:
         if (pred_ds.width, pred_ds.height) != (mask_ds.width, mask_ds.height):
             raise AerialsegError(f"map is {pred_ds.width}x{pred_ds.height}, the mask {mask_ds.width}x"
                                  f"{mask_ds.height}", map_path, "score a map of the mask's scene")
-        reader = SceneReader(scene_ds, scene_path)
         width, height = mask_ds.width, mask_ds.height
         for top in range(0, height, block_rows):
             lo, hi = max(0, top - halo), min(height, top + block_rows + halo)
             window = Window(0, lo, width, hi - lo)
-            truth = mask_ds.read(1, window=window)
-            truth[~reader.valid(window) | ~area_mask(rects, lo, hi - lo, width)] = IGNORE
-            pred = pred_ds.read(1, window=window)
+            truth, pred = mask_ds.read(1, window=window), pred_ds.read(1, window=window)
+            truth[(pred == IGNORE) | ~area_mask(rects, lo, hi - lo, width)] = IGNORE
             core = np.zeros(truth.shape, dtype=bool)
             core[top - lo:min(top + block_rows, height) - lo] = True
             scores.matrix.update(pred[core], truth[core])
@@ -157,7 +157,7 @@ def evaluate_scenes(model: Path, patches: list[dict[str, Any]], split: str, opti
             map_path = Path(work) / f"{name}_landcover.tif"
             infer_scene(group[0]["scene"], model, map_path, options)
             rects = np.array([[p["row"], p["col"], p["height"], p["width"]] for p in group], dtype=np.int64)
-            per_scene[name] = score_map(map_path, Path(group[0]["mask"]), Path(group[0]["scene"]), rects, tolerance_px)
+            per_scene[name] = score_map(map_path, Path(group[0]["mask"]), rects, tolerance_px)
             overall.merge(per_scene[name])
             for key, values in crop_samples(map_path, [p for p in group if p["id"] in keep]).items():
                 kept[key].extend(values)

@@ -1,0 +1,1 @@
+"""Reporting: report.md with figures, and model profiles (parameters, FLOPs, latency)."""

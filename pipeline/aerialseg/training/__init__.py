@@ -1,0 +1,1 @@
+"""Training: the one loop for training, OpenEarthMap pretraining and distillation; losses; DDP."""
