@@ -64,7 +64,7 @@ def distil(student: TrainConfig, teacher_dir: str | Path, datasets: tuple[Datase
            resume: bool = False, gsd_m: float | None = None, device: str = "auto") -> dict[str, Any]:
     """Train ``student`` with the frozen teacher's soft targets; returns the training summary + agreement.
 
-    ``device`` is where the student/teacher agreement on the val dataset is measured (``auto``: as training).
+    ``device`` is where the student/teacher agreement on the val dataset is measured (``auto``: CUDA if any).
     """
     teacher, out_dir = check_teacher(teacher_dir), Path(out_dir)
     summary = train_model(student, datasets, out_dir, resume=resume, teacher_dir=teacher, gsd_m=gsd_m)
@@ -72,8 +72,8 @@ def distil(student: TrainConfig, teacher_dir: str | Path, datasets: tuple[Datase
         return summary
     agree = agreement(out_dir, teacher, datasets[1], device=str(resolve_device(device)))
     record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"],
-              "alpha": student.alpha, "temperature": student.temperature, "final_temperature": student.final_temperature,
-              "val_agreement_with_teacher": round(agree, 6),
+              "alpha": student.alpha, "temperature": student.temperature,
+              "final_temperature": student.final_temperature, "val_agreement_with_teacher": round(agree, 6),
               "best_val_mIoU": summary["best_val_mIoU"]}
     write_json(out_dir / "distil.json", record)
     log.info("student %s agrees with the teacher on %.1f %% of val pixels", summary["model"], 100 * agree)
