@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from aerialseg.core.classes import IGNORE
-from aerialseg.training.distill import agreement, distil_run, student_params
+from aerialseg.stages import distil as distil_stage
+from aerialseg.stages import train as train_stage
+from aerialseg.stages.distil import student_config, student_sections
+from aerialseg.training.distill import agreement
 from aerialseg.core.errors import AerialsegError
 from aerialseg.training.losses import distillation_kl
 from aerialseg.models import create_model
-from aerialseg.training.train import train_run
 from test_train import small_datasets
 
 
@@ -42,27 +44,35 @@ def test_kl_temperature_scaling_and_ignore():
     assert float(distillation_kl(student, teacher, torch.full_like(target, IGNORE), 2.0)) == 0.0
 
 
-def test_student_params_take_distil_overrides():
+def test_student_sections_take_distil_overrides():
     params = {"model": {"name": "unet_efficientnet_lite0"}, "train": {"epochs": 50, "lr": 0.01, "init_from": "x"},
               "distil": {"student": "segformer_b0", "student_kwargs": {"decoder_segmentation_channels": 64},
                          "train": {"epochs": 3}}}
-    run = student_params(params)
-    assert run["model"] == {"name": "segformer_b0", "kwargs": {"decoder_segmentation_channels": 64}}
-    assert run["train"] == {"epochs": 3, "lr": 0.01, "init_from": None}
-    assert student_params(params, "pspnet_resnet18")["model"] == {"name": "pspnet_resnet18", "kwargs": {}}
+    model, train = student_sections(params)
+    assert model == {"name": "segformer_b0", "kwargs": {"decoder_segmentation_channels": 64}}
+    assert train == {"epochs": 3, "lr": 0.01, "init_from": None}
+    assert student_sections(params, "pspnet_resnet18")[0] == {"name": "pspnet_resnet18", "kwargs": {}}
+    assert student_sections(params, seed=7)[1]["seed"] == 7  # --seed, unless distil.train sets one
+    assert student_sections({**params, "distil": {"train": {"seed": 1}}}, seed=7)[1]["seed"] == 1
+    cfg = student_config(params)
+    assert cfg.model == "segformer_b0" and cfg.epochs == 3 and cfg.lr == 0.01 and cfg.init_from is None
+    with pytest.raises(AerialsegError, match="unknown train key"):
+        student_config({**params, "distil": {"train": {"epocs": 3}}})
+    with pytest.raises(AerialsegError, match="unknown model"):
+        student_sections(params, "resnet9000")
 
 
 def test_short_distillation_raises_agreement_with_teacher(tmp_path):
     datasets = small_datasets()
     teacher_params = {"model": {"name": "pspnet_resnet18"}, "train": {"epochs": 3, "batch_size": 4, "lr": 3e-3}}
-    train_run(teacher_params, tmp_path / "teacher", datasets=datasets)
+    train_stage.run(teacher_params, out_dir=tmp_path / "teacher", datasets=datasets)
     torch.manual_seed(42)  # the student's initial weights, as the run will build them
     before = agreement(create_model("segformer_b0"), tmp_path / "teacher", datasets[1], "segformer_b0")
     params = {"train": {"epochs": 3, "batch_size": 4, "lr": 3e-3},
               "distil": {"student": "segformer_b0", "alpha": 2.0, "temperature": 2.0}}
     with pytest.raises(AerialsegError, match="teacher"):
-        distil_run(params, tmp_path / "student", teacher_dir=tmp_path / "nowhere", datasets=datasets)
-    summary = distil_run(params, tmp_path / "student", teacher_dir=tmp_path / "teacher", datasets=datasets)
+        distil_stage.run(params, tmp_path / "student", teacher_dir=tmp_path / "nowhere", datasets=datasets)
+    summary = distil_stage.run(params, tmp_path / "student", teacher_dir=tmp_path / "teacher", datasets=datasets)
     record = json.loads((tmp_path / "student" / "distil.json").read_text())
     assert summary["teacher"] == record["teacher"] == "pspnet_resnet18" and record["student"] == "segformer_b0"
     assert json.loads((tmp_path / "student" / "model.json").read_text())["teacher"] == "pspnet_resnet18"

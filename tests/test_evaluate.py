@@ -69,7 +69,7 @@ def test_no_patches_is_a_user_error(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two sample scenes through label-to-mask, tiles, split and one short training run."""
-    from aerialseg.training.train import train_run
+    from aerialseg.stages import train as train_stage
 
     root = tmp_path_factory.mktemp("sample")
     params = run_sample_data_stages(sample_data_params(root))
@@ -79,7 +79,7 @@ def trained(tmp_path_factory):
     params["evaluate"] = {**params["evaluate"], "model": str(root / "run"), "out": str(root / "reports"),
                           "device": "cpu", "samples": 4, "split": "test"}
     params["infer"] = {**params["infer"], "batch": 4, "progress": False}
-    train_run(params, root / "run")
+    train_stage.run(params, out_dir=root / "run")
     return root, params
 
 

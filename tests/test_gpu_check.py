@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aerialseg.training.distill import student_params
-from aerialseg.training.train import TrainConfig
+from aerialseg.stages.distil import student_config
+from aerialseg.stages.train import train_config
 from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,11 +28,11 @@ def test_short_and_tiny_settings_leave_the_profile_files_alone():
 
 def test_gpu_profile_is_the_thesis_recipe_and_every_key_is_known(tmp_path):
     params = gpu_check.build_params([REPO / "profiles/gpu.yaml"], tiny=False, oem=None)
-    cfg = TrainConfig.from_params(params)  # unknown train / distil keys would raise here
+    cfg = train_config(params)  # unknown train / distil keys would raise here
     assert cfg.model == "upernet_convnext_tiny" and cfg.amp and cfg.batch_size == 16
     assert params["tiles"]["size"] == 512 and params["pretrain"]["enabled"] == "auto"
     assert cfg.epochs == gpu_check.SHORT["train"]["epochs"]  # the short run's override
-    student = TrainConfig.from_params(student_params(params))
+    student = student_config(params)
     assert student.model == "segformer_b0" and student.temperature_at(0) == 4.0
     assert student.temperature_at(student.epochs - 1) == 1.0
     full = yaml.safe_load((REPO / "profiles/gpu.yaml").read_text())
@@ -44,7 +44,7 @@ def test_gpu_profile_is_the_thesis_recipe_and_every_key_is_known(tmp_path):
 
 def test_ci_profile_still_applies():
     params = gpu_check.build_params([REPO / "profiles/ci.yaml"], tiny=False, oem=None)
-    assert TrainConfig.from_params(params).model == "unet_efficientnet_lite0"
+    assert train_config(params).model == "unet_efficientnet_lite0"
 
 
 def test_unknown_option_is_a_one_line_error():

@@ -12,7 +12,8 @@ import torch
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.models import create_model, load_model
-from aerialseg.training.pretrain import OpenEarthMapDataset, find_pairs, pretrain_enabled, pretrain_run, split_names
+from aerialseg.stages import pretrain as pretrain_stage
+from aerialseg.training.pretrain import OpenEarthMapDataset, find_pairs, pretrain_enabled, split_names
 from aerialseg.training.train import init_weights
 from conftest import shared_path
 
@@ -112,7 +113,7 @@ def test_folder_errors_and_region_layout(tmp_path):
 
 
 def test_disabled_stage_writes_a_marker_that_train_skips(tmp_path):
-    record = pretrain_run({"pretrain": {"enabled": False}}, tmp_path / "pre")
+    record = pretrain_stage.run({"pretrain": {"enabled": False}}, tmp_path / "pre")
     assert record["enabled"] is False
     assert json.loads((tmp_path / "pre" / "pretrain.json").read_text())["enabled"] is False
     assert init_weights(create_model("pspnet_resnet18"), tmp_path / "pre", "pspnet_resnet18") is None
@@ -120,17 +121,17 @@ def test_disabled_stage_writes_a_marker_that_train_skips(tmp_path):
 
 def test_auto_runs_only_when_the_root_holds_images(tmp_path):
     missing = {"enabled": "auto", "root": str(tmp_path / "oem")}
-    enabled, reason = pretrain_enabled(missing)
+    enabled, reason = pretrain_enabled("auto", missing["root"])
     assert not enabled and "holds no OpenEarthMap images" in reason
-    record = pretrain_run({"pretrain": {**missing}}, tmp_path / "pre")
+    record = pretrain_stage.run({"pretrain": {**missing}}, tmp_path / "pre")
     assert record == {"enabled": False, "reason": reason}
     (tmp_path / "oem" / "images").mkdir(parents=True)
-    assert pretrain_enabled(missing) == (True, "")
+    assert pretrain_enabled("auto", missing["root"]) == (True, "")
     (tmp_path / "regions" / "aachen" / "images").mkdir(parents=True)
-    assert pretrain_enabled({"enabled": "auto", "root": str(tmp_path / "regions")})[0]
-    assert not pretrain_enabled({"enabled": "auto", "root": None})[0]
+    assert pretrain_enabled("auto", str(tmp_path / "regions"))[0]
+    assert not pretrain_enabled("auto", None)[0]
     with pytest.raises(AerialsegError, match="true, false or auto"):
-        pretrain_enabled({"enabled": "yes"})
+        pretrain_enabled("yes", None)
 
 
 def test_pretrain_on_oem_samples_then_init_train(oem, tmp_path):
@@ -140,7 +141,7 @@ def test_pretrain_on_oem_samples_then_init_train(oem, tmp_path):
     params = {"model": {"name": "pspnet_resnet18"}, "train": {"batch_size": 4, "init_from": "ignored"},
               "pretrain": {"enabled": True, "root": str(root), "patch_size": 64, "resample_factor": 0.125,
                            "crops_per_image": 4, "train": {"epochs": 1}}}
-    record = pretrain_run(params, tmp_path / "pre")
+    record = pretrain_stage.run(params, tmp_path / "pre")
     assert record["enabled"] and record["train_images"] == 1 and record["val_images"] == 1
     assert record["epochs_run"] == 1
     meta = json.loads((tmp_path / "pre" / "model.json").read_text())

@@ -21,9 +21,9 @@ from aerialseg.evaluation.stats import (
     holm,
     load_run,
     paired_test,
-    run_seeds,
     write_comparison,
 )
+from aerialseg.stages.seeds import run_seeds
 
 
 def make_matrix(quality: float, seed: int) -> np.ndarray:

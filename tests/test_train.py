@@ -16,8 +16,10 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.training.losses import build_loss, cross_entropy, dice_loss, focal_loss
 from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import create_model, load_model, load_state
-from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, apply_overrides, init_weights,
-                             load_checkpoint, to_channels_last, train_run)
+from aerialseg.stages import train as train_stage
+from aerialseg.stages.train import apply_overrides, train_config
+from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, init_weights,
+                                      load_checkpoint, to_channels_last)
 from conftest import shared_path
 
 # Dubai mask colours (SOURCE.md) -> aerialseg classes; anything else is ignore.
@@ -122,9 +124,9 @@ def test_lr_schedules():
 
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(AerialsegError, match="unknown train key"):
-        TrainConfig.from_params({"train": {"epocs": 3}})
+        train_config({"train": {"epocs": 3}})
     with pytest.raises(AerialsegError, match="optimizer"):
-        TrainConfig.from_params({"train": {"optimizer": "lamb"}})
+        train_config({"train": {"optimizer": "lamb"}})
     params = apply_overrides({"model": {"name": "unet_efficientnet_lite0", "kwargs": {"pretrained_encoder": True}}},
                              model=FAST, seed=7, epochs=3)
     assert params["model"] == {"name": FAST, "kwargs": {}} and params["train"] == {"seed": 7, "epochs": 3}
@@ -133,14 +135,14 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 
 def test_distillation_temperature_schedule():
-    constant = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 3.0, "final_temperature": None}})
+    constant = train_config({"train": {"epochs": 5}, "distil": {"temperature": 3.0, "final_temperature": None}})
     assert [constant.temperature_at(e) for e in range(5)] == [3.0] * 5
-    annealed = TrainConfig.from_params({"train": {"epochs": 5}, "distil": {"temperature": 4.0,
+    annealed = train_config({"train": {"epochs": 5}, "distil": {"temperature": 4.0,
                                                                            "final_temperature": 1.0}})
     assert [annealed.temperature_at(e) for e in range(5)] == [4.0, 3.25, 2.5, 1.75, 1.0]
     assert annealed.temperature_at(9) == 1.0
     with pytest.raises(AerialsegError, match="final_temperature"):
-        TrainConfig.from_params({"distil": {"final_temperature": 0}})
+        train_config({"distil": {"final_temperature": 0}})
 
 
 def test_code_defaults_equal_params_yaml():
@@ -160,7 +162,7 @@ def test_code_defaults_equal_params_yaml():
 
 def test_training_writes_outputs_and_learns(tmp_path):
     train_ds, val_ds = small_datasets()
-    summary = train_run(tiny_params(epochs=3), tmp_path, datasets=(train_ds, val_ds))
+    summary = train_stage.run(tiny_params(epochs=3), out_dir=tmp_path, datasets=(train_ds, val_ds))
     assert summary["epochs_run"] == 3 and summary["model"] == FAST and summary["seed"] == 42
     for name in ("model.safetensors", "model.json", "history.csv", "curves.png", "train_summary.json", CHECKPOINT):
         assert (tmp_path / name).is_file(), name
@@ -180,8 +182,8 @@ def test_training_writes_outputs_and_learns(tmp_path):
 
 def test_channels_last_trains_to_the_same_result(tmp_path):
     datasets = small_datasets()
-    plain = train_run(tiny_params(channels_last=False), tmp_path / "a", datasets=datasets)
-    nhwc = train_run(tiny_params(channels_last=True), tmp_path / "b", datasets=datasets)
+    plain = train_stage.run(tiny_params(channels_last=False), out_dir=tmp_path / "a", datasets=datasets)
+    nhwc = train_stage.run(tiny_params(channels_last=True), out_dir=tmp_path / "b", datasets=datasets)
     assert nhwc["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-3)
     assert json.loads((tmp_path / "b" / "model.json").read_text())["train"]["channels_last"] is True
     model, _ = load_model(tmp_path / "b")  # saved NHWC weights load into a plain model
@@ -202,10 +204,10 @@ def test_channels_last_leaves_higher_rank_weights_alone():
 
 def test_two_runs_give_identical_weights(tmp_path):
     datasets = small_datasets(augment=True)
-    train_run(tiny_params(), tmp_path / "a", datasets=datasets)
-    train_run(tiny_params(), tmp_path / "b", datasets=datasets)
+    train_stage.run(tiny_params(), out_dir=tmp_path / "a", datasets=datasets)
+    train_stage.run(tiny_params(), out_dir=tmp_path / "b", datasets=datasets)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
-    train_run(tiny_params(seed=5), tmp_path / "c", datasets=datasets)
+    train_stage.run(tiny_params(seed=5), out_dir=tmp_path / "c", datasets=datasets)
     assert not torch.equal(weights(tmp_path / "a")["encoder.conv1.weight"],
                            weights(tmp_path / "c")["encoder.conv1.weight"])
 
@@ -213,16 +215,16 @@ def test_two_runs_give_identical_weights(tmp_path):
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     datasets = small_datasets(augment=True)
     params = tiny_params(epochs=3, schedule="cosine")
-    full = train_run(params, tmp_path / "full", datasets=datasets)
+    full = train_stage.run(params, out_dir=tmp_path / "full", datasets=datasets)
 
     def interrupt(epoch, row):
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_run(params, tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt)
+        train_stage.run(params, out_dir=tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt)
     assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["loop"]["epoch"] == 1
-    resumed = train_run(params, tmp_path / "cut", resume=True, datasets=datasets)
+    resumed = train_stage.run(params, out_dir=tmp_path / "cut", resume=True, datasets=datasets)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
     assert resumed["best_val_mIoU"] == full["best_val_mIoU"] and resumed["epochs_run"] == 3
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((tmp_path / "full" / "history.csv").open())]
@@ -232,7 +234,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(AerialsegError, match="no checkpoint"):
-        train_run(tiny_params(), tmp_path, resume=True, datasets=small_datasets())
+        train_stage.run(tiny_params(), out_dir=tmp_path, resume=True, datasets=small_datasets())
 
 
 def test_early_stopping_keeps_best_epoch(tmp_path, monkeypatch):
@@ -254,7 +256,7 @@ def test_early_stopping_keeps_best_epoch(tmp_path, monkeypatch):
         return 1.0 - value, Scripted(value)
 
     monkeypatch.setattr(train_module, "validate", fake_validate)
-    summary = train_run(tiny_params(epochs=6, patience=2), tmp_path, datasets=small_datasets())
+    summary = train_stage.run(tiny_params(epochs=6, patience=2), out_dir=tmp_path, datasets=small_datasets())
     assert summary["epochs_run"] == 4 and summary["early_stopped"] is True
     assert summary["best_epoch"] == 2 and summary["best_val_mIoU"] == 0.6
     assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 2
@@ -263,7 +265,7 @@ def test_early_stopping_keeps_best_epoch(tmp_path, monkeypatch):
 # --- weights: init_from, unsafe files ----------------------------------------------------------
 
 def test_init_from_loads_matching_model_and_skips_others(tmp_path, caplog):
-    train_run(tiny_params(epochs=1), tmp_path / "pre", datasets=small_datasets())
+    train_stage.run(tiny_params(epochs=1), out_dir=tmp_path / "pre", datasets=small_datasets())
     saved, _ = load_model(tmp_path / "pre")
     model = create_model(FAST)
     assert init_weights(model, tmp_path / "pre", FAST) == str(tmp_path / "pre")

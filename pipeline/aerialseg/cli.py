@@ -122,9 +122,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/che
 def pretrain_command(params: ParamsOpt = Path("params.yaml"), out: OutOpt = None, resume: ResumeOpt = False) -> None:
     """Pretrain model.name on OpenEarthMap (pretrain.root), remapped to the 5 classes [pretrain]."""
     from aerialseg.core.config import load_params
-    from aerialseg.training.pretrain import pretrain_run
+    from aerialseg.stages import pretrain
 
-    record = pretrain_run(load_params(params), out, resume=resume)
+    record = pretrain.run(load_params(params), out, resume=resume)
     if record["enabled"]:
         typer.echo(f"pretrained {record['model']} on {record['train_images']} OpenEarthMap images: "
                    f"best val mIoU {record['best_val_mIoU']:.4f}")
@@ -143,9 +143,9 @@ def train_command(
 ) -> None:
     """Train on the train split, validate on val; writes the run dir (model, checkpoints, curves)."""
     from aerialseg.core.config import load_params
-    from aerialseg.training.train import apply_overrides, train_run
+    from aerialseg.stages import train
 
-    summary = train_run(apply_overrides(load_params(params), model, seed, epochs), out, resume=resume)
+    summary = train.run(load_params(params), model, seed, epochs, out, resume=resume)
     typer.echo(f"{summary['model']}: best val mIoU {summary['best_val_mIoU']:.4f} at epoch {summary['best_epoch']} "
                f"({summary['epochs_run']} epochs, {summary['seconds_per_epoch']:.1f} s/epoch)")
 
@@ -160,11 +160,10 @@ def distil_command(
     resume: ResumeOpt = False,
 ) -> None:
     """Distil a frozen teacher into a student: task loss + alpha * T^2 * KL [distil]."""
-    from aerialseg.training.distill import distil_run
     from aerialseg.core.config import load_params
-    from aerialseg.training.train import apply_overrides
+    from aerialseg.stages import distil
 
-    summary = distil_run(apply_overrides(load_params(params), seed=seed), out, resume, teacher, student)
+    summary = distil.run(load_params(params), out, resume, teacher, student, seed)
     typer.echo(f"{summary['model']}: best val mIoU {summary['best_val_mIoU']:.4f}, agreement with the teacher "
                f"{summary.get('val_agreement_with_teacher', float('nan')):.4f}")
 
@@ -197,9 +196,9 @@ def compare_command(
 ) -> None:
     """Mean ± std over seeds per model and paired tests between models."""
     from aerialseg.core.config import load_params
-    from aerialseg.evaluation.stats import compare_stage
+    from aerialseg.stages import seeds
 
-    path = compare_stage(run_dirs, load_params(params), out=out, primary=metric, baseline=baseline)
+    path = seeds.compare(load_params(params), run_dirs, out=out, primary=metric, baseline=baseline)
     typer.echo(f"wrote {path} ({path.with_suffix('.md').name}, {path.with_suffix('.png').name})")
 
 
@@ -214,13 +213,9 @@ def run_seeds_command(
 ) -> None:
     """Train and evaluate each (model, seed) through the CLI, then compare them."""
     from aerialseg.core.config import load_params
-    from aerialseg.evaluation.stats import compare_stage, run_seeds
+    from aerialseg.stages import seeds
 
-    cfg = load_params(params)
-    stats_cfg = cfg.get("stats") or {}
-    run_dirs = run_seeds(cfg, model or stats_cfg.get("models") or [], seed or stats_cfg.get("seeds") or [],
-                         epochs=epochs, runs_dir=runs_dir, params_path=params)
-    path = compare_stage(run_dirs, cfg, out=out)
+    run_dirs, path = seeds.run(load_params(params), model, seed, epochs, runs_dir, out, params_path=params)
     typer.echo(f"wrote {path} ({len(run_dirs)} runs)")
 
 

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json, write_text
-from aerialseg.core.config import section
 
 log = logging.getLogger(__name__)
 
@@ -378,16 +377,6 @@ def write_comparison(result: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
-def compare_stage(run_dirs: Sequence[str | Path], params: dict[str, Any], out: str | Path | None = None,
-                  primary: str | None = None, baseline: str | None = None) -> Path:
-    """`aerialseg compare`: load runs, compute statistics, write JSON + Markdown + PNG."""
-    cfg = section(params, "stats")
-    runs = [load_run(d) for d in run_dirs]
-    result = compare_runs(runs, metrics=cfg.get("metrics", DEFAULT_METRICS),
-                          primary=primary or cfg.get("primary", "mIoU"), baseline=baseline or cfg.get("baseline"))
-    return write_comparison(result, out or cfg.get("out", "reports/compare.json"))
-
-
 # --- running seeds -------------------------------------------------------------------------------
 
 def _cli(*args: str) -> list[str]:
@@ -409,18 +398,15 @@ def _is_done(run_dir: Path, record: dict[str, Any]) -> bool:
         return False
 
 
-def run_seeds(params: dict[str, Any], models: Sequence[str], seeds: Sequence[int], epochs: int | None = None,
-              runs_dir: str | Path | None = None, params_path: str | Path = "params.yaml",
-              runner: Runner | None = None) -> list[Path]:
-    """Train and evaluate every (model, seed) through the CLI; returns the run directories.
+def run_seeds(models: Sequence[str], seeds: Sequence[int], runs_dir: str | Path, epochs: int | None = None,
+              split: str = "test", params_path: str | Path = "params.yaml", runner: Runner | None = None) -> list[Path]:
+    """Train and evaluate every (model, seed) through the CLI with ``--params params_path``; returns the run
+    directories ``runs_dir/<model>/seed<N>`` (``epochs`` None = the params file's train.epochs).
 
     A run whose metrics.json and run.json (same model, seed, epochs, split) exist is skipped, so an
     interrupted sweep resumes. ``runner`` runs one command (default: ``subprocess.run``).
     """
-    cfg = section(params, "stats")
-    runs_dir = Path(runs_dir or cfg.get("runs_dir", "models/seeds"))
-    epochs = epochs if epochs is not None else cfg.get("epochs")
-    split = str(cfg.get("split", "test"))
+    runs_dir = Path(runs_dir)
     runner = runner or (lambda cmd: subprocess.run(cmd, check=False))
     if not models or not seeds:
         raise AerialsegError("no models or no seeds to run", params_path, "set stats.models and stats.seeds")

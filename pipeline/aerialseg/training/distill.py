@@ -1,4 +1,4 @@
-"""distil stage: offline knowledge distillation from a frozen teacher into a light student.
+"""Offline knowledge distillation from a frozen teacher into a light student (the distil stage's library).
 
 The student trains with the ordinary loop (``aerialseg.training.train``) on
 ``loss = task loss + alpha * T^2 * KL(teacher_T || student_T)`` per pixel (softmax at temperature T,
@@ -6,12 +6,11 @@ pixels labelled ignore left out of the KL; ``aerialseg.training.losses.distillat
 ``distil.final_temperature`` T moves linearly from ``distil.temperature`` in the first epoch to it in the last
 (soft targets early, sharp ones late). The thesis distils
 UPerNet-ConvNeXt-Tiny into SegFormer-B0 and PSPNet-R18 (``distil.teacher``, ``distil.student``).
-``distil.train`` overrides keys of the ``train`` section for the student run.
-After training, ``distil.json`` in the output dir records the teacher, alpha, T and the student's
-pixel agreement with the teacher on the val split.
+``distil.train`` overrides keys of the ``train`` section for the student run (``aerialseg.stages.distil``
+builds the student's TrainConfig). After training, ``distil.json`` in the output dir records the teacher,
+alpha, T and the student's pixel agreement with the teacher on the val split.
 """
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ from aerialseg.data.datasets import collate_patches
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.models import get_spec, load_model
-from aerialseg.core.config import section
-from aerialseg.training.train import TrainConfig, forward_logits, patch_datasets, resolve_device, train_run
+from aerialseg.training.train import TrainConfig, forward_logits, resolve_device, train_model
 
 log = logging.getLogger(__name__)
 
@@ -52,39 +50,30 @@ def agreement(student_dir: str | Path | torch.nn.Module, teacher_dir: str | Path
     return same / max(total, 1)
 
 
-def student_params(params: dict[str, Any], student: str | None = None) -> dict[str, Any]:
-    """params for the student run: model = distil.student, train = train + distil.train overrides."""
-    cfg = section(params, "distil")
-    name = student or str(cfg.get("student", "segformer_b0"))
-    get_spec(name)
-    kwargs = dict(cfg.get("student_kwargs") or {}) if name == cfg.get("student") else {}
-    train = {**section(params, "train"), "init_from": cfg.get("init_from"), **dict(cfg.get("train") or {})}
-    return {**json.loads(json.dumps(params)), "model": {"name": name, "kwargs": kwargs}, "train": train}
-
-
-def distil_run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False,
-               teacher_dir: str | Path | None = None, student: str | None = None,
-               datasets: tuple[Dataset, Dataset] | None = None) -> dict[str, Any]:
-    """Distil ``distil.teacher`` into ``distil.student``; returns the training summary + agreement."""
-    cfg = section(params, "distil")
-    teacher = Path(teacher_dir or cfg.get("teacher", "models/default"))
+def check_teacher(teacher_dir: str | Path) -> Path:
+    """The teacher model dir; one without model.json is a user error."""
+    teacher = Path(teacher_dir)
     if not (teacher / "model.json").is_file():
         raise AerialsegError("teacher model dir has no model.json", teacher,
                              "train the teacher first (aerialseg train --model upernet_convnext_tiny --out ...) "
                              "and set distil.teacher")
-    out_dir = Path(out_dir or cfg.get("out", "models/student"))
-    run_params = student_params(params, student)
-    if datasets is None:
-        datasets, _ = patch_datasets(run_params)
-    summary = train_run(run_params, out_dir, resume=resume, teacher_dir=teacher, datasets=datasets)
+    return teacher
+
+
+def distil(student: TrainConfig, teacher_dir: str | Path, datasets: tuple[Dataset, Dataset], out_dir: str | Path,
+           resume: bool = False, gsd_m: float | None = None, device: str = "auto") -> dict[str, Any]:
+    """Train ``student`` with the frozen teacher's soft targets; returns the training summary + agreement.
+
+    ``device`` is where the student/teacher agreement on the val dataset is measured (``auto``: CUDA if any).
+    """
+    teacher, out_dir = check_teacher(teacher_dir), Path(out_dir)
+    summary = train_model(student, datasets, out_dir, resume=resume, teacher_dir=teacher, gsd_m=gsd_m)
     if not ddp.env_info().is_main:
         return summary
-    device = str(resolve_device(str(section(params, "train").get("device", "auto"))))
-    agree = agreement(out_dir, teacher, datasets[1], device=device)
-    run = TrainConfig.from_params(run_params)
-    record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"], "alpha": run.alpha,
-              "temperature": run.temperature, "final_temperature": run.final_temperature,
-              "val_agreement_with_teacher": round(agree, 6),
+    agree = agreement(out_dir, teacher, datasets[1], device=str(resolve_device(device)))
+    record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"],
+              "alpha": student.alpha, "temperature": student.temperature,
+              "final_temperature": student.final_temperature, "val_agreement_with_teacher": round(agree, 6),
               "best_val_mIoU": summary["best_val_mIoU"]}
     write_json(out_dir / "distil.json", record)
     log.info("student %s agrees with the teacher on %.1f %% of val pixels", summary["model"], 100 * agree)

@@ -1,4 +1,6 @@
-"""pretrain stage: train on OpenEarthMap (remapped to the 5 aerialseg classes), then fine-tune with train.
+"""Pretraining on OpenEarthMap (remapped to the 5 aerialseg classes), then fine-tune with train.
+
+The pretrain stage (``aerialseg.stages.pretrain``) reads the ``pretrain`` params and calls this module.
 
 OpenEarthMap (Xia et al. 2023) ships ``images/`` and ``labels/`` GeoTIFFs per region (``<root>/<region>/
 images/<name>.tif``) or in one folder (``<root>/images``); labels hold 0..8 and are remapped with
@@ -31,9 +33,9 @@ from torch.utils.data import Dataset
 from aerialseg.core.classes import OEM_TO_AERIALSEG, lut
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
-from aerialseg.core.config import DEFAULT_PARAMS, section
+from aerialseg.core.config import DEFAULT_PARAMS
 from aerialseg.geo.raster import open_raster
-from aerialseg.training.train import train_run
+from aerialseg.training.train import TrainConfig, train_model
 
 log = logging.getLogger(__name__)
 
@@ -187,57 +189,50 @@ def _offsets(length: int, size: int) -> list[int]:
     return offsets if offsets[-1] == length - size else offsets + [length - size]
 
 
-def pretrain_datasets(cfg: dict[str, Any]) -> tuple[OpenEarthMapDataset, OpenEarthMapDataset]:
-    """Train (random crops) and val (grid crops) datasets from the pretrain params."""
-    if not cfg.get("root"):
+def pretrain_datasets(root: str | Path | None, val_fraction: float = 0.1, patch_size: int = 256,
+                      resample_factor: float = 1.0,
+                      crops_per_image: int = 8) -> tuple[OpenEarthMapDataset, OpenEarthMapDataset]:
+    """Train (random crops) and val (grid crops) datasets of the OpenEarthMap copy at ``root``."""
+    if not root:
         raise AerialsegError("pretrain.root is not set", DEFAULT_PARAMS, "point it at your OpenEarthMap copy")
-    root = Path(cfg["root"])
-    train_names, val_names = split_names(root, float(cfg.get("val_fraction", 0.1)))
-    common = {"patch_size": int(cfg.get("patch_size", 256)), "resample": float(cfg.get("resample_factor", 1.0))}
-    train = OpenEarthMapDataset(root, mode="random", crops_per_image=int(cfg.get("crops_per_image", 8)),
-                                names=train_names, **common)
+    root = Path(root)
+    train_names, val_names = split_names(root, val_fraction)
+    common = {"patch_size": patch_size, "resample": resample_factor}
+    train = OpenEarthMapDataset(root, mode="random", crops_per_image=crops_per_image, names=train_names, **common)
     val = OpenEarthMapDataset(root, mode="grid", names=val_names, **common)
     return train, val
 
 
-def pretrain_enabled(cfg: dict[str, Any]) -> tuple[bool, str]:
+def pretrain_enabled(enabled: Any, root: str | Path | None) -> tuple[bool, str]:
     """Whether to pretrain, and why not: ``enabled`` true / false, or ``auto`` = when ``root`` holds images."""
-    enabled = cfg.get("enabled", False)
     if enabled == "auto":
-        root = Path(str(cfg.get("root") or ""))
-        found = bool(cfg.get("root")) and any((d / "images").is_dir() for d in [root, *root.glob("*")]
-                                              if root.is_dir())
-        return found, "" if found else f"pretrain.enabled is auto and {root} holds no OpenEarthMap images/: " \
+        folder = Path(str(root or ""))
+        found = bool(root) and any((d / "images").is_dir() for d in [folder, *folder.glob("*")]
+                                   if folder.is_dir())
+        return found, "" if found else f"pretrain.enabled is auto and {folder} holds no OpenEarthMap images/: " \
                                        "train starts from the default init"
     if not isinstance(enabled, bool):
         raise AerialsegError(f"pretrain.enabled must be true, false or auto, not {enabled!r}", DEFAULT_PARAMS)
     return enabled, "" if enabled else "pretrain.enabled is false: train starts from the default init"
 
 
-def pretrain_run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Pretrain ``model.name`` on OpenEarthMap (``pretrain`` params; ``pretrain.train`` overrides ``train``).
+def write_disabled(out_dir: str | Path, reason: str) -> dict[str, Any]:
+    """The marker of a disabled pretraining (``pretrain.json`` = {"enabled": false}) that train skips."""
+    record = {"enabled": False, "reason": reason}
+    write_json(Path(out_dir) / "pretrain.json", record)
+    log.info("pretraining disabled: wrote %s", Path(out_dir) / "pretrain.json")
+    return record
 
-    Writes a model dir (as ``train``) plus ``pretrain.json``; with ``pretrain.enabled: false`` only
-    ``pretrain.json`` ({"enabled": false}). Returns the pretrain.json record.
-    """
-    cfg = section(params, "pretrain")
-    out_dir = Path(out_dir or cfg.get("out", "models/pretrained"))
-    enabled, reason = pretrain_enabled(cfg)
-    if not enabled:
-        record = {"enabled": False, "reason": reason}
-        write_json(out_dir / "pretrain.json", record)
-        log.info("pretraining disabled: wrote %s", out_dir / "pretrain.json")
-        return record
-    from aerialseg.data.augment import build_transform
 
-    train_ds, val_ds = pretrain_datasets(cfg)
-    train_ds.transform = build_transform(section(params, "augment"))
-    overrides = dict(cfg.get("train") or {})
-    run_params = {**params, "train": {**section(params, "train"), "init_from": None, **overrides}}
-    summary = train_run(run_params, out_dir, resume=resume, datasets=(train_ds, val_ds))
-    record = {"enabled": True, "root": str(cfg["root"]), "train_images": len(train_ds.pairs),
+def pretrain(cfg: TrainConfig, datasets: tuple[OpenEarthMapDataset, OpenEarthMapDataset], out_dir: str | Path,
+             root: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg.model`` on OpenEarthMap datasets of ``root``; writes a model dir (as train) plus
+    ``pretrain.json`` and returns that record."""
+    train_ds, val_ds = datasets
+    summary = train_model(cfg, datasets, out_dir, resume=resume)
+    record = {"enabled": True, "root": str(root), "train_images": len(train_ds.pairs),
               "val_images": len(val_ds.pairs), "resample_factor": train_ds.resample,
               "patch_size": train_ds.patch_size, "model": summary["model"],
               "best_val_mIoU": summary["best_val_mIoU"], "epochs_run": summary["epochs_run"]}
-    write_json(out_dir / "pretrain.json", record)
+    write_json(Path(out_dir) / "pretrain.json", record)
     return record

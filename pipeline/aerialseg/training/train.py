@@ -1,7 +1,8 @@
 """Training: one loop for plain training, OpenEarthMap pretraining and distillation (optional teacher).
 
-``train_run(params, out_dir)`` trains ``model.name`` on the train split and validates on the val split
-every epoch. It writes, into ``out_dir`` (rank 0 only under torchrun):
+``train_model(cfg, datasets, out_dir)`` trains ``cfg.model`` on the train dataset and validates on the val
+dataset every epoch (the train stage, ``aerialseg.stages.train``, builds both from params). It writes, into
+``out_dir`` (rank 0 only under torchrun):
 
 - ``model.safetensors`` + ``model.json``: the weights of the best epoch (validation mIoU) and how to
   rebuild them (``aerialseg.models.save_model``; training data hash, metrics, GSD, seed);
@@ -42,14 +43,14 @@ from tqdm import tqdm
 from aerialseg.training import ddp
 from aerialseg.data.augment import seed_transform
 from aerialseg.core.classes import IGNORE, NUM_CLASSES
-from aerialseg.data.datasets import collate_patches
+from aerialseg.data.datasets import PatchDataset, collate_patches
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.training.losses import LossFn, build_loss, distillation_kl
 from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import (ModelSpec, count_parameters, create_model, get_spec, load_model, load_state,
                               pad_to_multiple, save_model)
-from aerialseg.core.config import DEFAULT_PARAMS, section
+from aerialseg.core.config import DEFAULT_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,10 @@ class TrainConfig:
     final_temperature: float | None = 1.0  # distillation temperature of the last epoch (None = constant)
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
-        """Build from params.yaml; unknown ``train`` keys are an error (typos must not pass silently)."""
-        model = section(params, "model")
-        train = {k: v for k, v in section(params, "train").items() if k != "out"}
-        distil = section(params, "distil")
+    def from_sections(cls, model: dict[str, Any], train: dict[str, Any], distil: dict[str, Any]) -> "TrainConfig":
+        """Build from the params ``model``, ``train`` and ``distil`` sections; unknown ``train`` keys are an
+        error (typos must not pass silently); ``train.out`` is the stage's output path, not a knob."""
+        train = {k: v for k, v in train.items() if k != "out"}
         known = {f.name for f in cls.__dataclass_fields__.values()} - {"model", "model_kwargs"}
         unknown = sorted(set(train) - known)
         if unknown:
@@ -702,52 +702,29 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
 
 # --- entry points ---------------------------------------------------------------------------------
 
-def apply_overrides(params: dict[str, Any], model: str | None = None, seed: int | None = None,
-                    epochs: int | None = None) -> dict[str, Any]:
-    """A copy of params with CLI flags applied (a different model drops the configured model kwargs)."""
-    params = json.loads(json.dumps(params))
-    params.setdefault("model", {})
-    params.setdefault("train", {})
-    if model is not None and model != params["model"].get("name"):
-        get_spec(model)
-        params["model"] = {"name": model, "kwargs": {}}
-    if seed is not None:
-        params["train"]["seed"] = int(seed)
-    if epochs is not None:
-        params["train"]["epochs"] = int(epochs)
-    return params
-
-
-def patch_datasets(params: dict[str, Any]) -> tuple[tuple[Dataset, Dataset], dict[str, Any]]:
-    """Train (augmented) and val datasets from the tiles/split/augment stage outputs, and their identity."""
-    from aerialseg.data.augment import build_transform
-    from aerialseg.data.datasets import PatchDataset, stage_outputs
-
-    manifest, split_file, augmented = stage_outputs(params)
-    online = bool(section(params, "train").get("online_augment", True))
-    transform = build_transform(section(params, "augment")) if online else None
-    train = PatchDataset(manifest, split_file, "train", transform, augmented if augmented.is_dir() else None)
+def patch_datasets(manifest: Path, split_file: Path, augmented_dir: Path | None,
+                   transform: Callable[..., Any] | None) -> tuple[tuple[Dataset, Dataset], dict[str, Any]]:
+    """Train and val datasets of the tiles/split outputs, and their identity; the train one gets the
+    offline augmented copies in ``augmented_dir`` (when it exists) and the on-the-fly ``transform``."""
+    augmented = augmented_dir if augmented_dir is not None and augmented_dir.is_dir() else None
+    train = PatchDataset(manifest, split_file, "train", transform, augmented)
     val = PatchDataset(manifest, split_file, "val", None, None)
     identity = {"training_data_sha256": fingerprint([manifest, split_file]),
                 "data": {"manifest": str(manifest), "split": str(split_file)}}
     return (train, val), identity
 
 
-def train_run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False,
-              teacher_dir: str | Path | None = None, datasets: tuple[Dataset, Dataset] | None = None,
-              on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
-    """Train ``model.name`` with the ``train`` params; returns the summary (also train_summary.json).
+def train_model(cfg: TrainConfig, datasets: tuple[Dataset, Dataset], out_dir: str | Path, resume: bool = False,
+                teacher_dir: str | Path | None = None, identity: dict[str, Any] | None = None,
+                gsd_m: float | None = None, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on (train, val) datasets; returns the summary (also train_summary.json).
 
-    ``datasets`` (train, val) replaces the tiles/split/augment outputs (in-memory data, OpenEarthMap);
-    ``teacher_dir`` adds the distillation term (``distil.alpha``, ``distil.temperature``).
+    ``identity`` (training data hash, paths) goes into model.json, by default the train dataset's
+    ``fingerprint``; the GSD recorded is the train dataset's ``gsd_m`` when it has one, else ``gsd_m``;
+    ``teacher_dir`` adds the distillation term (``cfg.alpha``, ``cfg.temperature_at``).
     """
-    cfg = TrainConfig.from_params(params)
-    out_dir = Path(out_dir or section(params, "train").get("out", "models/default"))
-    if datasets is None:
-        datasets, identity = patch_datasets(params)
-    else:
+    if identity is None:
         identity = {"training_data_sha256": getattr(datasets[0], "fingerprint", None)}
-    gsd = datasets[0].gsd_m if hasattr(datasets[0], "gsd_m") else section(params, "data").get("gsd_m")
-    identity["gsd_m"] = gsd
+    identity = {**identity, "gsd_m": datasets[0].gsd_m if hasattr(datasets[0], "gsd_m") else gsd_m}
     _, summary = fit(cfg, datasets[0], datasets[1], out_dir, resume, teacher_dir, identity, on_epoch_end)
     return summary

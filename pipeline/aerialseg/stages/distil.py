@@ -1,0 +1,56 @@
+"""distil stage (`aerialseg distil`; params ``distil``, the student's knobs from ``train`` + ``distil.train``).
+
+Distils the frozen teacher ``distil.teacher`` into ``distil.student`` on the tiles/split/augment outputs
+(aerialseg.training.distill) and writes the student run dir ``distil.out`` with ``distil.json``.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from aerialseg.core.config import section
+from aerialseg.core.paths import augmented_dir, data_stage_outputs
+from aerialseg.data.augment import build_transform
+from aerialseg.models import get_spec
+from aerialseg.training.distill import check_teacher, distil
+from aerialseg.training.train import TrainConfig, patch_datasets
+
+
+def student_sections(params: dict[str, Any], student: str | None = None,
+                     seed: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The student run's ``model`` section (``distil.student``; its kwargs only for the configured student) and
+    ``train`` section (``train``, ``seed`` overriding train.seed, then ``distil.init_from`` and ``distil.train``)."""
+    cfg = section(params, "distil")
+    name = student or str(cfg.get("student", "segformer_b0"))
+    get_spec(name)
+    kwargs = dict(cfg.get("student_kwargs") or {}) if name == cfg.get("student") else {}
+    train = {**section(params, "train"), **({"seed": int(seed)} if seed is not None else {})}
+    train = {**train, "init_from": cfg.get("init_from"), **dict(cfg.get("train") or {})}
+    return {"name": name, "kwargs": kwargs}, train
+
+
+def student_config(params: dict[str, Any], student: str | None = None, seed: int | None = None) -> TrainConfig:
+    """The student's TrainConfig (unknown train / distil.train keys are an error)."""
+    model, train = student_sections(params, student, seed)
+    return TrainConfig.from_sections(model, train, section(params, "distil"))
+
+
+def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False,
+        teacher_dir: str | Path | None = None, student: str | None = None, seed: int | None = None,
+        datasets: tuple[Dataset, Dataset] | None = None) -> dict[str, Any]:
+    """Distil ``distil.teacher`` into ``distil.student``; returns the training summary + agreement.
+
+    ``datasets`` (train, val) replaces the tiles/split/augment outputs (in-memory data in tests).
+    """
+    cfg = section(params, "distil")
+    teacher = check_teacher(teacher_dir or cfg.get("teacher", "models/default"))
+    out_dir = Path(out_dir or cfg.get("out", "models/student"))
+    model, train = student_sections(params, student, seed)
+    if datasets is None:
+        manifest, split_file = data_stage_outputs(params)
+        transform = build_transform(section(params, "augment")) if bool(train.get("online_augment", True)) else None
+        datasets, _ = patch_datasets(manifest, split_file, augmented_dir(params), transform)
+    config = TrainConfig.from_sections(model, train, cfg)
+    return distil(config, teacher, datasets, out_dir, resume, gsd_m=section(params, "data").get("gsd_m"),
+                  device=str(section(params, "train").get("device", "auto")))

@@ -1,0 +1,34 @@
+"""pretrain stage (`aerialseg pretrain`; params ``pretrain``, the run's knobs from ``model`` + ``train`` +
+``pretrain.train``, on-the-fly augmentation from ``augment``).
+
+Pretrains on the OpenEarthMap copy ``pretrain.root`` (aerialseg.training.pretrain) into ``pretrain.out``,
+or, when ``pretrain.enabled`` says not to, writes only ``pretrain.json`` saying so.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from aerialseg.core.config import section
+from aerialseg.data.augment import build_transform
+from aerialseg.training.pretrain import pretrain, pretrain_datasets, pretrain_enabled, write_disabled
+from aerialseg.training.train import TrainConfig
+
+
+def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Pretrain ``model.name`` on OpenEarthMap (``pretrain`` params; ``pretrain.train`` overrides ``train``).
+
+    Writes a model dir (as ``train``) plus ``pretrain.json``; with ``pretrain.enabled: false`` only
+    ``pretrain.json`` ({"enabled": false}). Returns the pretrain.json record.
+    """
+    cfg = section(params, "pretrain")
+    out_dir = Path(out_dir or cfg.get("out", "models/pretrained"))
+    enabled, reason = pretrain_enabled(cfg.get("enabled", False), cfg.get("root"))
+    if not enabled:
+        return write_disabled(out_dir, reason)
+    train_ds, val_ds = pretrain_datasets(cfg.get("root"), float(cfg.get("val_fraction", 0.1)),
+                                         int(cfg.get("patch_size", 256)), float(cfg.get("resample_factor", 1.0)),
+                                         int(cfg.get("crops_per_image", 8)))
+    train_ds.transform = build_transform(section(params, "augment"))
+    train = {**section(params, "train"), "init_from": None, **dict(cfg.get("train") or {})}
+    config = TrainConfig.from_sections(section(params, "model"), train, section(params, "distil"))
+    return pretrain(config, (train_ds, val_ds), out_dir, cfg["root"], resume)
