@@ -130,9 +130,10 @@ def train_dataset(size: int, synthetic: bool, count: int = 64) -> tuple[Any, str
     transform = build_transform(section(params, "augment"))
     if not synthetic:
         try:
-            from aerialseg.data.datasets import PatchDataset, stage_outputs
+            from aerialseg.core.paths import augmented_dir, data_stage_outputs
+            from aerialseg.data.datasets import PatchDataset
 
-            manifest, split_file, augmented = stage_outputs(params)
+            manifest, split_file, augmented = (*data_stage_outputs(params), augmented_dir(params))
             manifest, split_file, augmented = REPO / manifest, REPO / split_file, REPO / augmented
             if manifest.is_file() and split_file.is_file():
                 dataset = PatchDataset(manifest, split_file, "train", transform,

@@ -28,7 +28,7 @@ def sample_data_params(root: Path, scenes: tuple[str, ...] = ("dubai_tile2", "du
 
 def run_sample_data_stages(params: dict[str, Any]) -> dict[str, Any]:
     """label-to-mask, tiles and split on the sample subset (no torch needed)."""
-    from aerialseg.annotations.labels import masks_stage
+    from aerialseg.stages.masks import run as masks_stage
     from aerialseg.stages.split import run as split_stage
     from aerialseg.stages.tiles import run as tiles_stage
 

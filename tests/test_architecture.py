@@ -117,3 +117,24 @@ def test_torch_free_commands_start_without_torch(command):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+PARAMS_READERS = {"section", "load_params"}  # take the whole params mapping / file
+
+
+def test_only_stages_and_the_cli_read_params():
+    """Stages (and cli.py for commands outside the DVC pipeline) read params.yaml and resolve the stage paths
+    (core.paths); the library takes typed options and paths, so what a stage reads is visible in one module."""
+    import ast
+
+    allowed = {"aerialseg.cli", "aerialseg.core.config", "aerialseg.core.paths"}
+    readers = {"aerialseg.core.config": PARAMS_READERS, "aerialseg.core.paths": None}  # None: every name
+    wrong = []
+    for mod, path in MODULES.items():
+        if mod in allowed or _layer(mod) == "stages":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in readers:
+                names = readers[node.module]
+                wrong += [f"{mod} imports {a.name}" for a in node.names if names is None or a.name in names]
+    assert not wrong, "params read outside stages/:\n" + "\n".join(sorted(wrong))

@@ -22,11 +22,11 @@ from aerialseg.compression.prune import (
     mean_loss,
     prune_and_retrain,
     prune_model,
-    prune_run,
     save_pruned_model,
     taylor_filter_scores,
 )
 from aerialseg.core.errors import AerialsegError
+from aerialseg.stages.prune import run as prune_run
 from aerialseg.models import count_parameters, create_model, save_model
 
 SIZE = 64

@@ -18,11 +18,13 @@ from affine import Affine
 
 from aerialseg import cli
 from aerialseg.annotations.anylabeling import LabelTable, load_label_json, normalize_label, parse_shapes
-from aerialseg.annotations.labels import labels_to_masks, masks_stage
+from aerialseg.annotations.labels import labels_to_masks
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.classes import IGNORE
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
+from aerialseg.stages.masks import label_table, mask_options
+from aerialseg.stages.masks import run as masks_stage
 from conftest import REPO, SHARED_DATA, shared_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -200,19 +202,19 @@ def test_label_matching_is_case_and_space_insensitive_and_legacy_means_polygon()
 
 def test_params_table_and_options(tmp_path):
     params = load_params(REPO / "params.yaml")
-    table = LabelTable.from_params(params)
+    table = label_table(params)
     assert table.lookup("Vegetation") == 3 and table.lookup("__ignore__") == IGNORE
-    assert MaskOptions.from_params(params) == MaskOptions()
+    assert mask_options(params) == MaskOptions()
     bad = {"classes": {"labels": {"car": "vehicle"}}}
     with pytest.raises(AerialsegError, match="unknown class 'vehicle'"):
-        LabelTable.from_params(bad)
-    assert MaskOptions.from_params({"masks": {"priority": ["building", "road"]}}).priority == (4, 1)
-    assert MaskOptions.from_params({"masks": {"vertex_convention": "Corner", "all_touched": True}}).all_touched
+        label_table(bad)
+    assert mask_options({"masks": {"priority": ["building", "road"]}}).priority == (4, 1)
+    assert mask_options({"masks": {"vertex_convention": "Corner", "all_touched": True}}).all_touched
     for masks, message in [({"vertex_convention": "edge"}, "center or corner"),
                            ({"all_touched": True}, "corner only"), ({"line_width_px": 2.5}, "whole number"),
                            ({"line_width_px": 0}, "from 1 to 999"), ({"point_radius_px": 0}, "from 1 to 999")]:
         with pytest.raises(AerialsegError, match=message):
-            MaskOptions.from_params({"masks": masks})
+            mask_options({"masks": masks})
 
 
 def test_label_to_mask_imports_no_torch(tmp_path):

@@ -17,12 +17,12 @@ from aerialseg.annotations.anylabeling import ANYLABELING_FORMAT_VERSION, LabelT
 from aerialseg.annotations.labels import labels_to_masks
 from aerialseg.annotations.polygonize import mask_file_to_label, mask_to_shapes, masks_to_labels
 from aerialseg.annotations.rasterize import MaskOptions
+from aerialseg.stages import mask_to_label
 from conftest import REPO, shared_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
 TABLE = LabelTable({"background": 0, "road": 1, "water": 2, "tree": 3, "building": 4, "__ignore__": IGNORE})
-PARAMS = {"masks": {"simplify_px": 0, "min_area_px": 0}}
 
 
 def make_sample_module():
@@ -139,7 +139,7 @@ def test_min_area_and_simplify(tmp_path):
 def test_dubai_round_trip(tile, part, tmp_path):
     image, mask = dubai_part(tile, part)
     cv2.imwrite(str(tmp_path / "mask.png"), mask)
-    label_file = masks_to_labels([tmp_path / "mask.png"], PARAMS, tmp_path / "labels", image)[0]
+    label_file = masks_to_labels([tmp_path / "mask.png"], tmp_path / "labels", image)[0]
     assert json.loads(label_file.read_text())["imagePath"].endswith(f"images/image_part_{part:03d}.jpg")
     back = cv2.imread(str(labels_to_masks([label_file], tmp_path / "back", TABLE)[0]), cv2.IMREAD_UNCHANGED)
     agreement = float((back == mask).mean())
@@ -153,7 +153,7 @@ def test_geotiff_mask_round_trip_keeps_nodata_as_ignore(tmp_path):
     (tmp_path / "ortho.json").write_text(json.dumps({"shapes": [label], "imagePath": str(scene),
                                                      "imageHeight": 212, "imageWidth": 212}))
     first = labels_to_masks([tmp_path / "ortho.json"], tmp_path / "m1", TABLE)[0]
-    label_file = masks_to_labels([first], PARAMS, tmp_path / "labels", scene)[0]
+    label_file = masks_to_labels([first], tmp_path / "labels", scene)[0]
     second = labels_to_masks([label_file], tmp_path / "m2", TABLE)[0]
     with rasterio.open(first) as a, rasterio.open(second) as b:
         assert a.crs == b.crs and a.transform == b.transform
@@ -169,7 +169,7 @@ def test_palette_png_class_mask_is_read_as_indices(tmp_path):
                               3: (0, 255, 0, 255), 4: (255, 255, 0, 255), 255: (9, 9, 9, 255)})
     assert cv2.imread(str(tmp_path / "pal.png"), cv2.IMREAD_UNCHANGED).ndim == 3  # OpenCV would expand it
     cv2.imwrite(str(tmp_path / "pal.jpg"), np.zeros((90, 120, 3), np.uint8))
-    label_file = masks_to_labels([tmp_path / "pal.png"], PARAMS)[0]  # image found by stem beside the mask
+    label_file = masks_to_labels([tmp_path / "pal.png"])[0]  # image found by stem beside the mask
     assert label_file == tmp_path / "pal.json"
     back = cv2.imread(str(labels_to_masks([label_file], tmp_path / "back", TABLE)[0]), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(back, mask)
@@ -192,6 +192,23 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys):
                       tmp_path / "o", "--min-area", "2", "--params", REPO / "params.yaml"], monkeypatch, capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "img.json").read_text())["imagePath"] == "../img.png"
+
+
+def test_stage_takes_min_area_from_params_unless_given(tmp_path):
+    cv2.imwrite(str(tmp_path / "m.png"), nested_mask())
+    cv2.imwrite(str(tmp_path / "m.jpg"), np.zeros((90, 120, 3), np.uint8))
+    pixel = {"label": "building", "points": [[90, 20]] * 3}
+
+    def labels(params: dict, **flags) -> list[dict]:
+        [path] = mask_to_label.run(params, [tmp_path / "m.png"], tmp_path / "o", overwrite=True, backup=False,
+                                   **flags)
+        return [{"label": s["label"], "points": s["points"]} for s in json.loads(path.read_text())["shapes"]]
+
+    assert pixel in labels({})
+    assert pixel not in labels({"masks": {"min_area_px": 2}})
+    assert pixel in labels({"masks": {"min_area_px": 2}}, min_area_px=0)
+    with pytest.raises(AerialsegError, match="must be >= 0"):
+        labels({"masks": {"simplify_px": -1}})
 
 
 @pytest.mark.parametrize("case", ["rgb mask", "stray values", "no image", "size mismatch"])

@@ -3,7 +3,7 @@
 import pytest
 
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.config import PARAMS_YAML, check_keys, load_params
+from aerialseg.core.config import PARAMS_YAML, check_keys, load_params, typed_section
 
 
 def test_default_params_resolve_outside_the_repository(tmp_path, monkeypatch):
@@ -21,6 +21,25 @@ def test_explicit_missing_or_malformed_params_are_one_line_errors(tmp_path):
         load_params(bad)
     with pytest.raises(AerialsegError, match="unknown prune key\\(s\\) iteratons"):
         check_keys("prune", {"iteratons": 3}, ("iterations", "out"))
+
+
+def test_typed_section_builds_the_dataclass_checks_keys_and_validates():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Knobs:
+        size: int = 4
+        name: str = "a"
+
+        def validate(self) -> None:
+            if self.size < 1:
+                raise AerialsegError("knobs.size must be >= 1", "params.yaml")
+
+    assert typed_section(Knobs, "knobs", {"size": 8}) == Knobs(size=8)
+    with pytest.raises(AerialsegError, match="unknown knobs key\\(s\\) colour — fix: use only: size, name"):
+        typed_section(Knobs, "knobs", {"colour": 1})
+    with pytest.raises(AerialsegError, match="knobs.size must be >= 1"):
+        typed_section(Knobs, "knobs", {"size": 0})
 
 
 def test_errors_about_params_keys_name_the_file_that_was_read(tmp_path, capsys, monkeypatch):

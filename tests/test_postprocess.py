@@ -20,10 +20,10 @@ from aerialseg.inference.postprocess import (
     UnionFind,
     border_pairs,
     postprocess,
-    postprocess_stage,
     resolve_classes,
     scan_objects,
 )
+from aerialseg.stages.postprocess import run as postprocess_stage
 from conftest import shared_path
 
 DUBAI_COLORS = {(60, 16, 152): 4, (132, 41, 246): 0, (110, 193, 228): 1, (254, 221, 58): 3, (226, 169, 41): 2}
@@ -195,7 +195,7 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(AerialsegError, match="file not found"):
         postprocess(tmp_path / "missing.tif", tmp_path / "out")
     with pytest.raises(AerialsegError, match="above"):
-        postprocess_stage(plain, {"postprocess": {"min_area": 5, "max_area": 1}})
+        postprocess_stage({"postprocess": {"min_area": 5, "max_area": 1}}, plain)
     assert resolve_classes(["Road", 4, "2"]) == [1, 2, 4] and resolve_classes(None) == [1, 2, 3, 4]
 
 

@@ -101,6 +101,21 @@ def test_time_calls_reports_median():
         time_calls(lambda: None, runs=0)
 
 
+def test_one_timer_times_after_warmup_and_takes_the_median(monkeypatch):
+    """core.timing (used by quantize's and profile's latencies): warm-up calls untimed, median of the rest."""
+    from aerialseg.core import timing
+
+    clock, durations = [0.0], iter([5.0, 5.0, 0.001, 0.004, 0.002, 0.003])  # seconds; two warm-up calls first
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def call() -> None:
+        clock[0] += next(durations)
+
+    assert timing.call_times_ms(call, runs=4, warmup=2) == pytest.approx([1.0, 4.0, 2.0, 3.0])
+    clock[0], durations = 0.0, iter([0.001, 0.004, 0.002])
+    assert timing.median_ms(call, runs=3, warmup=0) == pytest.approx(2.0)
+
+
 def tiny_onnx(path, in_channels: int = 3, classes: int = 5):
     weight = np.random.default_rng(0).standard_normal((classes, in_channels, 3, 3)).astype(np.float32)
     graph = helper.make_graph(

@@ -13,12 +13,13 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from aerialseg.annotations.anylabeling import LabelTable, load_label_json, parse_shapes, resolve_scene
+from aerialseg.annotations.anylabeling import load_label_json, parse_shapes, resolve_scene
 from aerialseg.annotations.labels import labels_to_masks
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
 from aerialseg.stages.bundle import build_bundle
+from aerialseg.stages.masks import label_table
 from aerialseg.inference.ranking import (RankOptions, SceneWindows, class_weights, pixel_uncertainty, rank_scenes,
                                          rank_windows)
 from aerialseg.models import create_model, get_spec, save_model
@@ -35,7 +36,7 @@ def sample_mask(n: int) -> np.ndarray:
     path = SAMPLE / "labels" / f"dubai_tile{n}.json"
     doc = load_label_json(path)
     scene = resolve_scene(doc, path, None)
-    table = LabelTable.from_params(load_params(REPO / "params.yaml"))
+    table = label_table(load_params(REPO / "params.yaml"))
     shapes, _ = parse_shapes(doc, path, table)
     return rasterize_shapes(shapes, scene.width, scene.height)
 
@@ -134,7 +135,7 @@ def test_ranking_is_deterministic_and_writes_csv_gpkg_crops(memorised, tmp_path)
     doc = json.loads(label.read_text())
     assert doc["imagePath"] == crop.name and (doc["imageWidth"], doc["imageHeight"]) == (WINDOW, WINDOW)
     params = load_params(REPO / "params.yaml")
-    [mask] = labels_to_masks([label], tmp_path / "masks", LabelTable.from_params(params), MaskOptions())
+    [mask] = labels_to_masks([label], tmp_path / "masks", label_table(params), MaskOptions())
     with rasterio.open(mask) as ds:
         assert ds.crs == rasterio.open(crop).crs and ds.read(1).shape == (WINDOW, WINDOW)
 

@@ -183,8 +183,8 @@ def _case(tmp_path: Path, kind: str) -> tuple[list, str]:
         write_scene(tmp_path / "n.tif", nodata=0, fill=0)
         return ["label-to-mask", write_labels(labels / "n.json", "../n.tif")], "no valid pixel"
     assert kind == "a scene smaller than a patch"
-    from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
+    from aerialseg.stages.masks import run as masks_stage
 
     write_labels(labels / "s.json", "../s.tif")  # a good 128x96 mask; tiles.size is 256
     masks_stage(load_params(PARAMS), labels=[labels], out=tmp_path / "out" / "masks")

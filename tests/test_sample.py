@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from aerialseg.annotations.labels import masks_stage
 from aerialseg.core.config import load_params
+from aerialseg.stages.masks import run as masks_stage
 from conftest import REPO, SHARED_DATA
 
 SAMPLE = REPO / "data" / "sample"

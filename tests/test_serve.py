@@ -23,7 +23,7 @@ import rasterio
 import torch
 import yaml
 
-from aerialseg.annotations.anylabeling import LabelTable, Shape
+from aerialseg.annotations.anylabeling import Shape
 from aerialseg.annotations.labels import labels_to_masks
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.config import load_params
@@ -32,6 +32,7 @@ from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.inference.server import ServeOptions, hole_free_pieces, holes, model_ids, read_api_key, scored_shapes
 from aerialseg.models import create_model, save_model
 from aerialseg.stages.bundle import build_bundle
+from aerialseg.stages.masks import label_table
 
 from conftest import REPO
 
@@ -383,7 +384,7 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
     doc["imagePath"] = os.path.relpath(image, label_file.parent)
     label_file.write_text(json.dumps(doc))
     params = load_params(REPO / "params.yaml")
-    [mask_path] = labels_to_masks([label_file], tmp_path / "masks", LabelTable.from_params(params), MaskOptions())
+    [mask_path] = labels_to_masks([label_file], tmp_path / "masks", label_table(params), MaskOptions())
     with rasterio.open(mask_path) as ds:
         mask = ds.read(1)
     assert mask.shape == scene_map.shape

@@ -48,11 +48,11 @@ def label_to_mask_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Paint label JSON into class masks as the annotation tools do (GeoTIFF on the scene grid, else PNG)."""
-    from aerialseg.annotations.labels import masks_stage
     from aerialseg.core.config import load_params
+    from aerialseg.stages import masks
 
-    written = masks_stage(load_params(params), labels=labels, out=out, images=images,
-                          allow_ungeoreferenced=allow_ungeoreferenced, overwrite=overwrite)
+    written = masks.run(load_params(params), labels=labels, out=out, images=images,
+                        allow_ungeoreferenced=allow_ungeoreferenced, overwrite=overwrite)
     typer.echo(f"wrote {len(written)} mask(s) and {Path(written[0]).parent / 'index.json'}")
 
 
@@ -73,10 +73,10 @@ def mask_to_label_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Polygonise class masks into AnyLabeling JSON that label-to-mask (and labelme, X-AnyLabeling) paint back."""
-    from aerialseg.annotations.polygonize import masks_to_labels
     from aerialseg.core.config import load_params
+    from aerialseg.stages import mask_to_label
 
-    for path in masks_to_labels(masks, load_params(params), out, image, simplify, min_area, overwrite, backup):
+    for path in mask_to_label.run(load_params(params), masks, out, image, simplify, min_area, overwrite, backup):
         typer.echo(f"wrote {path}")
 
 
@@ -364,11 +364,11 @@ def postprocess_command(
 ) -> None:
     """Objects per class (8-connected): count, area, centroid, bbox, aspect ratio -> GeoJSON + CSV."""
     from aerialseg.core.config import load_params
-    from aerialseg.inference.postprocess import postprocess_stage
+    from aerialseg.stages import postprocess
 
-    summary = postprocess_stage(class_raster, load_params(params), out=out, classes=classes, min_area=min_area,
-                                max_area=max_area, min_aspect=min_aspect, max_aspect=max_aspect,
-                                area_unit=area_unit, band_rows=band_rows, clean=clean)
+    summary = postprocess.run(load_params(params), class_raster, out=out, classes=classes, min_area=min_area,
+                              max_area=max_area, min_aspect=min_aspect, max_aspect=max_aspect,
+                              area_unit=area_unit, band_rows=band_rows, clean=clean)
     typer.echo(f"{summary['kept']} of {summary['objects']} objects kept; wrote {summary['files']['geojson']}, "
                f"{summary['files']['csv']}")
 
@@ -380,10 +380,10 @@ def prune_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Taylor filter pruning (real channel removal) + fine-tune -> pruned model dir + prune.json."""
-    from aerialseg.compression.prune import prune_run
     from aerialseg.core.config import load_params
+    from aerialseg.stages import prune
 
-    report = prune_run(load_params(params), model_dir=model_dir, out_dir=out)
+    report = prune.run(load_params(params), model_dir=model_dir, out_dir=out)
     if not report["enabled"]: return typer.echo(f"pruning disabled: {report['reason']}")  # noqa: E701
     typer.echo(f"pruned {report['model']}: {report['params_before'] / 1e6:.2f} M -> "
                f"{report['params_after'] / 1e6:.2f} M parameters, loss {report['loss_before']:.4f} -> "

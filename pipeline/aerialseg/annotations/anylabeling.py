@@ -32,7 +32,6 @@ import numpy as np
 from rasterio.enums import MaskFlags
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
-from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import is_georeferenced, mask_profile, open_raster
 
@@ -78,11 +77,9 @@ class LabelTable:
     mapping: dict[str, int]
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "LabelTable":
-        raw = section(params, "classes").get("labels") or {}
-        if not isinstance(raw, dict):
-            raise AerialsegError("classes.labels must be a mapping label -> class", "params.yaml")
-        return cls({normalize_label(k): class_id(v, f"classes.labels.{k}") for k, v in raw.items()})
+    def from_mapping(cls, labels: dict[Any, Any]) -> "LabelTable":
+        """From ``classes.labels``: label text -> class name or id (checked)."""
+        return cls({normalize_label(k): class_id(v, f"classes.labels.{k}") for k, v in labels.items()})
 
     def lookup(self, label: Any) -> int | None:
         return self.mapping.get(normalize_label(label))

@@ -1,4 +1,4 @@
-"""masks stage (label-to-mask): AnyLabeling / X-AnyLabeling / labelme JSON -> 5-class masks.
+"""label-to-mask: AnyLabeling / X-AnyLabeling / labelme JSON -> 5-class masks (stage wiring: stages/masks.py).
 
 - Reading: ``aerialseg.annotations.anylabeling`` (label files, shapes, the image behind each file).
 - Painting: ``aerialseg.annotations.rasterize`` — by default the annotation tools' own rule (vertices on pixel
@@ -41,7 +41,6 @@ from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, LabelTable, Sce
                                                unknown_labels, unknown_labels_error)
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_intersecting, unpainted_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
-from aerialseg.core.config import DEFAULT_PARAMS, section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.core.safety import environment_error, refuse_inputs, temp_dir
@@ -312,24 +311,3 @@ def _check_unique_outputs(items: Sequence[LabelFile], out_dir: Path) -> None:
             raise AerialsegError(f"same file name as {seen[dest]}: both would write {dest}.*", item.path,
                                  "give the label files unique names (masks are named after them)")
         seen[dest] = item.path
-
-
-def masks_stage(params: dict[str, Any], labels: Sequence[str | Path] | None = None,
-                out: str | Path | None = None, images: str | Path | None = None,
-                allow_ungeoreferenced: bool | None = None, overwrite: bool = False) -> list[Path]:
-    """DVC stage `masks`: params data.labels -> masks.out (+ index.json); arguments override params."""
-    data, cfg = section(params, "data"), section(params, "masks")
-    configured = data.get("labels") or "data/labels"
-    sources = list(labels) if labels else (configured if isinstance(configured, list) else [configured])
-    out_dir = out or cfg.get("out", "data/masks")
-    allow = bool(cfg.get("allow_ungeoreferenced", False)) if allow_ungeoreferenced is None else allow_ungeoreferenced
-    return labels_to_masks(sources, out_dir, LabelTable.from_params(params), MaskOptions.from_params(params),
-                           images or data.get("images"), allow, overwrite,
-                           _max_pixels(cfg.get("max_image_pixels", MAX_IMAGE_PIXELS)))
-
-
-def _max_pixels(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
-        raise AerialsegError(f"masks.max_image_pixels must be a positive number of pixels, got {value!r}",
-                             DEFAULT_PARAMS, f"set it to e.g. {MAX_IMAGE_PIXELS}")
-    return int(value)

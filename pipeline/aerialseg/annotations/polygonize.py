@@ -31,7 +31,6 @@ import numpy as np
 from aerialseg.annotations.anylabeling import IMAGE_SUFFIXES, Shape, anylabeling_document, dumps_label_json
 from aerialseg.annotations.rasterize import rasterize_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
-from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_text
 from aerialseg.core.safety import backup_path, refuse_inputs
@@ -196,18 +195,15 @@ def mask_file_to_label(mask_path: str | Path, out_dir: str | Path | None = None,
     return dest
 
 
-def masks_to_labels(masks: Sequence[str | Path], params: dict[str, Any], out_dir: str | Path | None = None,
-                    image: str | Path | None = None, simplify_px: float | None = None,
-                    min_area_px: float | None = None, overwrite: bool = False, backup: bool = True) -> list[Path]:
-    """CLI `mask-to-label`: every mask -> AnyLabeling JSON; defaults from params masks.simplify_px/min_area_px.
+def masks_to_labels(masks: Sequence[str | Path], out_dir: str | Path | None = None, image: str | Path | None = None,
+                    simplify_px: float = 0.0, min_area_px: float = 0.0, overwrite: bool = False,
+                    backup: bool = True) -> list[Path]:
+    """Every mask -> AnyLabeling JSON (see ``mask_file_to_label``).
 
     Every destination is checked (not an input, no existing label file unless ``overwrite``) before the
     first file is written.
     """
-    cfg = section(params, "masks")
-    simplify = float(cfg.get("simplify_px", 0.0) if simplify_px is None else simplify_px)
-    min_area = float(cfg.get("min_area_px", 0.0) if min_area_px is None else min_area_px)
-    if simplify < 0 or min_area < 0:
+    if simplify_px < 0 or min_area_px < 0:
         raise AerialsegError("--simplify and --min-area must be >= 0", None, "pass 0 or a positive number")
     if image and Path(image).is_file() and len(masks) > 1:
         raise AerialsegError("one --image file for several masks", image, "pass a folder of images via --image")
@@ -220,4 +216,4 @@ def masks_to_labels(masks: Sequence[str | Path], params: dict[str, Any], out_dir
             raise AerialsegError(f"same label file as for {seen[dest.absolute()]}: {dest}", mask,
                                  "give each mask its own image (or --out folder)")
         seen[dest.absolute()] = mask
-    return [mask_file_to_label(m, out_dir, image, simplify, min_area, overwrite, backup) for m in masks]
+    return [mask_file_to_label(m, out_dir, image, simplify_px, min_area_px, overwrite, backup) for m in masks]

@@ -23,7 +23,6 @@ names, later wins) overrides file order, file order breaking ties. Unlabelled pi
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import rasterio.features
@@ -33,9 +32,7 @@ from PIL import Image, ImageDraw
 from shapely.geometry import LineString, MultiPoint, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from aerialseg.annotations.anylabeling import LINE_TYPES, POINT_TYPES, POLYGON_TYPES, Shape, class_id
-from aerialseg.core.config import section
-from aerialseg.core.errors import AerialsegError
+from aerialseg.annotations.anylabeling import LINE_TYPES, POINT_TYPES, POLYGON_TYPES, Shape
 
 CONVENTIONS = ("center", "corner")
 CIRCLE_TOLERANCE_PX = 0.25  # corner rule: max gap between a circle and its polygon
@@ -51,32 +48,9 @@ class MaskOptions:
     vertex_convention: str = "center"
     all_touched: bool = False  # corner convention only
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "MaskOptions":
-        cfg = section(params, "masks")
-        convention = str(cfg.get("vertex_convention", "center")).lower()
-        if convention not in CONVENTIONS:
-            raise AerialsegError(f"masks.vertex_convention must be center or corner, got {convention!r}",
-                                 "params.yaml", "center: the annotation tools' rule; corner: the GIS rule")
-        all_touched = bool(cfg.get("all_touched", False))
-        if all_touched and convention == "center":
-            raise AerialsegError("masks.all_touched applies to vertex_convention: corner only", "params.yaml",
-                                 "set all_touched: false, or vertex_convention: corner")
-        priority = tuple(class_id(n, "masks.priority") for n in (cfg.get("priority") or []))
-        return cls(_whole_px(cfg, "line_width_px", 5, 1), _whole_px(cfg, "point_radius_px", 5, 1), priority,
-                   convention, all_touched)
-
     def rank(self, cls_id: int) -> int:
         """Painting rank of a class: listed classes by position, unlisted ones first (-1)."""
         return self.priority.index(cls_id) if cls_id in self.priority else -1
-
-
-def _whole_px(cfg: dict[str, Any], key: str, default: int, low: int) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or not low <= value < 1000:
-        raise AerialsegError(f"masks.{key} must be a whole number of pixels from {low} to 999, got {value!r}",
-                             "params.yaml", f"set masks.{key} to e.g. {default}")
-    return int(value)
 
 
 def painting_order(shapes: Sequence[Shape], options: MaskOptions) -> list[Shape]:

@@ -34,11 +34,10 @@ from tqdm import tqdm
 
 from aerialseg.core.classes import IGNORE, NUM_CLASSES
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import write_json
-from aerialseg.training.losses import build_loss, cross_entropy
+from aerialseg.training.losses import cross_entropy
 from aerialseg.models.pruning_plan import PLAN_FORMAT, apply_pruning_plan  # noqa: F401
-from aerialseg.models import count_parameters, create_model, get_spec, load_model, load_state, save_model
-from aerialseg.core.config import check_keys, section
+from aerialseg.models import ModelSpec, count_parameters, create_model, load_model, load_state, save_model
+from aerialseg.core.config import typed_section
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +74,7 @@ class PruneConfig:
     @classmethod
     def from_params(cls, values: dict[str, Any]) -> "PruneConfig":
         """Build from the params.yaml section; unknown keys are an error (typos must not pass silently)."""
-        check_keys("prune", values, cls.__dataclass_fields__)
-        config = cls(**values)
-        config.validate()
-        return config
+        return typed_section(cls, "prune", values)
 
     def validate(self) -> None:
         """Reject values that cannot work, naming the key."""
@@ -406,27 +402,16 @@ def load_model_dir(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_model(directory)
 
 
-# --- stage --------------------------------------------------------------------------------------
-
-
-def open_split(params: dict[str, Any], split: str, augmented: bool = False) -> Any:
-    """The data stage's PatchDataset of one split (augmented copies only when asked, train only)."""
-    from aerialseg.data.datasets import PatchDataset, stage_outputs
-
-    manifest, split_file, augmented_dir = stage_outputs(params)
-    use_aug = augmented and split == "train" and augmented_dir.is_dir()
-    dataset = PatchDataset(manifest, split_file, split, None, augmented_dir if use_aug else None)
-    if len(dataset) == 0:
-        raise AerialsegError(f"the '{split}' split has no patches", split_file, "check split.fractions")
-    return dataset
+# --- batches ------------------------------------------------------------------------------------
 
 
 class PatchBatches:
-    """Re-iterable normalised batches of one split from the data stage (streamed, not held in memory)."""
+    """Re-iterable normalised batches of a patch dataset (items (uint8 HxWxC image, uint8 HxW mask)),
+    streamed, not held in memory."""
 
-    def __init__(self, params: dict[str, Any], split: str, spec: Any, batch_size: int = 4,
+    def __init__(self, dataset: Sequence[tuple[np.ndarray, np.ndarray]], spec: ModelSpec, batch_size: int = 4,
                  limit: int | None = None, shuffle: bool = False, seed: int = 0):
-        self.dataset = open_split(params, split, augmented=True)
+        self.dataset = dataset
         self.spec, self.batch_size, self.limit, self.shuffle, self.seed = spec, batch_size, limit, shuffle, seed
         self._epoch = 0
 
@@ -450,40 +435,3 @@ class PatchBatches:
             images = torch.from_numpy(np.stack([img for img, _ in items])).permute(0, 3, 1, 2)
             masks = torch.from_numpy(np.stack([m for _, m in items])).long()
             yield self.spec.normalize(images), masks
-
-
-DISABLED_REASON = "prune.enabled is false: no pruned model (set prune.enabled: true to prune)"
-
-
-def prune_run(params: dict[str, Any], model_dir: str | Path | None = None, out_dir: str | Path | None = None,
-              batches: Iterable[Batch] | None = None) -> dict[str, Any]:
-    """The `aerialseg prune` stage: load the trained model, prune, fine-tune, save, write prune.json.
-
-    With ``prune.enabled: false`` only prune.json ``{"enabled": false, "reason": ...}`` is written, so the
-    DVC stage can be switched off without editing dvc.yaml (drop ``pruned_dir`` from quantize.table.entries too).
-    """
-    config = PruneConfig.from_params(section(params, "prune"))
-    out_dir = Path(out_dir or config.out)
-    if not config.enabled:
-        record = {"enabled": False, "reason": DISABLED_REASON}
-        write_json(out_dir / "prune.json", record)
-        log.info("pruning disabled: wrote %s", out_dir / "prune.json")
-        return record
-    model_dir = Path(model_dir or config.model_dir or section(params, "train").get("out", "models/default"))
-    if not (model_dir / "model.json").is_file():
-        raise AerialsegError("trained model not found", model_dir / "model.json",
-                             "run `aerialseg train` first or set prune.model_dir")
-    model, meta = load_model_dir(model_dir)
-    spec = get_spec(meta["name"])
-    if batches is None:
-        batches = PatchBatches(params, "train", spec, config.batch_size, config.max_patches, shuffle=True,
-                               seed=config.seed)
-    criterion = make_criterion(build_loss(section(params, "train").get("loss")), spec.aux_weight)
-    result = prune_and_retrain(model, batches, config, name=meta["name"], classes=meta["classes"],
-                               in_channels=meta["in_channels"], criterion=criterion)
-    save_pruned_model(result.model, out_dir, meta["name"], result.plan, classes=meta["classes"],
-                      in_channels=meta["in_channels"], kwargs=meta.get("kwargs"),
-                      extra={"source_model_dir": str(model_dir)})
-    report = {"enabled": True, "model": meta["name"], "source": str(model_dir), "out": str(out_dir), **result.report}
-    write_json(out_dir / "prune.json", report)
-    return report

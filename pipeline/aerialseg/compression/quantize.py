@@ -15,10 +15,8 @@ Outputs in the model directory: model.int8.onnx and quantize.json (sizes MB, par
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,8 @@ from aerialseg.compression.onnx_export import INPUT_NAME, check_parity, export_o
 from aerialseg.core.fileio import atomic_path, write_json, write_text
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
 from aerialseg.models import ModelSpec, count_parameters, get_spec
-from aerialseg.core.config import check_keys
+from aerialseg.core.config import typed_section
+from aerialseg.core.timing import median_ms
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +89,7 @@ class QuantizeConfig:
     @classmethod
     def from_params(cls, values: dict[str, Any]) -> "QuantizeConfig":
         """Build from the params.yaml section; unknown keys are an error."""
-        check_keys("quantize", values, cls.__dataclass_fields__)
-        config = cls(**values)
-        config.validate()
-        return config
+        return typed_section(cls, "quantize", values)
 
     def validate(self) -> None:
         """Reject values ONNX Runtime would not take, naming the key."""
@@ -261,24 +257,13 @@ def delta_miou(fp32_sess: ort.InferenceSession, int8_sess: ort.InferenceSession,
             "prediction_agreement": round(agree / max(total, 1), 6)}
 
 
-def _median_ms(run: Callable[[], Any], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return round(1000.0 * statistics.median(times), 2)
-
-
 def onnx_latency_ms(path: str | Path, threads: int, runs: int = 10, warmup: int = 2) -> float:
     """Median CPU latency (ms) of one fixed-size input through an ONNX model."""
     sess = session(path, threads)
     meta = sess.get_inputs()[0]
     shape = [d if isinstance(d, int) else 1 for d in meta.shape]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    return _median_ms(lambda: sess.run(None, {meta.name: x}), runs, warmup)
+    return round(median_ms(lambda: sess.run(None, {meta.name: x}), runs, warmup), 2)
 
 
 def torch_latency_ms(model: nn.Module, size: int, in_channels: int = 3, threads: int = 0, runs: int = 10,
@@ -291,7 +276,7 @@ def torch_latency_ms(model: nn.Module, size: int, in_channels: int = 3, threads:
     model = model.eval()
     try:
         with torch.inference_mode():
-            return _median_ms(lambda: model(x), runs, warmup)
+            return round(median_ms(lambda: model(x), runs, warmup), 2)
     finally:
         torch.set_num_threads(previous)
 

@@ -111,6 +111,16 @@ def check_keys(name: str, values: dict[str, Any], allowed: Any) -> None:
                              f"use only: {', '.join(allowed)}")
 
 
+def typed_section(cls: type[T], name: str, values: dict[str, Any]) -> T:
+    """A section's dataclass: unknown keys are an error (check_keys), then its ``validate()`` runs if it has one."""
+    check_keys(name, values, [f.name for f in fields(cls)])
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
 def merge_profile(params: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
     """params with a profile's sections merged over them (nested mappings merged, other values replaced)."""
     merged = dict(params)

@@ -444,33 +444,3 @@ def postprocess(class_raster: str | Path, out_dir: str | Path, classes: Iterable
     write_json(out_dir / f"{stem}.objects.json", summary)
     log.info("%s: %d objects, %d kept after filtering", path.name, summary["objects"], summary["kept"])
     return summary
-
-
-def _number(value: Any, key: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise AerialsegError(f"postprocess.{key} must be a number or null, not {value!r}", "params.yaml") from None
-
-
-def postprocess_stage(class_raster: str | Path, params: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """``aerialseg postprocess``: the ``postprocess`` section of params.yaml, flags (not None) win."""
-    from aerialseg.core.config import section
-
-    cfg = {**section(params, "postprocess"), **{k: v for k, v in overrides.items() if v is not None}}
-    unknown = set(cfg) - {"out", "classes", "min_area", "max_area", "min_aspect", "max_aspect", "area_unit",
-                          "band_rows", "clean", "preview"}
-    if unknown:
-        raise AerialsegError(f"unknown postprocess key(s): {', '.join(sorted(unknown))}", "params.yaml",
-                             "see the postprocess section in the README")
-    object_filter = ObjectFilter(**{k: _number(cfg.get(k), k) for k in ("min_area", "max_area", "min_aspect",
-                                                                      "max_aspect")},
-                                 area_unit=cfg.get("area_unit") or "px")
-    for low, high in (("min_area", "max_area"), ("min_aspect", "max_aspect")):
-        if cfg.get(low) is not None and cfg.get(high) is not None and float(cfg[low]) > float(cfg[high]):
-            raise AerialsegError(f"{low} {cfg[low]} is above {high} {cfg[high]}", fix="swap them")
-    return postprocess(class_raster, cfg.get("out") or "reports/objects", classes=cfg.get("classes"),
-                       object_filter=object_filter, band_rows=int(cfg.get("band_rows") or 1024),
-                       clean=bool(cfg.get("clean", False)), preview=bool(cfg.get("preview", True)))

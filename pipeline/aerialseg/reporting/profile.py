@@ -15,7 +15,6 @@ Conventions (stated in the table as well):
 """
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json, write_text
+from aerialseg.core.timing import call_times_ms
 from aerialseg.models import count_parameters, create_model, get_spec, load_model
 
 
@@ -104,14 +104,7 @@ def time_calls(fn: Callable[[], Any], runs: int = 10, warmup: int = 3) -> dict[s
     """Median, 10th and 90th percentile milliseconds of ``runs`` calls after ``warmup`` calls."""
     if runs < 1:
         raise AerialsegError("runs must be at least 1", fix="set report.profile.runs >= 1")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    p10, median, p90 = np.percentile(times, [10, 50, 90])
+    p10, median, p90 = np.percentile(call_times_ms(fn, runs, warmup), [10, 50, 90])
     return {"median_ms": round(float(median), 3), "p10_ms": round(float(p10), 3),
             "p90_ms": round(float(p90), 3), "runs": runs, "warmup": warmup}
 

@@ -3,7 +3,7 @@
 from typing import Any
 
 from aerialseg.compression.quantize import QuantizeConfig, TableConfig, compression_table
-from aerialseg.core.config import DEFAULT_PARAMS, check_keys, section
+from aerialseg.core.config import DEFAULT_PARAMS, section, typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.paths import data_stage_outputs
 from aerialseg.data.datasets import split_arrays
@@ -12,8 +12,7 @@ from aerialseg.data.datasets import split_arrays
 def run(params: dict[str, Any]) -> dict[str, Any]:
     """The `aerialseg compression-table` stage (entries from quantize.table)."""
     config = QuantizeConfig.from_params(section(params, "quantize"))
-    check_keys("quantize.table", config.table, TableConfig.__dataclass_fields__)
-    table = TableConfig(**config.table)
+    table = typed_section(TableConfig, "quantize.table", config.table)
     if not table.entries:
         raise AerialsegError("quantize.table.entries is empty", DEFAULT_PARAMS,
                              "list {backbone, model_dir, pruned_dir} entries")
