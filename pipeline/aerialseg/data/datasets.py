@@ -216,3 +216,22 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochSeededSampler(base, dataset, generator),
                       num_workers=num_workers, collate_fn=collate_patches, worker_init_fn=seed_worker,
                       generator=generator, drop_last=drop_last, persistent_workers=False)
+
+
+def spread_indices(count: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over range(count) (all when limit is None or large)."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, limit)})
+
+
+def split_arrays(manifest: Path, split_file: Path, split: str, limit: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Up to ``limit`` (image uint8 HxWx3, mask uint8 HxW) patches of a split, spread evenly over it."""
+    dataset = PatchDataset(manifest, split_file, split)
+    if len(dataset) == 0:
+        raise AerialsegError(f"the '{split}' split has no patches", split_file, "check split.fractions")
+    try:
+        items = [dataset[i] for i in spread_indices(len(dataset), limit)]
+    finally:
+        dataset.close()
+    return [img for img, _ in items], [mask for _, mask in items]
