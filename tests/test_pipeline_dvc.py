@@ -58,6 +58,8 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
         assert out.crs == scene.crs and out.transform == scene.transform and out.count == 1
     split = json.loads((work / "data/split/split.json").read_text())
     assert all(split["sizes"][name] > 0 for name in ("train", "val", "test"))
+    teacher, student = (json.loads((work / f"models/{run}/model.json").read_text()) for run in ("default", "student"))
+    assert student["training_data_sha256"] == teacher["training_data_sha256"] is not None  # what both learnt from
 
     status = _run(["dvc", "status"], work)  # a second look: everything is up to date
     assert status.returncode == 0 and "changed" not in status.stdout, status.stdout

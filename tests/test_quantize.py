@@ -211,6 +211,26 @@ def test_compression_table_rows_and_files(tmp_path, trained_dir, toy_data):
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
 
 
+def test_compression_table_leaves_out_a_disabled_prune_stage_and_says_why(tmp_path, trained_dir, toy_data):
+    from aerialseg.stages.prune import run as prune_run
+
+    off = tmp_path / "pruned_off"
+    prune_run({"prune": {"out": str(off)}})  # the default: disabled, prune.json only
+    table = TableConfig(tile_size=SIZE, out_json=str(tmp_path / "c.json"), out_md=str(tmp_path / "c.md"))
+    result = compression_table([{"backbone": "ResNet18", "model_dir": str(trained_dir), "pruned_dir": str(off)}],
+                               toy_data["train_images"], toy_data["val_images"], toy_data["val_masks"], fast_config(),
+                               table)
+    assert [(r["pruned"], r["quantized"]) for r in result["rows"]] == [(False, False), (False, True)]
+    assert result["skipped"] == [{"backbone": "ResNet18", "model_dir": str(off),
+                                  "reason": json.loads((off / "prune.json").read_text())["reason"]}]
+    assert "Not in the table: ResNet18 pruned" in (tmp_path / "c.md").read_text()
+    (off / "prune.json").unlink()  # neither a model nor a marker: still an error
+    with pytest.raises(AerialsegError, match="model directory not found"):
+        compression_table([{"backbone": "R", "model_dir": str(trained_dir), "pruned_dir": str(off)}],
+                          toy_data["train_images"], toy_data["val_images"], toy_data["val_masks"], fast_config(),
+                          table)
+
+
 def test_config_is_checked():
     with pytest.raises(AerialsegError, match="calibrate_method"):
         QuantizeConfig.from_params({"calibrate_method": "Entropy"})
@@ -284,7 +304,7 @@ def test_cli_prune_quantize_table_on_real_data_stages(tmp_path):
     save_model(create_model(NAME), base, NAME)
     params.update({
         "train": {"out": str(base), "loss": {"name": "ce"}},
-        "prune": {"out": str(pruned), "iterations": 2, "ratio_per_iteration": 0.2, "score_batches": 2,
+        "prune": {"enabled": True, "out": str(pruned), "iterations": 2, "ratio_per_iteration": 0.2, "score_batches": 2,
                   "retrain_epochs": 1, "max_patches": 8, "batch_size": 4, "example_size": 128},
         "quantize": {"tile_size": 128, "calibration_tiles": 4, "val_tiles": 4, "max_delta_miou": 100.0,
                      "latency_runs": 1, "latency_warmup": 0, "threads": 1,

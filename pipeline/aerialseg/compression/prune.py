@@ -51,7 +51,7 @@ TRANSFORMER_HINTS = ("segformer", "mit_", "vit", "dinov2", "swin", "transformer"
 class PruneConfig:
     """Knobs of the pruning stage (params.yaml section ``prune``)."""
 
-    enabled: bool = True                      # False: the stage writes only prune.json saying so
+    enabled: bool = False                     # False: the stage writes only prune.json saying so
     iterations: int = 1                       # one round of 34 %: docs/training.md
     ratio_per_iteration: float = 0.34         # share of the remaining channels removed per round
     score_batches: int = 8                    # training batches averaged for the Taylor scores

@@ -408,8 +408,9 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def table_markdown(rows: Sequence[dict[str, Any]], tile: int, threads: int, tiles: int) -> str:
-    """The table in the layout of the paper's Table II."""
+def table_markdown(rows: Sequence[dict[str, Any]], tile: int, threads: int, tiles: int,
+                   skipped: Sequence[dict[str, Any]] = ()) -> str:
+    """The table in the layout of the paper's Table II (+ a line per model dir left out, and why)."""
     lines = [
         "# Compression: Taylor pruning (P) and int8 quantization (Q)",
         "",
@@ -424,7 +425,17 @@ def table_markdown(rows: Sequence[dict[str, Any]], tile: int, threads: int, tile
         lines.append(f"| {r['backbone']} | {'x' if r['pruned'] else ''} | {'x' if r['quantized'] else ''} | "
                      f"{_pct(r['pixel_accuracy'])} | {_pct(r['mIoU'])} | {_pct(r['bf1'])} | {r['size_mb']:.2f} | "
                      f"{r['params_m']:.2f} | {latency} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", *(f"Not in the table: {s['backbone']} pruned (`{s['model_dir']}`): {s['reason']}." for s in skipped)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def pruning_disabled(directory: Path) -> str | None:
+    """Why a pruned_dir holds no model (prune.json of a disabled prune stage), or None."""
+    marker = directory / "prune.json"
+    if (directory / "model.json").is_file() or not marker.is_file():
+        return None
+    record = json.loads(marker.read_text(encoding="utf-8"))
+    return None if record.get("enabled", True) else str(record.get("reason", "pruning is disabled"))
 
 
 def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[np.ndarray],
@@ -432,9 +443,15 @@ def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[n
                       table: TableConfig) -> dict[str, Any]:
     """Rows backbone x pruned x quantized; writes table.out_json and table.out_md."""
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     for entry in entries:
         dirs = [entry.get("model_dir"), entry.get("pruned_dir")]
         for directory in [Path(d) for d in dirs if d]:
+            reason = pruning_disabled(directory) if str(directory) == str(entry.get("pruned_dir")) else None
+            if reason:
+                skipped.append({"backbone": str(entry.get("backbone", directory.name)), "model_dir": str(directory),
+                                "reason": reason})
+                continue
             if not (directory / "model.json").is_file():
                 raise AerialsegError("model directory not found", directory / "model.json",
                                      "train/prune it first or fix quantize.table.entries")
@@ -442,7 +459,7 @@ def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[n
                                        val_images, val_masks, config, table.tile_size))
     result = {"tile_size": table.tile_size, "threads": config.threads, "val_tiles": len(val_images),
               "class_names": list(CLASS_NAMES), "ignore_index": IGNORE, "out_json": table.out_json,
-              "out_md": table.out_md, "rows": rows}
+              "out_md": table.out_md, "rows": rows, "skipped": skipped}
     write_json(table.out_json, result)
-    write_text(table.out_md, table_markdown(rows, table.tile_size, config.threads, len(val_images)))
+    write_text(table.out_md, table_markdown(rows, table.tile_size, config.threads, len(val_images), skipped))
     return result

@@ -47,10 +47,11 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
     teacher = check_teacher(teacher_dir or cfg.get("teacher", "models/default"))
     out_dir = Path(out_dir or cfg.get("out", "models/student"))
     model, train = student_sections(params, student, seed)
+    identity = None
     if datasets is None:
         manifest, split_file = data_stage_outputs(params)
         transform = build_transform(section(params, "augment")) if bool(train.get("online_augment", True)) else None
-        datasets, _ = patch_datasets(manifest, split_file, augmented_dir(params), transform)
+        datasets, identity = patch_datasets(manifest, split_file, augmented_dir(params), transform)
     config = TrainConfig.from_sections(model, train, cfg)
     return distil(config, teacher, datasets, out_dir, resume, gsd_m=section(params, "data").get("gsd_m"),
-                  device=str(section(params, "train").get("device", "auto")))
+                  device=str(section(params, "train").get("device", "auto")), identity=identity)

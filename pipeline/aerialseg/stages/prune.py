@@ -22,7 +22,8 @@ from aerialseg.training.losses import build_loss
 
 log = logging.getLogger(__name__)
 
-DISABLED_REASON = "prune.enabled is false: no pruned model (set prune.enabled: true to prune)"
+DISABLED_REASON = ("prune.enabled is false (the default; docs/training.md section 2 says why): no pruned model; "
+                   "set prune.enabled: true to prune")
 
 
 def train_batches(params: dict[str, Any], spec: ModelSpec, config: PruneConfig) -> PatchBatches:

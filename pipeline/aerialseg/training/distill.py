@@ -61,13 +61,16 @@ def check_teacher(teacher_dir: str | Path) -> Path:
 
 
 def distil(student: TrainConfig, teacher_dir: str | Path, datasets: tuple[Dataset, Dataset], out_dir: str | Path,
-           resume: bool = False, gsd_m: float | None = None, device: str = "auto") -> dict[str, Any]:
+           resume: bool = False, gsd_m: float | None = None, device: str = "auto",
+           identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``student`` with the frozen teacher's soft targets; returns the training summary + agreement.
 
-    ``device`` is where the student/teacher agreement on the val dataset is measured (``auto``: CUDA if any).
+    ``device`` is where the student/teacher agreement on the val dataset is measured (``auto``: CUDA if any);
+    ``identity`` (training data hash and files) goes into model.json as for ``train``.
     """
     teacher, out_dir = check_teacher(teacher_dir), Path(out_dir)
-    summary = train_model(student, datasets, out_dir, resume=resume, teacher_dir=teacher, gsd_m=gsd_m)
+    summary = train_model(student, datasets, out_dir, resume=resume, teacher_dir=teacher, gsd_m=gsd_m,
+                          identity=identity)
     if not ddp.env_info().is_main:
         return summary
     agree = agreement(out_dir, teacher, datasets[1], device=str(resolve_device(device)))
