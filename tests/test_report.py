@@ -94,7 +94,7 @@ def build_inputs(root: Path, optional: bool = True) -> dict:
                                  0.7 * (1 - np.exp(-e * speed / 3)), 1e-3 * (1 - e / 11) ** 0.9, 30.5])
     runs = [load_run(make_run(root / "seeds", m, s, q)) for s in (0, 1, 2)
             for m, q in (("unet", 0.8), ("pspnet", 0.75))]
-    write_comparison(compare_runs(runs), root / "reports/compare.json")
+    write_comparison({**compare_runs(runs), "made": "made at commit abc1234"}, root / "reports/compare.json")
     write_json(root / "reports/models.json", {"rows": [
         {"model": "unet", "source": str(root / "seeds/unet-0"), "tile": 512, "params_total_M": 5.2,
          "params_used_M": 5.2, "gflops": 9.1, "gmacs": 4.55, "cpu": {"median_ms": 300.0, "threads": 2}},
@@ -124,6 +124,7 @@ def test_full_report(tmp_path):
     assert f"| 300.0 (2 thr) | – | {own:.4f} |" in text
     assert "| pspnet | registry (random init) | 11.350 | 0.850 |" in text
     assert "± " in text.split("## Model table")[1].split("\n\n")[1]  # seed mean joined for pspnet
+    assert "(`aerialseg run-seeds`, made at commit abc1234)" in text.split("## Multi-seed comparison")[1]
     links = figure_links(report)
     assert len(links) == 6 and all(p.is_file() for p in links)
     for png in links:

@@ -2,7 +2,7 @@
 
 Required: the evaluation.json of ``aerialseg evaluate``. Optional (a section says "not run" without them):
 confusion.json, models/<run>/history.csv, reports/samples.npz, data/split/class_shares.json,
-reports/models.json (``aerialseg profile-models``) and reports/compare.json (``aerialseg compare``).
+reports/models.json (``aerialseg profile-models``) and reports/seeds/compare.json (``aerialseg run-seeds``).
 """
 
 import csv
@@ -422,8 +422,11 @@ def _models_section(rows: list[dict[str, Any]] | None, miou: dict[str, str], pat
 
 def _compare_section(compare: dict[str, Any] | None, figure: str | None, path: Path) -> str:
     if compare is None or figure is None:
-        return f"## Multi-seed comparison\n\n{NOT_RUN}: `{path}` not found (run `aerialseg compare`)."
-    return "\n\n".join(["## Multi-seed comparison", stats_module.markdown_table(compare).rstrip(),
+        return f"## Multi-seed comparison\n\n{NOT_RUN}: `{path}` not found (run `aerialseg run-seeds`)."
+    made = f", {compare['made']}" if compare.get("made") else ""
+    source = (f"From `{path}` (`aerialseg run-seeds`{made}): every seed trained and scored as the pipeline's "
+              "default; `dvc repro` reads this file but does not re-run it (one full training per seed).")
+    return "\n\n".join(["## Multi-seed comparison", source, stats_module.markdown_table(compare).rstrip(),
                         f"![per-seed results]({figure})"])
 
 

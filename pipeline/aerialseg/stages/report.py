@@ -1,25 +1,11 @@
 """report stage (`aerialseg report`, params ``report``): reports/report.md + figures, stamped with the commit."""
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from aerialseg.core.config import section
+from aerialseg.core.provenance import git_provenance
 from aerialseg.reporting.report import ReportInputs, write_report
-
-
-def git_provenance(cwd: Path = Path(".")) -> str:
-    """'commit abc1234' (+ ', uncommitted changes') of the checkout, or '' outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=cwd, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "pipeline",
-                                "params.yaml", "dvc.yaml"], capture_output=True, text=True, cwd=cwd, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    if commit.returncode != 0:
-        return ""
-    return f"made at commit {commit.stdout.strip()}" + (", code with uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def inputs(params: dict[str, Any]) -> ReportInputs:
@@ -33,7 +19,7 @@ def inputs(params: dict[str, Any]) -> ReportInputs:
         class_shares=Path(cfg.get("class_shares", "data/split/class_shares.json")),
         samples=Path(cfg.get("samples", "reports/samples.npz")),
         models=Path(cfg.get("models", "reports/models.json")),
-        compare=Path(cfg.get("compare", "reports/compare.json")),
+        compare=Path(cfg.get("compare", "reports/seeds/compare.json")),
         compression=Path(cfg.get("compression", "reports/compression.md")),
         history=cfg.get("history", "models/*/history.csv"), max_runs=int(cfg.get("max_runs", 8)),
         max_samples=int(cfg.get("max_samples", 6)), provenance=git_provenance())

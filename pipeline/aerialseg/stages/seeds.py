@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aerialseg.core.config import section
+from aerialseg.core.provenance import git_provenance
 from aerialseg.evaluation import stats
 
 
@@ -20,7 +21,7 @@ def compare(params: dict[str, Any], run_dirs: Sequence[str | Path], out: str | P
     runs = [stats.load_run(d) for d in run_dirs]
     result = stats.compare_runs(runs, metrics=cfg.get("metrics", stats.DEFAULT_METRICS),
                                 primary=primary or cfg.get("primary", "mIoU"), baseline=baseline or cfg.get("baseline"))
-    return stats.write_comparison(result, out or cfg.get("out", "reports/compare.json"))
+    return stats.write_comparison({**result, "made": git_provenance()}, out or cfg.get("out", "reports/seeds/compare.json"))
 
 
 def run_seeds(params: dict[str, Any], models: Sequence[str], seeds: Sequence[int], epochs: int | None = None,
