@@ -122,6 +122,18 @@ def test_compare_matches_scipy(tmp_path):
     assert result["warnings"] == []
 
 
+def test_one_model_gives_mean_and_std_without_a_test_table(tmp_path):
+    from aerialseg.evaluation.stats import markdown_table
+
+    runs = [load_run(make_run(tmp_path, "default", s, 0.7 + 0.01 * s)) for s in (0, 1, 2)]
+    result = compare_runs(runs)
+    values = [r.metrics["mIoU"] for r in runs]
+    assert result["comparisons"] == []
+    table = markdown_table(result)
+    assert f"| default | 0, 1, 2 | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} |" in table
+    assert "a vs b" not in table
+
+
 def test_wilcoxon_from_six_seeds():
     rng = np.random.default_rng(3)
     a = {s: 0.7 + 0.02 * rng.standard_normal() for s in range(8)}

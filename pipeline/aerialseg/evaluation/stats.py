@@ -320,8 +320,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     for model, row in result["models"].items():
         cells = [f"{_fmt(row[m]['mean'])} ± {_fmt(row[m]['std'])}" if row[m]["n"] else "–" for m in metrics]
         lines.append(f"| {model} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
-    lines += ["", "| a vs b | metric | n | mean Δ (a − b) | t | p (paired t) | p (Holm) | p (Wilcoxon) | d_z | d |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if result["comparisons"]:  # one model: nothing to compare
+        lines += ["", "| a vs b | metric | n | mean Δ (a − b) | t | p (paired t) | p (Holm) | p (Wilcoxon) | d_z | d |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in result["comparisons"]:
         lines.append(f"| {t['a']} vs {t['b']} | {t['metric']} | {t['n']} | {_fmt(t['mean_diff'])} | "
                      f"{_fmt(t['t'], 3)} | {_fmt_p(t['p_ttest'])} | {_fmt_p(t['p_ttest_holm'])} | "
