@@ -22,6 +22,7 @@ from aerialseg.compression.quantize import (
     TileCalibrationReader,
     compression_table,
     delta_miou,
+    table_markdown,
     onnx_predict,
     quantize_dynamic_int8,
     quantize_model_dir,
@@ -229,6 +230,22 @@ def test_compression_table_leaves_out_a_disabled_prune_stage_and_says_why(tmp_pa
         compression_table([{"backbone": "R", "model_dir": str(trained_dir), "pruned_dir": str(off)}],
                           toy_data["train_images"], toy_data["val_images"], toy_data["val_masks"], fast_config(),
                           table)
+
+
+def test_table_says_whether_pruning_kept_the_budget():
+    def row(pruned, quantized, miou, ms, params):
+        return {"backbone": "default", "pruned": pruned, "quantized": quantized, "mIoU": miou, "latency_ms": ms,
+                "params_m": params, "pixel_accuracy": 0.8, "bf1": 0.5, "size_mb": 1.0}
+
+    rows = [row(False, False, 0.6947, 122.2, 5.2), row(False, True, 0.6929, 75.7, 5.2),
+            row(True, False, 0.6190, 72.3, 2.05), row(True, True, 0.6160, 51.4, 2.05)]
+    md = table_markdown(rows, 512, 2, 21)
+    assert "Pruning default: -7.6 mIoU points at 0.59x" in md and "**outside**" in md
+    rows[2] = row(True, False, 0.6850, 90.0, 3.9)
+    assert "-1.0 mIoU points at 0.74x" in (md := table_markdown(rows, 512, 2, 21)) and "within the budget" in md
+    rows[2] = row(True, False, 0.6950, 130.0, 3.9)  # no loss but slower: no gain, outside
+    assert "**outside**" in table_markdown(rows, 512, 2, 21)
+    assert "Pruning" not in table_markdown(rows[:2], 512, 2, 21)  # no pruned rows, no verdict
 
 
 def test_config_is_checked():

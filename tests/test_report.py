@@ -215,25 +215,3 @@ def test_compression_table_is_embedded_when_present(tmp_path):
     section = _compression_section(table)
     assert "| 45.34 |" in section and "# Compression\n" not in section
 
-
-def test_compression_section_says_whether_pruning_kept_the_budget(tmp_path):
-    from aerialseg.reporting.report import _compression_section
-
-    def row(pruned, quantized, miou, ms, params):
-        return {"backbone": "default", "pruned": pruned, "quantized": quantized, "mIoU": miou, "latency_ms": ms,
-                "params_m": params}
-
-    table = tmp_path / "compression.md"
-    table.write_text("| P | Q | mIoU % |\n")
-    rows = [row(False, False, 0.6947, 122.2, 5.2), row(False, True, 0.6929, 75.7, 5.2),
-            row(True, False, 0.6190, 72.3, 2.05), row(True, True, 0.6160, 51.4, 2.05)]
-    (tmp_path / "compression.json").write_text(json.dumps({"rows": rows}))
-    section = _compression_section(table)
-    assert "Pruning default: -7.6 mIoU points at 0.59x" in section and "**outside**" in section
-    rows[2] = row(True, False, 0.6850, 90.0, 3.9)
-    (tmp_path / "compression.json").write_text(json.dumps({"rows": rows}))
-    section = _compression_section(table)
-    assert "-1.0 mIoU points at 0.74x" in section and "within the budget" in section
-    rows[2] = row(True, False, 0.6950, 130.0, 3.9)  # no loss but slower: no gain, outside
-    (tmp_path / "compression.json").write_text(json.dumps({"rows": rows}))
-    assert "**outside**" in _compression_section(table)

@@ -52,7 +52,7 @@ class PruneConfig:
     """Knobs of the pruning stage (params.yaml section ``prune``)."""
 
     enabled: bool = False                     # False: the stage writes only prune.json saying so
-    iterations: int = 1                       # one round of 34 %: docs/training.md
+    iterations: int = 1                       # rounds (the paper: 60 small ones)
     ratio_per_iteration: float = 0.34         # share of the remaining channels removed per round
     score_batches: int = 8                    # training batches averaged for the Taylor scores
     scope: str = "local"                      # local: every group loses the ratio | global: lowest scores net-wide

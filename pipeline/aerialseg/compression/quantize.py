@@ -410,7 +410,8 @@ def _pct(value: float | None) -> str:
 
 def table_markdown(rows: Sequence[dict[str, Any]], tile: int, threads: int, tiles: int,
                    skipped: Sequence[dict[str, Any]] = ()) -> str:
-    """The table in the layout of the paper's Table II (+ a line per model dir left out, and why)."""
+    """The table in the layout of the paper's Table II, what pruning cost per backbone, and the model dirs
+    left out (and why)."""
     lines = [
         "# Compression: Taylor pruning (P) and int8 quantization (Q)",
         "",
@@ -425,8 +426,29 @@ def table_markdown(rows: Sequence[dict[str, Any]], tile: int, threads: int, tile
         lines.append(f"| {r['backbone']} | {'x' if r['pruned'] else ''} | {'x' if r['quantized'] else ''} | "
                      f"{_pct(r['pixel_accuracy'])} | {_pct(r['mIoU'])} | {_pct(r['bf1'])} | {r['size_mb']:.2f} | "
                      f"{r['params_m']:.2f} | {latency} |")
-    lines += ["", *(f"Not in the table: {s['backbone']} pruned (`{s['model_dir']}`): {s['reason']}." for s in skipped)]
+    lines += ["", *pruning_verdict(rows),
+              *(f"Not in the table: {s['backbone']} pruned (`{s['model_dir']}`): {s['reason']}." for s in skipped)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+PRUNING_BUDGET_POINTS = 2.0  # a pruned model may lose at most this much val mIoU (issue 13, the seed paper: 1-3)
+
+
+def pruning_verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per backbone: what pruning cost in mIoU points and bought in ONNX Runtime latency (fp32 rows)."""
+    lines = []
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        fp32 = {r["pruned"]: r for r in rows if r["backbone"] == backbone and not r["quantized"]}
+        if True not in fp32 or False not in fp32:
+            continue
+        full, pruned = fp32[False], fp32[True]
+        delta = 100 * (pruned["mIoU"] - full["mIoU"])
+        speed = pruned["latency_ms"] / full["latency_ms"]
+        met = "within" if -delta <= PRUNING_BUDGET_POINTS and speed < 1 else "**outside**"
+        lines.append(f"Pruning {backbone}: {delta:+.1f} mIoU points at {speed:.2f}x the ONNX Runtime latency "
+                     f"({full['params_m']:.2f} M -> {pruned['params_m']:.2f} M parameters): {met} the budget of "
+                     f"-{PRUNING_BUDGET_POINTS:g} points with a latency gain (docs/training.md, section 2).")
+    return lines
 
 
 def pruning_disabled(directory: Path) -> str | None:
@@ -445,13 +467,13 @@ def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[n
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for entry in entries:
-        dirs = [entry.get("model_dir"), entry.get("pruned_dir")]
+        pruned = Path(entry["pruned_dir"]) if entry.get("pruned_dir") else None
+        reason = pruning_disabled(pruned) if pruned else None
+        if reason:
+            skipped.append({"backbone": str(entry.get("backbone", pruned.name)), "model_dir": str(pruned),
+                            "reason": reason})
+        dirs = [entry.get("model_dir"), None if reason else pruned]
         for directory in [Path(d) for d in dirs if d]:
-            reason = pruning_disabled(directory) if str(directory) == str(entry.get("pruned_dir")) else None
-            if reason:
-                skipped.append({"backbone": str(entry.get("backbone", directory.name)), "model_dir": str(directory),
-                                "reason": reason})
-                continue
             if not (directory / "model.json").is_file():
                 raise AerialsegError("model directory not found", directory / "model.json",
                                      "train/prune it first or fix quantize.table.entries")

@@ -456,29 +456,7 @@ def _compression_section(path: Path) -> str:
     if not path.is_file():
         return f"## Compression (pruning x int8)\n\n{NOT_RUN}: `{path}` not found (run `aerialseg compression-table`)."
     body = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
-    table = path.with_suffix(".json")
-    verdict = _pruning_verdict(stats_module.read_json(table)["rows"]) if table.is_file() else []
-    return "## Compression (pruning x int8)\n\n" + "\n".join(body).strip() + "".join(f"\n\n{v}" for v in verdict)
-
-
-PRUNING_BUDGET_POINTS = 2.0  # a pruned model may lose at most this much val mIoU (issue 13, the seed paper: 1-3)
-
-
-def _pruning_verdict(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per backbone: what pruning cost in mIoU points and bought in ONNX Runtime latency (fp32 rows)."""
-    lines = []
-    for backbone in dict.fromkeys(r["backbone"] for r in rows):
-        fp32 = {r["pruned"]: r for r in rows if r["backbone"] == backbone and not r["quantized"]}
-        if True not in fp32 or False not in fp32:
-            continue
-        full, pruned = fp32[False], fp32[True]
-        delta = 100 * (pruned["mIoU"] - full["mIoU"])
-        speed = pruned["latency_ms"] / full["latency_ms"]
-        met = "within" if -delta <= PRUNING_BUDGET_POINTS and speed < 1 else "**outside**"
-        lines.append(f"Pruning {backbone}: {delta:+.1f} mIoU points at {speed:.2f}x the ONNX Runtime latency "
-                     f"({full['params_m']:.2f} M -> {pruned['params_m']:.2f} M parameters): {met} the budget of "
-                     f"-{PRUNING_BUDGET_POINTS:g} points with a latency gain (docs/training.md, section 2).")
-    return lines
+    return "## Compression (pruning x int8)\n\n" + "\n".join(body).strip()
 
 
 def _optional_json(path: Path) -> dict[str, Any] | None:

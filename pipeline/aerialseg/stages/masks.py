@@ -20,7 +20,7 @@ def label_table(params: dict[str, Any]) -> LabelTable:
     """params.yaml ``classes.labels``: label text -> class."""
     raw = section(params, "classes").get("labels") or {}
     if not isinstance(raw, dict):
-        raise AerialsegError("classes.labels must be a mapping label -> class", "params.yaml")
+        raise AerialsegError("classes.labels must be a mapping label -> class", DEFAULT_PARAMS)
     return LabelTable.from_mapping(raw)
 
 
@@ -30,10 +30,10 @@ def mask_options(params: dict[str, Any]) -> MaskOptions:
     convention = str(cfg.get("vertex_convention", "center")).lower()
     if convention not in CONVENTIONS:
         raise AerialsegError(f"masks.vertex_convention must be center or corner, got {convention!r}",
-                             "params.yaml", "center: the annotation tools' rule; corner: the GIS rule")
+                             DEFAULT_PARAMS, "center: the annotation tools' rule; corner: the GIS rule")
     all_touched = bool(cfg.get("all_touched", False))
     if all_touched and convention == "center":
-        raise AerialsegError("masks.all_touched applies to vertex_convention: corner only", "params.yaml",
+        raise AerialsegError("masks.all_touched applies to vertex_convention: corner only", DEFAULT_PARAMS,
                              "set all_touched: false, or vertex_convention: corner")
     priority = tuple(class_id(n, "masks.priority") for n in (cfg.get("priority") or []))
     return MaskOptions(_whole_px(cfg, "line_width_px", 5, 1), _whole_px(cfg, "point_radius_px", 5, 1), priority,
@@ -44,7 +44,7 @@ def _whole_px(cfg: dict[str, Any], key: str, default: int, low: int) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or not low <= value < 1000:
         raise AerialsegError(f"masks.{key} must be a whole number of pixels from {low} to 999, got {value!r}",
-                             "params.yaml", f"set masks.{key} to e.g. {default}")
+                             DEFAULT_PARAMS, f"set masks.{key} to e.g. {default}")
     return int(value)
 
 

@@ -7,7 +7,7 @@ which writes ``postprocess.out``/<stem>.objects.{geojson,csv,json} (+ preview PN
 from pathlib import Path
 from typing import Any
 
-from aerialseg.core.config import section
+from aerialseg.core.config import DEFAULT_PARAMS, section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.inference.postprocess import ObjectFilter, postprocess
 
@@ -21,7 +21,7 @@ def _number(value: Any, key: str) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise AerialsegError(f"postprocess.{key} must be a number or null, not {value!r}", "params.yaml") from None
+        raise AerialsegError(f"postprocess.{key} must be a number or null, not {value!r}", DEFAULT_PARAMS) from None
 
 
 def run(params: dict[str, Any], class_raster: str | Path, **overrides: Any) -> dict[str, Any]:
@@ -30,14 +30,14 @@ def run(params: dict[str, Any], class_raster: str | Path, **overrides: Any) -> d
     cfg = {**section(params, "postprocess"), **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(cfg) - KEYS
     if unknown:
-        raise AerialsegError(f"unknown postprocess key(s): {', '.join(sorted(unknown))}", "params.yaml",
+        raise AerialsegError(f"unknown postprocess key(s): {', '.join(sorted(unknown))}", DEFAULT_PARAMS,
                              "see the postprocess section in the README")
     object_filter = ObjectFilter(**{k: _number(cfg.get(k), k) for k in ("min_area", "max_area", "min_aspect",
                                                                       "max_aspect")},
                                  area_unit=cfg.get("area_unit") or "px")
     for low, high in (("min_area", "max_area"), ("min_aspect", "max_aspect")):
         if cfg.get(low) is not None and cfg.get(high) is not None and float(cfg[low]) > float(cfg[high]):
-            raise AerialsegError(f"{low} {cfg[low]} is above {high} {cfg[high]}", fix="swap them")
+            raise AerialsegError(f"{low} {cfg[low]} is above {high} {cfg[high]}", DEFAULT_PARAMS, "swap them")
     return postprocess(class_raster, cfg.get("out") or "reports/objects", classes=cfg.get("classes"),
                        object_filter=object_filter, band_rows=int(cfg.get("band_rows") or 1024),
                        clean=bool(cfg.get("clean", False)), preview=bool(cfg.get("preview", True)))
