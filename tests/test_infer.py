@@ -286,7 +286,7 @@ def test_anylabeling_format(bundle, tmp_path, monkeypatch):
 def test_options_are_checked():
     with pytest.raises(AerialsegError, match="unknown backend"):
         InferOptions(backend="tensorrt").check()
-    with pytest.raises(AerialsegError, match="unknown key"):
+    with pytest.raises(AerialsegError, match="unknown infer key"):
         InferOptions.from_params({"batchsize": 4})
     assert InferOptions.from_params({"batch": 4}, batch=None, tta=True).batch == 4
     assert InferOptions.from_params({"batch": 4}, batch=2).batch == 2

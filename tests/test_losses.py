@@ -30,5 +30,5 @@ def test_every_loss_name_builds_and_backpropagates() -> None:
 
 
 def test_unknown_loss_name_is_a_user_error() -> None:
-    with pytest.raises(AerialsegError, match="unknown loss 'lovasz'"):
-        build_loss({"name": "lovasz"})
+    with pytest.raises(AerialsegError, match="unknown loss 'lovasz-hinge'"):
+        build_loss({"name": "lovasz-hinge"})

@@ -17,7 +17,7 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
 from aerialseg.reporting.report import load_class_shares
-from aerialseg.stages.report import run as report_stage
+from aerialseg.stages.report import inputs, run as report_stage
 from aerialseg.evaluation.stats import compare_runs, load_run, write_comparison
 from conftest import shared_path
 from test_metrics import DUBAI_COLORS
@@ -215,3 +215,11 @@ def test_compression_table_is_embedded_when_present(tmp_path):
     section = _compression_section(table)
     assert "| 45.34 |" in section and "# Compression\n" not in section
 
+
+
+def test_default_history_is_the_runs_the_stage_depends_on(tmp_path):
+    """report.history null: only the train and distil outputs are plotted, not stray experiment dirs."""
+    params = {"train": {"out": str(tmp_path / "models/default")}, "distil": {"out": str(tmp_path / "models/st")}}
+    assert inputs(params).history == [str(tmp_path / "models/default/history.csv"),
+                                      str(tmp_path / "models/st/history.csv")]
+    assert inputs({**params, "report": {"history": "runs/*/history.csv"}}).history == "runs/*/history.csv"

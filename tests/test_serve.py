@@ -437,7 +437,7 @@ def test_hole_free_pieces_partition_a_region():
 def test_options_ids_and_api_key(tmp_path):
     assert ServeOptions.from_params(load_params(REPO / "params.yaml")["serve"]) == ServeOptions()  # one default
     assert model_ids([Path("a/bundle"), Path("b/bundle"), Path("c/model.zip")]) == ["bundle", "bundle-2", "model"]
-    with pytest.raises(AerialsegError, match="unknown key"):
+    with pytest.raises(AerialsegError, match="unknown serve key"):
         ServeOptions.from_params({"max_body": 3})
     with pytest.raises(AerialsegError, match="queue"):
         ServeOptions(queue=0).check()

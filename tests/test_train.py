@@ -110,7 +110,26 @@ def test_class_weights_focal_and_dice():
     with pytest.raises(AerialsegError, match="class_weights"):
         build_loss({"class_weights": [1, 2]})
     with pytest.raises(AerialsegError, match="unknown loss"):
-        build_loss({"name": "lovasz"})
+        build_loss({"name": "lovasz-hinge"})
+
+
+def test_lovasz_loss_orders_predictions_and_ignores_ignore_pixels():
+    torch.manual_seed(2)
+    target = torch.randint(0, 5, (2, 12, 12))
+    target[:, :3] = IGNORE
+    perfect = torch.nn.functional.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2).float() * 20
+    noisy = perfect + 15 * torch.randn_like(perfect)
+    lovasz = build_loss({"name": "lovasz"})
+    assert float(lovasz(perfect, target)) < 1e-3 < float(lovasz(noisy, target)) < float(lovasz(-perfect, target))
+    changed = noisy.clone()
+    changed[:, :, :3] = torch.randn_like(changed[:, :, :3]) * 50  # only ignored pixels change
+    assert torch.allclose(lovasz(noisy, target), lovasz(changed, target))
+    combo = build_loss({"name": "ce+lovasz", "dice_weight": 0.5})(noisy, target)
+    assert torch.allclose(combo, cross_entropy(noisy, target) + 0.5 * lovasz(noisy, target))
+    logits = noisy.clone().requires_grad_(True)
+    loss = lovasz(logits, torch.full_like(target, IGNORE))
+    loss.backward()  # every pixel ignored: zero, still differentiable
+    assert float(loss) == 0.0
 
 
 def test_lr_schedules():

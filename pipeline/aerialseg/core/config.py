@@ -85,16 +85,6 @@ def relative_to(params: dict[str, Any], base: Path) -> dict[str, Any]:
     return params
 
 
-def options_from_section(cls: type[T], name: str, values: dict[str, Any], **overrides: Any) -> T:
-    """A typed options dataclass from a params section; overrides that are not None win; unknown keys are errors."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise AerialsegError(f"unknown key(s) in section '{name}': {', '.join(unknown)}", DEFAULT_PARAMS,
-                             f"use: {', '.join(sorted(names))}")
-    return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
-
-
 def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     """One stage's section (an empty dict when absent)."""
     value = params.get(name) or {}
@@ -111,10 +101,11 @@ def check_keys(name: str, values: dict[str, Any], allowed: Any) -> None:
                              f"use only: {', '.join(allowed)}")
 
 
-def typed_section(cls: type[T], name: str, values: dict[str, Any]) -> T:
-    """A section's dataclass: unknown keys are an error (check_keys), then its ``validate()`` runs if it has one."""
+def typed_section(cls: type[T], name: str, values: dict[str, Any], **overrides: Any) -> T:
+    """A section's dataclass: unknown keys are an error (check_keys), ``overrides`` that are not None win
+    (CLI flags), then its ``validate()`` runs if it has one."""
     check_keys(name, values, [f.name for f in fields(cls)])
-    config = cls(**values)
+    config = cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()

@@ -45,7 +45,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from aerialseg.core.classes import IGNORE
-from aerialseg.core.config import options_from_section
+from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_text
 from aerialseg.core.safety import refuse_inputs
@@ -89,7 +89,7 @@ class RankOptions:
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "RankOptions":
         """Options from the params section 'rank'; overrides that are not None win; unknown keys are errors."""
-        return options_from_section(cls, "rank", section, **overrides)
+        return typed_section(cls, "rank", section, **overrides)
 
     def check(self) -> None:
         if self.window < 16:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.core.classes import IGNORE, colorize, colormap
-from aerialseg.core.config import options_from_section
+from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
@@ -93,7 +93,7 @@ class InferOptions:
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "InferOptions":
         """Options from the params section 'infer'; overrides that are not None win; unknown keys are errors."""
-        return options_from_section(cls, "infer", section, **overrides)
+        return typed_section(cls, "infer", section, **overrides)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:

@@ -51,7 +51,7 @@ from rasterio.io import MemoryFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aerialseg.core.classes import IGNORE
-from aerialseg.core.config import options_from_section
+from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
@@ -89,7 +89,7 @@ class ServeOptions:
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "ServeOptions":
         """Options from the params section 'serve'; overrides that are not None win; unknown keys are errors."""
-        return options_from_section(cls, "serve", section, **overrides)
+        return typed_section(cls, "serve", section, **overrides)
 
     def check(self) -> None:
         positive = {"max_body_mb": self.max_body_mb, "max_megapixels": self.max_megapixels, "queue": self.queue,

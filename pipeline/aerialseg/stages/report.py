@@ -8,6 +8,12 @@ from aerialseg.core.provenance import git_provenance
 from aerialseg.reporting.report import ReportInputs, write_report
 
 
+def pipeline_histories(params: dict[str, Any]) -> list[str]:
+    """history.csv of the runs the report stage depends on: the train and distil outputs."""
+    runs = [section(params, "train").get("out", "models/default"), section(params, "distil").get("out", "models/student")]
+    return [str(Path(run) / "history.csv") for run in runs]
+
+
 def inputs(params: dict[str, Any]) -> ReportInputs:
     """The report's inputs and outputs from params ``report``."""
     cfg = section(params, "report")
@@ -21,7 +27,7 @@ def inputs(params: dict[str, Any]) -> ReportInputs:
         models=Path(cfg.get("models", "reports/models.json")),
         compare=Path(cfg.get("compare", "reports/seeds/compare.json")),
         compression=Path(cfg.get("compression", "reports/compression.md")),
-        history=cfg.get("history", "models/*/history.csv"), max_runs=int(cfg.get("max_runs", 8)),
+        history=cfg.get("history") or pipeline_histories(params), max_runs=int(cfg.get("max_runs", 8)),
         max_samples=int(cfg.get("max_samples", 6)), provenance=git_provenance())
 
 

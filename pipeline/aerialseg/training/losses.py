@@ -3,11 +3,13 @@
 All losses take logits (N, C, H, W) and labels (N, H, W) int64 where ``ignore_index`` pixels count for
 nothing. ``build_loss(params_loss)`` reads the ``train.loss`` section of params.yaml:
 
-    name: ce | dice | focal | softiou | ce+dice | focal+dice | ce+softiou   (softiou: LW-IRSTNet's Soft-IoU)
+    name: ce | dice | focal | softiou | lovasz | ce+dice | focal+dice | ce+softiou | ce+lovasz
+          (softiou: LW-IRSTNet's Soft-IoU; lovasz: the Lovász-softmax IoU surrogate, Berman et al. 2018,
+          segmentation_models_pytorch's implementation)
     class_weights: null | [w_background, w_road, w_water, w_tree, w_building]
     label_smoothing: 0.0      (cross-entropy only)
     focal_gamma: 2.0
-    dice_weight: 1.0          (weight of the Dice part in ce+dice / focal+dice)
+    dice_weight: 1.0          (weight of the Dice / Soft-IoU / Lovász part in the ce+... / focal+... pairs)
 """
 
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.core.config import DEFAULT_PARAMS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-LOSS_NAMES = ("ce", "dice", "focal", "softiou", "ce+dice", "focal+dice", "ce+softiou")
+LOSS_NAMES = ("ce", "dice", "focal", "softiou", "lovasz", "ce+dice", "focal+dice", "ce+softiou", "ce+lovasz")
 
 
 def _weights(class_weights: list[float] | None, logits: torch.Tensor) -> torch.Tensor | None:
@@ -93,6 +95,31 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl.mean() * t * t
 
 
+def lovasz_loss(ignore_index: int = IGNORE) -> LossFn:
+    """Lovász-softmax over the batch's pixels (classes present only), ignored pixels left out; 0 when all are."""
+    from segmentation_models_pytorch.losses import LovaszLoss
+
+    lovasz = LovaszLoss("multiclass", per_image=False, ignore_index=ignore_index)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not (target != ignore_index).any():
+            return logits.sum() * 0.0
+        return lovasz(logits.float(), target)
+
+    return loss
+
+
+def region_term(name: str, ignore_index: int = IGNORE) -> LossFn | None:
+    """The IoU-type term a loss name asks for (Soft-IoU or Lovász-softmax), None for the others."""
+    if "softiou" in name:
+        from aerialseg.models.lwirstnet import SoftIoULoss
+
+        return SoftIoULoss(ignore_index=ignore_index)
+    if "lovasz" in name:
+        return lovasz_loss(ignore_index)
+    return None
+
+
 def build_loss(cfg: dict[str, Any] | None, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE) -> LossFn:
     """A ``loss(logits, target)`` function from the ``train.loss`` params (see the module docstring)."""
     cfg = dict(cfg or {})
@@ -107,11 +134,7 @@ def build_loss(cfg: dict[str, Any] | None, num_classes: int = NUM_CLASSES, ignor
     smoothing = float(cfg.get("label_smoothing", 0.0))
     gamma = float(cfg.get("focal_gamma", 2.0))
     dice_weight = float(cfg.get("dice_weight", 1.0))
-    soft_iou = None
-    if "softiou" in name:
-        from aerialseg.models.lwirstnet import SoftIoULoss
-
-        soft_iou = SoftIoULoss(ignore_index=ignore_index)
+    region_loss = region_term(name, ignore_index)
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if name.startswith("focal"):
@@ -122,8 +145,8 @@ def build_loss(cfg: dict[str, Any] | None, num_classes: int = NUM_CLASSES, ignor
             value = logits.sum() * 0.0
         if "dice" in name:
             value = value + (dice_weight if "+" in name else 1.0) * dice_loss(logits, target, ignore_index)
-        if soft_iou is not None:
-            value = value + (dice_weight if "+" in name else 1.0) * soft_iou(logits, target)
+        if region_loss is not None:
+            value = value + (dice_weight if "+" in name else 1.0) * region_loss(logits, target)
         return value
 
     return loss
