@@ -170,7 +170,8 @@ def test_code_defaults_equal_params_yaml():
 
     shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["train"]
     defaults = TrainConfig()
-    for key in ("threads", "num_workers", "channels_last", "batch_size", "optimizer", "lr", "amp"):
+    for key in ("threads", "num_workers", "channels_last", "batch_size", "optimizer", "lr", "amp", "epochs",
+                "patch_size"):
         assert getattr(defaults, key) == shipped[key], key
     distil = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["distil"]
     for key in ("alpha", "temperature", "final_temperature"):

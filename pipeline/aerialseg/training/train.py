@@ -66,9 +66,9 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 6
+    epochs: int = 10
     batch_size: int = 8
-    patch_size: int | None = None  # random training crop; None = the whole patch
+    patch_size: int | None = 192  # one random crop per batch; None = the whole patch
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
