@@ -3,12 +3,14 @@
     .venv/bin/python bench/bench_distil.py [--teacher NAME] [--student NAME] [--batch 8] [--sizes 256,192]
         [--rounds 3] [--quick] [--json out.json]
 
-For each crop size, on one synthetic uint8 batch, with the models in channels_last as training runs them:
-- ``teacher fwd``: the frozen teacher's forward pass (no gradients), which every distillation step adds;
-- ``student fwd+bwd``: the student's forward, loss and backward pass;
-- ``distil step``: the whole step as the training loop runs it (``aerialseg.training.train.train_step``).
-Variants are interleaved round by round (the machine is shared); the table gives medians over rounds and
-each figure's ratio to the distil step at the first size. ``--quick`` (tests): 64/48 px, batch 2, 1 round.
+One synthetic batch of 256 px patches (the tiles' size) and, per ``train.patch_size`` in ``--sizes``:
+- ``teacher fwd``: the frozen teacher's forward pass on the crop (no gradients), which distillation adds;
+- ``student fwd+bwd``: the training loop's step (``aerialseg.training.train.train_step``) without a teacher;
+- ``distil step``: the same step with the teacher, as ``aerialseg distil`` runs it.
+Models are set up as the loop sets them up (student channels_last, teacher frozen in eval mode). Variants
+are interleaved round by round (the machine is shared); the table gives medians over rounds and each
+figure's ratio to the distil step at the first size. ``--quick`` (tests): 64 px patches, crops 64/48,
+batch 2, 1 round.
 """
 
 import aerialseg  # noqa: F401  (first: offline defaults and OMP_WAIT_POLICY=PASSIVE, set before torch loads)
@@ -24,50 +26,52 @@ import torch
 from aerialseg.core.fileio import write_json
 from aerialseg.core.timing import call_times_ms
 from aerialseg.models import create_model, get_spec
-from aerialseg.training.train import Teacher, TrainConfig, forward_logits, to_channels_last
-from aerialseg.training.losses import build_loss, distillation_kl
+from aerialseg.training import ddp
+from aerialseg.training.losses import build_loss
+from aerialseg.training.train import (Job, Teacher, TrainConfig, build_optimizer, build_scheduler, random_crop,
+                                      to_channels_last, train_step)
 
 
-def models(teacher: str, student: str) -> tuple[Teacher, torch.nn.Module]:
-    """A frozen random-init teacher and a trainable student, both channels_last (timing needs no weights)."""
-    net = to_channels_last(create_model(teacher, pretrained_encoder=False)).eval()
-    for p in net.parameters():
+def frozen_teacher(name: str) -> Teacher:
+    """A random-init teacher frozen as ``load_teacher`` freezes a trained one (timing needs no weights)."""
+    model = create_model(name, pretrained_encoder=False)
+    for p in model.parameters():
         p.requires_grad_(False)
-    return Teacher(net, get_spec(teacher), teacher), to_channels_last(create_model(student, pretrained_encoder=False))
+    return Teacher(model.eval(), get_spec(name), name)
 
 
-def step_functions(teacher: Teacher, student: torch.nn.Module, student_name: str, batch: int,
-                   size: int) -> dict[str, Callable[[], Any]]:
-    """The three timed functions at one crop size, sharing one synthetic batch."""
-    gen = torch.Generator().manual_seed(size)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)
-    images = images.contiguous(memory_format=torch.channels_last)
-    masks = torch.randint(0, 5, (batch, size, size), generator=gen)
-    spec, loss_fn = get_spec(student_name), build_loss({"name": "ce"})
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    cfg = TrainConfig(model=student_name)
+def student_job(student: str, crop: int, teacher: Teacher | None) -> Job:
+    """A training-loop Job for the student at one ``train.patch_size`` (with or without the teacher)."""
+    cfg = TrainConfig(model=student, patch_size=crop)
+    model = to_channels_last(create_model(student, pretrained_encoder=False)).train()
+    optimizer = build_optimizer(model, cfg)
+    return Job(cfg, get_spec(student), model, model, build_loss(cfg.loss), optimizer,
+               build_scheduler(optimizer, cfg, steps_per_epoch=1000), torch.amp.GradScaler("cpu", enabled=False),
+               torch.device("cpu"), ddp.env_info(), teacher)
 
-    def teacher_forward() -> None:
-        teacher.logits(images, (size, size))
 
-    def student_pass(with_teacher: bool) -> None:
-        logits, _ = forward_logits(student, spec, images, train=True)
-        loss = loss_fn(logits, masks)
-        if with_teacher:
-            loss = loss + cfg.alpha * distillation_kl(logits, teacher.logits(images, (size, size)), masks, 4.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def step_functions(teacher: Teacher, student: str, images: torch.Tensor, masks: torch.Tensor,
+                   crop: int) -> dict[str, Callable[[], Any]]:
+    """The three timed functions at one crop size."""
+    plain, distil = student_job(student, crop, None), student_job(student, crop, teacher)
+    return {"teacher fwd": lambda: teacher.logits(*_cropped_images(images, masks, crop)),
+            "student fwd+bwd": lambda: train_step(plain, images, masks),
+            "distil step": lambda: train_step(distil, images, masks)}
 
-    return {"teacher fwd": teacher_forward, "student fwd+bwd": lambda: student_pass(False),
-            "distil step": lambda: student_pass(True)}
+
+def _cropped_images(images: torch.Tensor, masks: torch.Tensor, crop: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    images, masks = random_crop(images, masks, crop)
+    return images.contiguous(memory_format=torch.channels_last), tuple(masks.shape[-2:])
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Median ms of every (size, part) over interleaved rounds."""
-    teacher, student = models(args.teacher, args.student)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch, 3, args.patch, args.patch), dtype=torch.uint8, generator=gen)
+    masks = torch.randint(0, 5, (args.batch, args.patch, args.patch), generator=gen)
+    teacher = frozen_teacher(args.teacher)
     functions = {(size, part): fn for size in args.sizes
-                 for part, fn in step_functions(teacher, student, args.student, args.batch, size).items()}
+                 for part, fn in step_functions(teacher, args.student, images, masks, size).items()}
     times: dict[tuple[int, str], list[float]] = {key: [] for key in functions}
     for fn in functions.values():
         fn()  # warm-up: oneDNN primitive creation
@@ -84,16 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="unet_efficientnet_lite0")
     parser.add_argument("--student", default="unet_efficientnet_lite0_slim")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--sizes", default="256,192")
+    parser.add_argument("--patch", type=int, default=256, help="patch side, px (tiles.size)")
+    parser.add_argument("--sizes", default="256,192", help="train.patch_size crops to time")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="CI size: 64/48 px, batch 2, 1 round")
+    parser.add_argument("--quick", action="store_true", help="CI size: 64 px patches, crops 64/48, batch 2, 1 round")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",")]
     if args.quick:
-        args.sizes, args.batch, args.rounds = [64, 48], 2, 1
-    print(f"teacher {args.teacher}, student {args.student}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds")
+        args.patch, args.sizes, args.batch, args.rounds = 64, [64, 48], 2, 1
+    print(f"teacher {args.teacher}, student {args.student}, batch {args.batch} x {args.patch}², "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds")
     rows = measure(args)
     print(f"{'size':>5} {'part':<16} {'median ms':>10} {'x distil step @' + str(args.sizes[0]):>20}")
     for row in rows:

@@ -196,6 +196,8 @@ def test_errors(tmp_path: Path) -> None:
         postprocess(tmp_path / "missing.tif", tmp_path / "out")
     with pytest.raises(AerialsegError, match="above"):
         postprocess_stage({"postprocess": {"min_area": 5, "max_area": 1}}, plain)
+    with pytest.raises(AerialsegError, match="unknown postprocess key\\(s\\) min_aera"):
+        postprocess_stage({"postprocess": {"min_aera": 5}}, plain)
     assert resolve_classes(["Road", 4, "2"]) == [1, 2, 4] and resolve_classes(None) == [1, 2, 3, 4]
 
 

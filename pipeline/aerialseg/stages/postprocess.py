@@ -7,7 +7,7 @@ which writes ``postprocess.out``/<stem>.objects.{geojson,csv,json} (+ preview PN
 from pathlib import Path
 from typing import Any
 
-from aerialseg.core.config import DEFAULT_PARAMS, section
+from aerialseg.core.config import DEFAULT_PARAMS, check_keys, section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.inference.postprocess import ObjectFilter, postprocess
 
@@ -28,10 +28,7 @@ def run(params: dict[str, Any], class_raster: str | Path, **overrides: Any) -> d
     """Objects of ``class_raster`` with the ``postprocess`` knobs; ``overrides`` (keys of the section) that
     are not None win. Returns the summary written to ``<out>/<stem>.objects.json``."""
     cfg = {**section(params, "postprocess"), **{k: v for k, v in overrides.items() if v is not None}}
-    unknown = set(cfg) - KEYS
-    if unknown:
-        raise AerialsegError(f"unknown postprocess key(s): {', '.join(sorted(unknown))}", DEFAULT_PARAMS,
-                             "see the postprocess section in the README")
+    check_keys("postprocess", cfg, sorted(KEYS))
     object_filter = ObjectFilter(**{k: _number(cfg.get(k), k) for k in ("min_area", "max_area", "min_aspect",
                                                                       "max_aspect")},
                                  area_unit=cfg.get("area_unit") or "px")
