@@ -68,6 +68,10 @@ def test_augmented_copies_follow_train_only(root: Path) -> None:
     source = plain.ids.index(augmented.ids[len(plain)].removesuffix("_aug0"))
     assert np.array_equal(np.sort(labels.ravel()), np.sort(plain[source][1].ravel()))  # flips/rotations only
     assert len(dataset(root, "val", augmented_dir=root / "augmented")) == len(dataset(root, "val"))
+    counts = augmented.item_class_counts()  # per item, what balanced sampling weighs
+    assert counts.shape == (len(augmented), 6) and (counts.sum(axis=1) == 128 * 128).all()
+    assert np.array_equal(counts[: len(plain)].sum(axis=0), plain.class_pixel_counts())
+    assert np.array_equal(counts[len(plain)], counts[source])  # a flipped copy holds its source's pixels
 
 
 def test_npz_member_memory_maps_the_shards(root: Path) -> None:

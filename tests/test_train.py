@@ -18,8 +18,10 @@ from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import create_model, load_model, load_state
 from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
-from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, LRFactor, TrainConfig, init_weights,
-                                      load_checkpoint, to_channels_last)
+from aerialseg.training import ddp
+from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig,
+                                      init_weights, item_class_counts, load_checkpoint, rare_class_weights,
+                                      to_channels_last)
 from conftest import shared_path
 
 # Dubai mask colours (SOURCE.md) -> aerialseg classes; anything else is ignore.
@@ -250,6 +252,56 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((tmp_path / "full" / "history.csv").open())]
     again = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((tmp_path / "cut" / "history.csv").open())]
     assert strip == again
+
+
+def ema_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The moving-average model's tensors in a run's checkpoint, named as in the model."""
+    ema = load_checkpoint(model_dir / CHECKPOINT)["ema"]
+    return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+
+
+def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
+    datasets = small_datasets(augment=True)
+    params = tiny_params(epochs=3, ema=0.9)
+
+    def interrupt(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    full = train_stage.run(params, out_dir=tmp_path / "full", datasets=datasets)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run(params, out_dir=tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt)
+    train_stage.run(params, out_dir=tmp_path / "cut", resume=True, datasets=datasets)
+    average, raw = ema_weights(tmp_path / "full"), weights(tmp_path / "full")
+    assert average.keys() == raw.keys()
+    assert any(not torch.equal(average[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert_same_weights(average, ema_weights(tmp_path / "cut"))  # the average is checkpointed and restored
+    assert full["best_epoch"] == 3  # so model.safetensors holds the last epoch's average
+    model, meta = load_model(tmp_path / "full")
+    assert meta["train"]["ema"] == 0.9
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], average[k]) for k in saved)
+    with pytest.raises(AerialsegError, match="train.ema"):
+        train_config(tiny_params(ema=1.0))
+
+
+def test_balanced_sampling_draws_rare_class_patches_more_often(tmp_path):
+    counts = np.array([[100, 0, 0, 0, 0]] * 8 + [[50, 0, 0, 0, 50], [0, 0, 0, 0, 0]])  # building is rare
+    weights = rare_class_weights(counts)
+    assert weights[8] > 2 * weights[0] and weights[9] == 1.0  # nothing labelled: the neutral weight
+    sampler = BalancedSampler(weights, seed=3, info=ddp.DistInfo(0, 1, 0))
+    draws = list(sampler)
+    sampler.set_epoch(1)
+    assert len(draws) == len(counts) and list(BalancedSampler(weights, 3, ddp.DistInfo(0, 1, 0))) == draws
+    assert list(sampler) != draws
+    tally = np.bincount([i for e in range(200) for i in (sampler.set_epoch(e), list(sampler))[1]], minlength=10)
+    assert tally[8] > 2 * tally[:8].mean()
+    datasets = small_datasets()
+    assert item_class_counts(datasets[0]).shape == (len(datasets[0]), 5)
+    summary = train_stage.run(tiny_params(sampling="balanced"), out_dir=tmp_path, datasets=datasets)
+    assert summary["epochs_run"] == 2 and json.loads((tmp_path / "model.json").read_text())["train"]["sampling"] == "balanced"
+    with pytest.raises(AerialsegError, match="train.sampling"):
+        train_config(tiny_params(sampling="rare"))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Where the data stages write: the one place that turns params sections into stage output paths."""
+"""Where the stages write: the one place that turns params sections into stage output paths."""
 
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,16 @@ def split_file(params: dict[str, Any]) -> Path:
 
 def augmented_dir(params: dict[str, Any]) -> Path:
     return Path(section(params, "augment").get("out", "data/augmented"))
+
+
+def train_out_dir(params: dict[str, Any]) -> Path:
+    """The train stage's run dir (the default teacher, the model bundled, pruned and quantized)."""
+    return Path(section(params, "train").get("out", "models/default"))
+
+
+def distil_out_dir(params: dict[str, Any]) -> Path:
+    """The distil stage's run dir."""
+    return Path(section(params, "distil").get("out", "models/student"))
 
 
 def data_stage_outputs(params: dict[str, Any]) -> tuple[Path, Path]:

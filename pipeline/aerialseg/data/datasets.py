@@ -84,6 +84,14 @@ class PatchDataset(Dataset):
         counts = np.array([p["counts"] for p in self.patches], dtype=np.int64)
         return counts.reshape(-1, len(COUNT_KEYS)).sum(axis=0)
 
+    def item_class_counts(self) -> np.ndarray:
+        """(items, 6) pixel counts per item: the manifest's for patches, counted in the shard for augmented copies."""
+        counts = [p["counts"] for p in self.patches]
+        for path, row, _ in self.augmented:
+            mask = self._shard(path)[1][row]
+            counts.append(np.bincount(np.minimum(mask, len(COUNT_KEYS) - 1).ravel(), minlength=len(COUNT_KEYS)))
+        return np.array(counts, dtype=np.int64).reshape(len(self), len(COUNT_KEYS))
+
     def _fresh_process(self) -> None:
         """Forget handles inherited from another process (after a DataLoader fork)."""
         if self._pid != os.getpid():

@@ -10,7 +10,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from aerialseg.core.config import section
-from aerialseg.core.paths import augmented_dir, data_stage_outputs
+from aerialseg.core.paths import augmented_dir, data_stage_outputs, distil_out_dir, train_out_dir
 from aerialseg.data.augment import build_transform
 from aerialseg.models import get_spec
 from aerialseg.training.distill import check_teacher, distil
@@ -44,8 +44,8 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
     ``datasets`` (train, val) replaces the tiles/split/augment outputs (in-memory data in tests).
     """
     cfg = section(params, "distil")
-    teacher = check_teacher(teacher_dir or cfg.get("teacher", "models/default"))
-    out_dir = Path(out_dir or cfg.get("out", "models/student"))
+    teacher = check_teacher(teacher_dir or cfg.get("teacher") or train_out_dir(params))
+    out_dir = Path(out_dir or distil_out_dir(params))
     model, train = student_sections(params, student, seed)
     identity = None
     if datasets is None:

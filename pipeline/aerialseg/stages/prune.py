@@ -15,7 +15,7 @@ from aerialseg.compression.prune import (Batch, PatchBatches, PruneConfig, load_
 from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
-from aerialseg.core.paths import augmented_dir, data_stage_outputs
+from aerialseg.core.paths import augmented_dir, data_stage_outputs, train_out_dir
 from aerialseg.data.datasets import PatchDataset
 from aerialseg.models import ModelSpec, get_spec
 from aerialseg.training.losses import build_loss
@@ -46,7 +46,7 @@ def run(params: dict[str, Any], model_dir: str | Path | None = None, out_dir: st
         write_json(out_dir / "prune.json", record)
         log.info("pruning disabled: wrote %s", out_dir / "prune.json")
         return record
-    model_dir = Path(model_dir or config.model_dir or section(params, "train").get("out", "models/default"))
+    model_dir = Path(model_dir or config.model_dir or train_out_dir(params))
     if not (model_dir / "model.json").is_file():
         raise AerialsegError("trained model not found", model_dir / "model.json",
                              "run `aerialseg train` first or set prune.model_dir")

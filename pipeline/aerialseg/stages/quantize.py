@@ -9,7 +9,7 @@ import numpy as np
 from aerialseg.compression.quantize import QuantizeConfig, quantize_model_dir
 from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.paths import data_stage_outputs
+from aerialseg.core.paths import data_stage_outputs, train_out_dir
 from aerialseg.data.datasets import split_arrays
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def run(params: dict[str, Any], model_dir: str | Path | None = None,
     """The `aerialseg quantize` stage on ``quantize.model_dir`` (or the given directory)."""
     config = QuantizeConfig.from_params(section(params, "quantize"))
     out_dir = out_dir or (None if model_dir else config.out)
-    model_dir = Path(model_dir or config.model_dir or section(params, "train").get("out", "models/default"))
+    model_dir = Path(model_dir or config.model_dir or train_out_dir(params))
     if not (model_dir / "model.json").is_file():
         raise AerialsegError("model not found", model_dir / "model.json",
                              "run `aerialseg train` (or `aerialseg prune`) first or set quantize.model_dir")

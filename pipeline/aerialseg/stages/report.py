@@ -4,14 +4,14 @@ from pathlib import Path
 from typing import Any
 
 from aerialseg.core.config import section
+from aerialseg.core.paths import distil_out_dir, train_out_dir
 from aerialseg.core.provenance import git_provenance
 from aerialseg.reporting.report import ReportInputs, write_report
 
 
 def pipeline_histories(params: dict[str, Any]) -> list[str]:
     """history.csv of the runs the report stage depends on: the train and distil outputs."""
-    runs = [section(params, "train").get("out", "models/default"), section(params, "distil").get("out", "models/student")]
-    return [str(Path(run) / "history.csv") for run in runs]
+    return [str(run / "history.csv") for run in (train_out_dir(params), distil_out_dir(params))]
 
 
 def inputs(params: dict[str, Any]) -> ReportInputs:

@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from aerialseg.core.config import section
-from aerialseg.core.paths import augmented_dir, data_stage_outputs
+from aerialseg.core.paths import augmented_dir, data_stage_outputs, train_out_dir
 from aerialseg.data.augment import build_transform
 from aerialseg.models import get_spec
 from aerialseg.training.train import EpochHook, TrainConfig, patch_datasets, train_model
@@ -57,7 +57,7 @@ def run(params: dict[str, Any], model: str | None = None, seed: int | None = Non
     """
     params = apply_overrides(params, model, seed, epochs)
     cfg = train_config(params)
-    out_dir = Path(out_dir or section(params, "train").get("out", "models/default"))
+    out_dir = Path(out_dir or train_out_dir(params))
     identity = None
     if datasets is None:
         datasets, identity = data(params)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 from aerialseg.training import ddp
@@ -90,6 +90,9 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None = torch's default)
     online_augment: bool = True  # also apply augment.pipeline on the fly (offline copies are used either way)
     channels_last: bool = True  # NHWC memory format for model and batches: faster on CPU (bench/bench_train.py)
+    sampling: str = "uniform"  # uniform: every patch once per epoch | balanced: drawn by rare-class content
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights, which is then the model
+    # validated and saved (0 = off; 0.99 averages over ~100 steps)
     alpha: float = 0.5  # distillation weight of the KL term
     temperature: float = 4.0  # distillation temperature (of the first epoch when annealed)
     final_temperature: float | None = 1.0  # distillation temperature of the last epoch (None = constant)
@@ -122,6 +125,10 @@ class TrainConfig:
             problems.append(f"train.optimizer '{self.optimizer}' is not adamw, adam or sgd")
         if self.schedule not in ("poly", "cosine", "constant"):
             problems.append(f"train.schedule '{self.schedule}' is not poly, cosine or constant")
+        if self.sampling not in ("uniform", "balanced"):
+            problems.append(f"train.sampling '{self.sampling}' is not uniform or balanced")
+        if not 0.0 <= self.ema < 1.0:
+            problems.append(f"train.ema {self.ema} is not in [0, 1)")
         if self.lr <= 0 or self.temperature <= 0 or (self.final_temperature is not None and self.final_temperature <= 0):
             problems.append("train.lr, distil.temperature and distil.final_temperature must be > 0")
         if problems:
@@ -394,11 +401,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    scaler: torch.amp.GradScaler, state: LoopState, cfg: TrainConfig) -> None:
+def save_checkpoint(path: Path, job: "Job", state: LoopState) -> None:
     """Full training state with ``torch.save`` (tensors and plain containers only), atomically."""
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "scaler": scaler.state_dict(), "rng": rng_states(), "loop": asdict(state), "config": asdict(cfg)}
+    payload = {"model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
+               "scheduler": job.scheduler.state_dict(), "scaler": job.scaler.state_dict(), "rng": rng_states(),
+               "loop": asdict(state), "config": asdict(job.cfg)}
+    if job.ema is not None:
+        payload["ema"] = job.ema.state_dict()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -469,7 +478,21 @@ class Job:
     device: torch.device
     info: ddp.DistInfo
     teacher: Teacher | None = None
+    ema: torch.optim.swa_utils.AveragedModel | None = None  # moving average of ``model`` (train.ema)
     epoch: int = 0  # the epoch being trained (0-based): the distillation temperature follows it
+
+    @property
+    def result(self) -> nn.Module:
+        """The weights that are validated and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (None when ``decay`` is 0)."""
+    if decay <= 0:
+        return None
+    swa = torch.optim.swa_utils
+    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> int:
@@ -478,11 +501,55 @@ def _num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> 
     return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // info.world_size))
 
 
+def item_class_counts(dataset: Dataset) -> np.ndarray:
+    """(items, classes) pixel counts of a dataset's masks (ignore left out), before any transform."""
+    if hasattr(dataset, "item_class_counts"):
+        return dataset.item_class_counts()[:, :NUM_CLASSES]
+    read = getattr(dataset, "read", None) or getattr(dataset, "pairs", None).__getitem__
+    masks = [np.asarray(read(i)[1]) for i in range(len(dataset))]
+    return np.stack([np.bincount(m[m < NUM_CLASSES].ravel(), minlength=NUM_CLASSES) for m in masks])
+
+
+def rare_class_weights(counts: np.ndarray) -> np.ndarray:
+    """Per-item draw weights: the mean over an item's labelled pixels of (class share in the split)^-1/2,
+    so a patch of a rare class is drawn more often than one of background (1 where nothing is labelled)."""
+    totals = counts.sum(axis=0).astype(np.float64)
+    class_weight = np.where(totals > 0, (totals / max(totals.sum(), 1)) ** -0.5, 0.0)
+    labelled = counts.sum(axis=1)
+    return np.where(labelled > 0, counts @ class_weight / np.maximum(labelled, 1), 1.0)
+
+
+class BalancedSampler(Sampler[int]):
+    """``len(dataset)`` draws per epoch with replacement, weighted by ``rare_class_weights``; each rank
+    takes its share of one seeded draw (reseeded per epoch with ``set_epoch``)."""
+
+    def __init__(self, weights: np.ndarray, seed: int, info: ddp.DistInfo):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.seed, self.info, self.epoch = seed, info, 0
+        self.num_samples = math.ceil(len(weights) / info.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, self.num_samples * self.info.world_size, True, generator=generator)
+        return iter(draws[self.info.rank::self.info.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def make_train_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> DataLoader:
-    """Shuffled, sharded per rank (DistributedSampler, reseeded each epoch), last short batch dropped."""
+    """Shuffled (or drawn by rare-class content, ``train.sampling: balanced``), sharded per rank, reseeded each
+    epoch, last short batch dropped."""
     if len(dataset) < 2:
         raise AerialsegError(f"only {len(dataset)} training patch(es)", fix="label more area or lower tiles.size")
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    if cfg.sampling == "balanced":
+        sampler: Sampler[int] = BalancedSampler(rare_class_weights(item_class_counts(dataset)), cfg.seed, info)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed)
     drop_last = len(sampler) > cfg.batch_size
     workers = _num_workers(cfg, device, info)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_patches,
@@ -530,6 +597,8 @@ def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
     job.scaler.step(job.optimizer)
     job.scaler.update()
     job.scheduler.step()
+    if job.ema is not None:
+        job.ema.update_parameters(job.model)
     return float(loss.detach())
 
 
@@ -555,14 +624,14 @@ def train_epoch(job: Job, loader: DataLoader, epoch: int) -> float:
 
 @torch.no_grad()
 def validate(job: Job, loader: DataLoader) -> tuple[float, ConfusionMatrix]:
-    """Validation loss and confusion matrix, summed over ranks."""
-    job.model.eval()
+    """Validation loss and confusion matrix of ``job.result``, summed over ranks."""
+    model = job.result.eval()
     matrix = ConfusionMatrix(NUM_CLASSES, IGNORE)
     total = torch.zeros(2, dtype=torch.float64)
     for images, masks in loader:
         images, masks = images.to(job.device), masks.to(job.device)
         with autocast(job.device, job.cfg.amp):
-            logits, _ = forward_logits(job.model, job.spec, images)
+            logits, _ = forward_logits(model, job.spec, images)
             loss = job.loss_fn(logits.float(), masks)
         matrix.update(logits.argmax(1), masks)
         total += torch.tensor([float(loss) * len(masks), len(masks)], dtype=torch.float64)
@@ -587,6 +656,8 @@ def _restore(path: Path, job: Job) -> LoopState:
     job.optimizer.load_state_dict(ckpt["optimizer"])
     job.scheduler.load_state_dict(ckpt["scheduler"])
     job.scaler.load_state_dict(ckpt["scaler"])
+    if job.ema is not None and "ema" in ckpt:
+        job.ema.load_state_dict(ckpt["ema"])
     set_rng_states(ckpt["rng"])
     state = LoopState(**ckpt["loop"])
     log.info("resuming %s after epoch %d (best val mIoU %.4f at epoch %d)", path.parent.parent, state.epoch,
@@ -621,9 +692,9 @@ def run_epoch(job: Job, loaders: tuple[DataLoader, DataLoader], epoch: int, stat
     state.seconds += row["seconds"]
     if job.info.is_main:
         if improved:
-            save_model(job.model, out_dir, job.cfg.model, NUM_CLASSES, 3, saved_kwargs(job.cfg.model,
+            save_model(job.result, out_dir, job.cfg.model, NUM_CLASSES, 3, saved_kwargs(job.cfg.model,
                        job.cfg.model_kwargs), _model_record(job, state, row, val_summary, extra))
-        save_checkpoint(out_dir / CHECKPOINT, job.model, job.optimizer, job.scheduler, job.scaler, state, job.cfg)
+        save_checkpoint(out_dir / CHECKPOINT, job, state)
         write_history(out_dir, state.history)
     if job.info.is_main:
         tqdm.write(f"epoch {row['epoch']}/{job.cfg.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
@@ -671,7 +742,7 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     job = Job(cfg, get_spec(cfg.model), model, model, build_loss(cfg.loss), optimizer,
               build_scheduler(optimizer, cfg, len(loaders[0])),
               torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"), device, info,
-              load_teacher(teacher_dir, device) if teacher_dir else None)
+              load_teacher(teacher_dir, device) if teacher_dir else None, weight_average(model, cfg.ema))
     state = _restore(out_dir / CHECKPOINT, job) if resume else LoopState(init_from=init_used)
     extra["init_from"] = state.init_from
     if info.distributed:
