@@ -20,7 +20,7 @@ from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
 from aerialseg.training import ddp
 from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig,
-                                      init_weights, item_class_counts, load_checkpoint, rare_class_weights,
+                                      init_weights, load_checkpoint, rare_class_weights,
                                       to_channels_last)
 from conftest import shared_path
 
@@ -297,11 +297,14 @@ def test_balanced_sampling_draws_rare_class_patches_more_often(tmp_path):
     tally = np.bincount([i for e in range(200) for i in (sampler.set_epoch(e), list(sampler))[1]], minlength=10)
     assert tally[8] > 2 * tally[:8].mean()
     datasets = small_datasets()
-    assert item_class_counts(datasets[0]).shape == (len(datasets[0]), 5)
+    assert datasets[0].item_class_counts().shape == (len(datasets[0]), 6)
     summary = train_stage.run(tiny_params(sampling="balanced"), out_dir=tmp_path, datasets=datasets)
     assert summary["epochs_run"] == 2 and json.loads((tmp_path / "model.json").read_text())["train"]["sampling"] == "balanced"
     with pytest.raises(AerialsegError, match="train.sampling"):
         train_config(tiny_params(sampling="rare"))
+    with pytest.raises(AerialsegError, match="per-patch class counts"):  # e.g. OpenEarthMap's random crops
+        train_stage.run(tiny_params(sampling="balanced"), out_dir=tmp_path / "x",
+                        datasets=(torch.utils.data.TensorDataset(torch.zeros(4)), datasets[1]))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -154,6 +154,11 @@ class ArrayPatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def item_class_counts(self) -> np.ndarray:
+        """(items, 6) pixel counts [background, road, water, tree, building, ignore] of each mask."""
+        return np.stack([np.bincount(np.minimum(mask, NUM_CLASSES).ravel(), minlength=NUM_CLASSES + 1)
+                         for _, mask in self.pairs])
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image, mask = self.pairs[index]
         if self.transform is not None:
@@ -501,15 +506,6 @@ def _num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> 
     return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // info.world_size))
 
 
-def item_class_counts(dataset: Dataset) -> np.ndarray:
-    """(items, classes) pixel counts of a dataset's masks (ignore left out), before any transform."""
-    if hasattr(dataset, "item_class_counts"):
-        return dataset.item_class_counts()[:, :NUM_CLASSES]
-    read = getattr(dataset, "read", None) or getattr(dataset, "pairs", None).__getitem__
-    masks = [np.asarray(read(i)[1]) for i in range(len(dataset))]
-    return np.stack([np.bincount(m[m < NUM_CLASSES].ravel(), minlength=NUM_CLASSES) for m in masks])
-
-
 def rare_class_weights(counts: np.ndarray) -> np.ndarray:
     """Per-item draw weights: the mean over an item's labelled pixels of (class share in the split)^-1/2,
     so a patch of a rare class is drawn more often than one of background (1 where nothing is labelled)."""
@@ -546,7 +542,11 @@ def make_train_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, 
     if len(dataset) < 2:
         raise AerialsegError(f"only {len(dataset)} training patch(es)", fix="label more area or lower tiles.size")
     if cfg.sampling == "balanced":
-        sampler: Sampler[int] = BalancedSampler(rare_class_weights(item_class_counts(dataset)), cfg.seed, info)
+        if not hasattr(dataset, "item_class_counts"):
+            raise AerialsegError(f"train.sampling: balanced needs per-patch class counts, which {type(dataset).__name__} "
+                                 "lacks", DEFAULT_PARAMS, "set train.sampling: uniform (e.g. for pretraining)")
+        counts = dataset.item_class_counts()[:, :NUM_CLASSES]
+        sampler: Sampler[int] = BalancedSampler(rare_class_weights(counts), cfg.seed, info)
     else:
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                      seed=cfg.seed)
