@@ -15,12 +15,12 @@ from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.training.losses import build_loss, cross_entropy, dice_loss, focal_loss
 from aerialseg.evaluation.metrics import ConfusionMatrix
-from aerialseg.models import create_model, load_model, load_state
+from aerialseg.models import create_model, get_spec, load_model, load_state
 from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
 from aerialseg.training import ddp
 from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig,
-                                      init_weights, load_checkpoint, rare_class_weights,
+                                      forward_logits, init_weights, load_checkpoint, rare_class_weights,
                                       to_channels_last)
 from conftest import shared_path
 
@@ -71,6 +71,12 @@ def tiny_params(**train) -> dict:
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(model_dir / CHECKPOINT)["model"]
+
+
+def interrupt_after_first_epoch(epoch: int, row: dict) -> None:
+    """An on_epoch_end hook that stops a run as Ctrl-C would, after epoch 1's checkpoint is written."""
+    if epoch == 1:
+        raise KeyboardInterrupt
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -238,13 +244,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     datasets = small_datasets(augment=True)
     params = tiny_params(epochs=3, schedule="cosine")
     full = train_stage.run(params, out_dir=tmp_path / "full", datasets=datasets)
-
-    def interrupt(epoch, row):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_stage.run(params, out_dir=tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt)
+        train_stage.run(params, out_dir=tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt_after_first_epoch)
     assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["loop"]["epoch"] == 1
     resumed = train_stage.run(params, out_dir=tmp_path / "cut", resume=True, datasets=datasets)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
@@ -260,17 +261,22 @@ def ema_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
 
 
+def val_miou(model: torch.nn.Module, dataset: ArrayPatchDataset) -> float:
+    """mIoU of ``model`` on every item of ``dataset``, as the training loop validates."""
+    matrix = ConfusionMatrix(5, IGNORE)
+    with torch.no_grad():
+        for image, mask in dataset:
+            logits, _ = forward_logits(model.eval(), get_spec(FAST), torch.from_numpy(image).permute(2, 0, 1)[None])
+            matrix.update(logits.argmax(1), torch.from_numpy(mask)[None].long())
+    return matrix.summary()["mIoU"]
+
+
 def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
     datasets = small_datasets(augment=True)
     params = tiny_params(epochs=3, ema=0.9)
-
-    def interrupt(epoch, row):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     full = train_stage.run(params, out_dir=tmp_path / "full", datasets=datasets)
     with pytest.raises(KeyboardInterrupt):
-        train_stage.run(params, out_dir=tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt)
+        train_stage.run(params, out_dir=tmp_path / "cut", datasets=datasets, on_epoch_end=interrupt_after_first_epoch)
     train_stage.run(params, out_dir=tmp_path / "cut", resume=True, datasets=datasets)
     average, raw = ema_weights(tmp_path / "full"), weights(tmp_path / "full")
     assert average.keys() == raw.keys()
@@ -281,6 +287,7 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
     assert meta["train"]["ema"] == 0.9
     saved = model.state_dict()
     assert all(torch.equal(saved[k], average[k]) for k in saved)
+    assert meta["metrics"]["val_mIoU"] == pytest.approx(val_miou(model, datasets[1]), abs=1e-6)  # the average's
     with pytest.raises(AerialsegError, match="train.ema"):
         train_config(tiny_params(ema=1.0))
 
@@ -294,7 +301,11 @@ def test_balanced_sampling_draws_rare_class_patches_more_often(tmp_path):
     sampler.set_epoch(1)
     assert len(draws) == len(counts) and list(BalancedSampler(weights, 3, ddp.DistInfo(0, 1, 0))) == draws
     assert list(sampler) != draws
-    tally = np.bincount([i for e in range(200) for i in (sampler.set_epoch(e), list(sampler))[1]], minlength=10)
+    drawn = []
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
+    tally = np.bincount(drawn, minlength=10)
     assert tally[8] > 2 * tally[:8].mean()
     datasets = small_datasets()
     assert datasets[0].item_class_counts().shape == (len(datasets[0]), 6)

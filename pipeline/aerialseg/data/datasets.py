@@ -24,7 +24,7 @@ from aerialseg.data.augment import seed_transform
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import open_raster
 from aerialseg.data.split import split_patches
-from aerialseg.data.tiling import COUNT_KEYS, read_labels, read_rgb
+from aerialseg.data.tiling import COUNT_KEYS, class_counts, read_labels, read_rgb
 
 Item = tuple[np.ndarray, np.ndarray]
 
@@ -87,9 +87,7 @@ class PatchDataset(Dataset):
     def item_class_counts(self) -> np.ndarray:
         """(items, 6) pixel counts per item: the manifest's for patches, counted in the shard for augmented copies."""
         counts = [p["counts"] for p in self.patches]
-        for path, row, _ in self.augmented:
-            mask = self._shard(path)[1][row]
-            counts.append(np.bincount(np.minimum(mask, len(COUNT_KEYS) - 1).ravel(), minlength=len(COUNT_KEYS)))
+        counts += [class_counts(self._shard(path)[1][row], path) for path, row, _ in self.augmented]
         return np.array(counts, dtype=np.int64).reshape(len(self), len(COUNT_KEYS))
 
     def _fresh_process(self) -> None:

@@ -44,6 +44,7 @@ from aerialseg.training import ddp
 from aerialseg.data.augment import seed_transform
 from aerialseg.core.classes import IGNORE, NUM_CLASSES
 from aerialseg.data.datasets import PatchDataset, collate_patches
+from aerialseg.data.tiling import class_counts
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.training.losses import LossFn, build_loss, distillation_kl
@@ -156,8 +157,7 @@ class ArrayPatchDataset(Dataset):
 
     def item_class_counts(self) -> np.ndarray:
         """(items, 6) pixel counts [background, road, water, tree, building, ignore] of each mask."""
-        return np.stack([np.bincount(np.minimum(mask, NUM_CLASSES).ravel(), minlength=NUM_CLASSES + 1)
-                         for _, mask in self.pairs])
+        return np.array([class_counts(mask) for _, mask in self.pairs], dtype=np.int64)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image, mask = self.pairs[index]
@@ -509,8 +509,9 @@ def _num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> 
 def rare_class_weights(counts: np.ndarray) -> np.ndarray:
     """Per-item draw weights: the mean over an item's labelled pixels of (class share in the split)^-1/2,
     so a patch of a rare class is drawn more often than one of background (1 where nothing is labelled)."""
-    totals = counts.sum(axis=0).astype(np.float64)
-    class_weight = np.where(totals > 0, (totals / max(totals.sum(), 1)) ** -0.5, 0.0)
+    shares = counts.sum(axis=0) / max(counts.sum(), 1)
+    class_weight = np.zeros(len(shares))
+    class_weight[shares > 0] = shares[shares > 0] ** -0.5
     labelled = counts.sum(axis=1)
     return np.where(labelled > 0, counts @ class_weight / np.maximum(labelled, 1), 1.0)
 
