@@ -20,7 +20,7 @@ from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
 from aerialseg.training import ddp
 from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig,
-                                      forward_logits, init_weights, load_checkpoint, rare_class_weights,
+                                      build_optimizer, build_scheduler, forward_logits, init_weights, load_checkpoint, rare_class_weights,
                                       to_channels_last)
 from conftest import shared_path
 
@@ -148,6 +148,25 @@ def test_lr_schedules():
     assert cosine(0) == pytest.approx(1.0) and cosine(50) == pytest.approx(0.55) and cosine(100) == pytest.approx(0.1)
     assert LRFactor("constant", 10, 0, 0.9, 0.0)(7) == 1.0
 
+
+
+def test_encoder_lr_scale_puts_the_encoder_in_a_slower_group():
+    model = create_model(FAST)
+    cfg = train_config(tiny_params(encoder_lr_scale=0.1, warmup_epochs=0))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    encoder, rest = optimizer.param_groups
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in model.encoder.parameters()}
+    assert len(encoder["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert encoder["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
+    optimizer.step()
+    scheduler.step()  # the schedule scales both groups alike
+    assert encoder["lr"] / rest["lr"] == pytest.approx(0.1)
+    assert len(build_optimizer(model, train_config(tiny_params())).param_groups) == 1  # 1.0: one group
+    with pytest.raises(AerialsegError, match="encoder_lr_scale"):
+        train_config(tiny_params(encoder_lr_scale=0))
+    with pytest.raises(AerialsegError, match="has none"):
+        build_optimizer(torch.nn.Conv2d(3, 5, 1), cfg)
 
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(AerialsegError, match="unknown train key"):

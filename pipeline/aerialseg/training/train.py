@@ -72,6 +72,7 @@ class TrainConfig:
     patch_size: int | None = 192  # one random crop per batch; None = the whole patch
     optimizer: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3
+    encoder_lr_scale: float = 1.0  # the encoder's LR = lr x this (e.g. 0.1 keeps pretrained features closer)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     schedule: str = "poly"  # poly | cosine | constant, per iteration
@@ -130,6 +131,8 @@ class TrainConfig:
             problems.append(f"train.sampling '{self.sampling}' is not uniform or balanced")
         if not 0.0 <= self.ema < 1.0:
             problems.append(f"train.ema {self.ema} is not in [0, 1)")
+        if self.encoder_lr_scale <= 0:
+            problems.append(f"train.encoder_lr_scale {self.encoder_lr_scale} must be > 0")
         if self.lr <= 0 or self.temperature <= 0 or (self.final_temperature is not None and self.final_temperature <= 0):
             problems.append("train.lr, distil.temperature and distil.final_temperature must be > 0")
         if problems:
@@ -274,9 +277,23 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters, the encoder's in a group of its own at ``lr * encoder_lr_scale``."""
+    if cfg.encoder_lr_scale == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise AerialsegError(f"train.encoder_lr_scale needs a model with an encoder; {cfg.model} has none",
+                             DEFAULT_PARAMS, "set train.encoder_lr_scale: 1.0 for this model")
+    in_encoder = {id(p) for p in encoder.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if id(p) in in_encoder], "lr": cfg.lr * cfg.encoder_lr_scale},
+            {"params": [p for p in trainable if id(p) not in in_encoder]}]
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD (momentum, Nesterov) over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW, Adam or SGD (momentum, Nesterov) over the trainable parameters (``parameter_groups``)."""
+    params = parameter_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
@@ -678,7 +695,7 @@ def run_epoch(job: Job, loaders: tuple[DataLoader, DataLoader], epoch: int, stat
               extra: dict[str, Any]) -> dict[str, Any]:
     """Train one epoch, validate, keep the best weights, checkpoint; returns the history row."""
     start = time.time()
-    lr = job.optimizer.param_groups[0]["lr"]
+    lr = job.optimizer.param_groups[-1]["lr"]  # train.lr's group (the encoder's may be scaled)
     train_loss = train_epoch(job, loaders[0], epoch)
     val_loss, matrix = validate(job, loaders[1])
     val_summary = matrix.summary()
