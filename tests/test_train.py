@@ -168,6 +168,14 @@ def test_encoder_lr_scale_puts_the_encoder_in_a_slower_group():
     with pytest.raises(AerialsegError, match="has none"):
         build_optimizer(torch.nn.Conv2d(3, 5, 1), cfg)
 
+
+def test_resume_with_another_encoder_lr_scale_is_a_clear_error(tmp_path):
+    datasets = small_datasets()
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run(tiny_params(), out_dir=tmp_path, datasets=datasets, on_epoch_end=interrupt_after_first_epoch)
+    with pytest.raises(AerialsegError, match="encoder_lr_scale"):
+        train_stage.run(tiny_params(encoder_lr_scale=0.5), out_dir=tmp_path, resume=True, datasets=datasets)
+
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(AerialsegError, match="unknown train key"):
         train_config({"train": {"epocs": 3}})

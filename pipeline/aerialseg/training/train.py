@@ -670,6 +670,11 @@ def _restore(path: Path, job: Job) -> LoopState:
     changed = sorted(k for k, v in asdict(job.cfg).items() if saved.get(k) != v)
     if changed:
         log.warning("resuming with changed settings %s: the result will differ from an uninterrupted run", changed)
+    groups = len(ckpt["optimizer"]["param_groups"])
+    if groups != len(job.optimizer.param_groups):
+        raise AerialsegError(f"checkpoint's optimizer has {groups} parameter group(s), this run "
+                             f"{len(job.optimizer.param_groups)} (train.encoder_lr_scale changed)", path,
+                             "resume with the checkpoint's train.encoder_lr_scale, or train without --resume")
     job.model.load_state_dict(ckpt["model"])
     job.optimizer.load_state_dict(ckpt["optimizer"])
     job.scheduler.load_state_dict(ckpt["scheduler"])
