@@ -20,8 +20,8 @@ from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
 from aerialseg.training import ddp
 from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig,
-                                      build_optimizer, build_scheduler, forward_logits, init_weights, load_checkpoint, rare_class_weights,
-                                      to_channels_last)
+                                      build_optimizer, build_scheduler, forward_logits, init_weights, load_checkpoint,
+                                      rare_class_weights, to_channels_last)
 from conftest import shared_path
 
 # Dubai mask colours (SOURCE.md) -> aerialseg classes; anything else is ignore.
@@ -149,7 +149,6 @@ def test_lr_schedules():
     assert LRFactor("constant", 10, 0, 0.9, 0.0)(7) == 1.0
 
 
-
 def test_encoder_lr_scale_puts_the_encoder_in_a_slower_group():
     model = create_model(FAST)
     cfg = train_config(tiny_params(encoder_lr_scale=0.1, warmup_epochs=0))
@@ -175,6 +174,22 @@ def test_resume_with_another_encoder_lr_scale_is_a_clear_error(tmp_path):
         train_stage.run(tiny_params(), out_dir=tmp_path, datasets=datasets, on_epoch_end=interrupt_after_first_epoch)
     with pytest.raises(AerialsegError, match="encoder_lr_scale"):
         train_stage.run(tiny_params(encoder_lr_scale=0.5), out_dir=tmp_path, resume=True, datasets=datasets)
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting_reports_no_change(tmp_path, caplog):
+    datasets = small_datasets()
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run(tiny_params(), out_dir=tmp_path, datasets=datasets, on_epoch_end=interrupt_after_first_epoch)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
+    del ckpt["config"]["encoder_lr_scale"]  # as written before the setting existed
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    train_stage.run(tiny_params(), out_dir=tmp_path, resume=True, datasets=datasets)
+    assert "changed settings" not in caplog.text
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.run(tiny_params(), out_dir=tmp_path / "b", datasets=datasets, on_epoch_end=interrupt_after_first_epoch)
+    train_stage.run(tiny_params(lr=2e-3), out_dir=tmp_path / "b", resume=True, datasets=datasets)
+    assert "changed settings ['lr']" in caplog.text
+
 
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(AerialsegError, match="unknown train key"):

@@ -667,7 +667,8 @@ def _restore(path: Path, job: Job) -> LoopState:
     if saved.get("model") != job.cfg.model:
         raise AerialsegError(f"checkpoint is for model {saved.get('model')}, not {job.cfg.model}", path,
                              "resume with the same model, or train without --resume")
-    changed = sorted(k for k, v in asdict(job.cfg).items() if saved.get(k) != v)
+    defaults = asdict(TrainConfig())  # a key the checkpoint predates held its default
+    changed = sorted(k for k, v in asdict(job.cfg).items() if saved.get(k, defaults[k]) != v)
     if changed:
         log.warning("resuming with changed settings %s: the result will differ from an uninterrupted run", changed)
     groups = len(ckpt["optimizer"]["param_groups"])
