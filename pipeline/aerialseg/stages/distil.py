@@ -20,13 +20,15 @@ from aerialseg.training.train import TrainConfig, patch_datasets
 def student_sections(params: dict[str, Any], student: str | None = None,
                      seed: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The student run's ``model`` section (``distil.student``; its kwargs only for the configured student) and
-    ``train`` section (``train``, ``seed`` overriding train.seed, then ``distil.init_from`` and ``distil.train``)."""
+    ``train`` section (``train``, ``seed`` overriding train.seed, then ``distil.init_from``,
+    ``distil.init_from_teacher`` and ``distil.train``)."""
     cfg = section(params, "distil")
     name = student or str(cfg.get("student", "segformer_b0"))
     get_spec(name)
     kwargs = dict(cfg.get("student_kwargs") or {}) if name == cfg.get("student") else {}
     train = {**section(params, "train"), **({"seed": int(seed)} if seed is not None else {})}
-    train = {**train, "init_from": cfg.get("init_from"), **dict(cfg.get("train") or {})}
+    start = {"init_from": cfg.get("init_from"), "init_from_teacher": bool(cfg.get("init_from_teacher", False))}
+    train = {**train, **start, **dict(cfg.get("train") or {})}
     return {"name": name, "kwargs": kwargs}, train
 
 

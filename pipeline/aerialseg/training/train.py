@@ -98,6 +98,7 @@ class TrainConfig:
     alpha: float = 0.5  # distillation weight of the KL term
     temperature: float = 4.0  # distillation temperature (of the first epoch when annealed)
     final_temperature: float | None = 1.0  # distillation temperature of the last epoch (None = constant)
+    init_from_teacher: bool = False  # distillation: the student's encoder starts as the teacher's (same names/shapes)
 
     @classmethod
     def from_sections(cls, model: dict[str, Any], train: dict[str, Any], distil: dict[str, Any]) -> "TrainConfig":
@@ -133,6 +134,8 @@ class TrainConfig:
             problems.append(f"train.ema {self.ema} is not in [0, 1)")
         if self.encoder_lr_scale <= 0:
             problems.append(f"train.encoder_lr_scale {self.encoder_lr_scale} must be > 0")
+        if self.init_from_teacher and self.init_from:
+            problems.append("distil.init_from_teacher and distil.init_from both set a starting point: keep one")
         if self.lr <= 0 or self.temperature <= 0 or (self.final_temperature is not None and self.final_temperature <= 0):
             problems.append("train.lr, distil.temperature and distil.final_temperature must be > 0")
         if problems:
@@ -266,6 +269,25 @@ def init_weights(model: nn.Module, init_from: str | Path, model_name: str) -> st
     load_state(model, path / "model.safetensors")
     log.info("initialised %s from %s", model_name, path)
     return str(path)
+
+
+def copy_teacher_weights(model: nn.Module, teacher: "Teacher | None", teacher_dir: str | Path | None) -> str:
+    """Start a student's encoder from its teacher's: every encoder tensor of the same name and shape (e.g. the
+    stages ``unet_efficientnet_lite0_slim`` keeps of ``unet_efficientnet_lite0``); the rest keeps its own init
+    (a decoder of other widths learns other features even where a shape happens to agree). Returns what was
+    loaded, for model.json."""
+    if teacher is None:
+        raise AerialsegError("train.init_from_teacher is set but this run has no teacher", DEFAULT_PARAMS,
+                             "use it only for distillation (distil.init_from_teacher)")
+    source, target = teacher.model.state_dict(), model.state_dict()
+    shared = {k: v for k, v in source.items()
+              if k.startswith("encoder.") and k in target and target[k].shape == v.shape}
+    if not shared:
+        raise AerialsegError(f"student {type(model).__name__} shares no encoder tensor (name and shape) with teacher "
+                             f"{teacher.name}", teacher_dir, "set distil.init_from_teacher: false")
+    model.load_state_dict(shared, strict=False)
+    log.info("student starts from %d of its %d tensors copied from teacher %s", len(shared), len(target), teacher_dir)
+    return f"{teacher_dir} (teacher's encoder: {len(shared)} of {len(target)} tensors)"
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -758,6 +780,9 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
         raise AerialsegError("the validation split is empty", fix="check split.fractions and the tiles")
     model = create_model(cfg.model, **cfg.model_kwargs)
     init_used = init_weights(model, cfg.init_from, cfg.model) if cfg.init_from and not resume else None
+    teacher = load_teacher(teacher_dir, device) if teacher_dir else None
+    if cfg.init_from_teacher and not resume:
+        init_used = copy_teacher_weights(model, teacher, teacher_dir)
     model.to(device)
     if cfg.channels_last:
         to_channels_last(model)
@@ -766,7 +791,7 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     job = Job(cfg, get_spec(cfg.model), model, model, build_loss(cfg.loss), optimizer,
               build_scheduler(optimizer, cfg, len(loaders[0])),
               torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"), device, info,
-              load_teacher(teacher_dir, device) if teacher_dir else None, weight_average(model, cfg.ema))
+              teacher, weight_average(model, cfg.ema))
     state = _restore(out_dir / CHECKPOINT, job) if resume else LoopState(init_from=init_used)
     extra["init_from"] = state.init_from
     if info.distributed:
