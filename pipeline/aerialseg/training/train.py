@@ -67,7 +67,7 @@ class TrainConfig:
 
     model: str = DEFAULT_MODEL
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
+    epochs: int = 14
     batch_size: int = 8
     patch_size: int | None = 192  # one random crop per batch; None = the whole patch
     optimizer: str = "adamw"  # adamw | adam | sgd
