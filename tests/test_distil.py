@@ -61,6 +61,8 @@ def test_student_sections_take_distil_overrides():
         student_config({**params, "distil": {"train": {"epocs": 3}}})
     with pytest.raises(AerialsegError, match="unknown model"):
         student_sections(params, "resnet9000")
+    with pytest.raises(AerialsegError, match="unknown distil key.*temprature"):
+        student_config({**params, "distil": {"temprature": 2.0}})
 
 
 def test_short_distillation_raises_agreement_with_teacher(tmp_path):

@@ -13,7 +13,8 @@ from aerialseg.core.classes import IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.models import create_model, load_model
 from aerialseg.stages import pretrain as pretrain_stage
-from aerialseg.training.pretrain import OpenEarthMapDataset, find_pairs, pretrain_enabled, split_names
+from aerialseg.training.pretrain import (OpenEarthMapDataset, find_pairs, oem_lut, pretrain_datasets,
+                                         pretrain_enabled, split_names)
 from aerialseg.training.train import init_weights
 from conftest import shared_path
 
@@ -53,6 +54,20 @@ def test_pairs_and_remap_match_source_md(oem):
     assert np.array_equal(p_mask, expected_classes(raw_labels(oem, "palu_8")))
     with rasterio.open(oem / "images" / "palu_8.tif") as src:
         assert np.array_equal(p_img, src.read().transpose(1, 2, 0))
+
+
+def test_classes_override_the_mapping_by_openearthmap_name(oem):
+    """pretrain.classes: rangeland (2) and agriculture (7) as tree for a survey whose tree labels cover grass."""
+    table = oem_lut({"rangeland": "tree", "agriculture": "tree", "unknown": "background"})
+    assert table[2] == table[7] == 3 and table[0] == 0 and table[1] == 0 and table[8] == 4
+    assert np.array_equal(oem_lut(), oem_lut({}))
+    train, val = pretrain_datasets(oem, 0.5, patch_size=1024, classes={"rangeland": "tree"})
+    grass = raw_labels(oem, val.pairs[0][0].stem) == 2
+    assert grass.any() and set(np.unique(val[0][1][grass])) == {3}
+    assert train.fingerprint != pretrain_datasets(oem, 0.5, patch_size=1024)[0].fingerprint
+    for bad in ({"grass": "tree"}, {"rangeland": "shrub"}):
+        with pytest.raises(AerialsegError, match="pretrain.classes"):
+            oem_lut(bad)
 
 
 def test_resampling_area_images_nearest_labels(oem):

@@ -19,7 +19,7 @@ from aerialseg.models import create_model, get_spec, load_model, load_state
 from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
 from aerialseg.training import ddp
-from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig,
+from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig, class_mix,
                                       build_optimizer, build_scheduler, forward_logits, init_weights, load_checkpoint,
                                       rare_class_weights, to_channels_last)
 from conftest import shared_path
@@ -358,6 +358,32 @@ def test_balanced_sampling_draws_rare_class_patches_more_often(tmp_path):
     with pytest.raises(AerialsegError, match="per-patch class counts"):  # e.g. OpenEarthMap's random crops
         train_stage.run(tiny_params(sampling="balanced"), out_dir=tmp_path / "x",
                         datasets=(torch.utils.data.TensorDataset(torch.zeros(4)), datasets[1]))
+
+
+def test_class_mix_pastes_half_the_classes_of_a_partner_with_their_labels():
+    """Each patch takes the pixels and labels of half (rounded up) of another patch's classes, from the batch as it
+    came in (never from an already mixed patch); ignore is never pasted; p = 0 changes nothing."""
+    torch.manual_seed(0)
+    images = torch.arange(1, 5, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    masks = torch.full((4, 8, 8), IGNORE, dtype=torch.int64)
+    masks[0, :4], masks[1, :, :4], masks[2, 4:], masks[3, :, 4:] = 1, 3, 4, 2
+    masks[:, 0, 0] = 0  # every patch also holds one background pixel
+    mixed_images, mixed_masks = class_mix(images, masks, 1.0)
+    assert torch.equal(class_mix(images, masks, 0.0)[1], masks)
+    for target in range(4):
+        changed = mixed_masks[target] != masks[target]
+        sources = {int(v) for v in mixed_images[target, 0][changed].unique()} - {target + 1}
+        assert len(sources) <= 1, "pixels of one partner only"
+        if sources:
+            source = sources.pop() - 1
+            assert source != target
+            assert torch.equal(mixed_masks[target][changed], masks[source][changed])
+            assert IGNORE not in mixed_masks[target][changed].tolist()
+        pasted = mixed_images[target, 0] != target + 1
+        assert bool((mixed_masks[target][pasted] != IGNORE).all())
+    assert bool((mixed_images != images).any()), "p = 1 mixes"
+    with pytest.raises(AerialsegError, match="class_mix"):
+        TrainConfig(class_mix=1.5).check()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

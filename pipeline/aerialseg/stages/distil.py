@@ -9,12 +9,26 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from aerialseg.core.config import section
+from aerialseg.core.config import DEFAULT_PARAMS, section
+from aerialseg.core.errors import AerialsegError
 from aerialseg.core.paths import augmented_dir, data_stage_outputs, distil_out_dir, train_out_dir
 from aerialseg.data.augment import build_transform
 from aerialseg.models import get_spec
 from aerialseg.training.distill import check_teacher, distil
 from aerialseg.training.train import TrainConfig, patch_datasets
+
+DISTIL_KEYS = ("teacher", "student", "student_kwargs", "alpha", "temperature", "final_temperature", "init_from",
+               "init_from_teacher", "out", "train")
+
+
+def distil_section(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``distil`` params section; an unknown key is an error (a misspelt knob must not pass silently)."""
+    cfg = section(params, "distil")
+    unknown = sorted(set(cfg) - set(DISTIL_KEYS))
+    if unknown:
+        raise AerialsegError(f"unknown distil key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
+                             f"use only: {', '.join(DISTIL_KEYS)}")
+    return cfg
 
 
 def student_sections(params: dict[str, Any], student: str | None = None,
@@ -22,7 +36,7 @@ def student_sections(params: dict[str, Any], student: str | None = None,
     """The student run's ``model`` section (``distil.student``; its kwargs only for the configured student) and
     ``train`` section (``train``, ``seed`` overriding train.seed, then ``distil.init_from``,
     ``distil.init_from_teacher`` and ``distil.train``)."""
-    cfg = section(params, "distil")
+    cfg = distil_section(params)
     name = student or str(cfg.get("student", "segformer_b0"))
     get_spec(name)
     kwargs = dict(cfg.get("student_kwargs") or {}) if name == cfg.get("student") else {}
@@ -35,7 +49,7 @@ def student_sections(params: dict[str, Any], student: str | None = None,
 def student_config(params: dict[str, Any], student: str | None = None, seed: int | None = None) -> TrainConfig:
     """The student's TrainConfig (unknown train / distil.train keys are an error)."""
     model, train = student_sections(params, student, seed)
-    return TrainConfig.from_sections(model, train, section(params, "distil"))
+    return TrainConfig.from_sections(model, train, distil_section(params))
 
 
 def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False,
@@ -45,7 +59,7 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
 
     ``datasets`` (train, val) replaces the tiles/split/augment outputs (in-memory data in tests).
     """
-    cfg = section(params, "distil")
+    cfg = distil_section(params)
     teacher = check_teacher(teacher_dir or cfg.get("teacher") or train_out_dir(params))
     out_dir = Path(out_dir or distil_out_dir(params))
     model, train = student_sections(params, student, seed)

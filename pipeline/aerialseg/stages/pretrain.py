@@ -27,7 +27,7 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
         return write_disabled(out_dir, reason)
     train_ds, val_ds = pretrain_datasets(cfg.get("root"), float(cfg.get("val_fraction", 0.1)),
                                          int(cfg.get("patch_size", 256)), float(cfg.get("resample_factor", 1.0)),
-                                         int(cfg.get("crops_per_image", 8)))
+                                         int(cfg.get("crops_per_image", 8)), cfg.get("classes") or None)
     train_ds.transform = build_transform(section(params, "augment"))
     train = {**section(params, "train"), "init_from": None, **dict(cfg.get("train") or {})}
     config = TrainConfig.from_sections(section(params, "model"), train, section(params, "distil"))

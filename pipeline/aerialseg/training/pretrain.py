@@ -5,7 +5,8 @@ The pretrain stage (``aerialseg.stages.pretrain``) reads the ``pretrain`` params
 OpenEarthMap (Xia et al. 2023) ships ``images/`` and ``labels/`` GeoTIFFs per region (``<root>/<region>/
 images/<name>.tif``) or in one folder (``<root>/images``); labels hold 0..8 and are remapped with
 ``aerialseg.core.classes.OEM_TO_AERIALSEG`` (4 road, 6 water, 5 tree, 8 building, 1/2/3/7 background,
-0 unknown -> ignore). When ``<root>/train.txt`` and ``val.txt`` exist (the official split) they choose
+0 unknown -> ignore); ``pretrain.classes`` overrides it by OpenEarthMap class name (``OEM_CLASSES``), e.g.
+``{rangeland: tree, agriculture: tree}`` where a survey's "tree" labels cover all vegetation. When ``<root>/train.txt`` and ``val.txt`` exist (the official split) they choose
 the images; otherwise ``pretrain.val_fraction`` of the pairs (by a hash of the name) validate.
 
 Ground sampling distance: OpenEarthMap is 0.25-0.5 m per pixel, drone surveys are a few cm.
@@ -30,7 +31,7 @@ import numpy as np
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
-from aerialseg.core.classes import OEM_TO_AERIALSEG, lut
+from aerialseg.core.classes import CLASS_NAMES, IGNORE, OEM_TO_AERIALSEG, lut
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.core.config import DEFAULT_PARAMS
@@ -41,6 +42,22 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".tif", ".tiff")
 OEM_LUT = lut(OEM_TO_AERIALSEG)
+# OpenEarthMap's values 0..8 by name (bao18/open_earth_map numbering; paper names shortened).
+OEM_CLASSES = ("unknown", "bareland", "rangeland", "developed", "road", "tree", "water", "agriculture", "building")
+
+
+def oem_lut(overrides: dict[str, str] | None = None) -> np.ndarray:
+    """The OpenEarthMap -> aerialseg lookup table: ``OEM_TO_AERIALSEG`` with ``{OEM class: aerialseg class
+    or ignore}`` overrides (``pretrain.classes``); an unknown name on either side is an error."""
+    mapping = dict(OEM_TO_AERIALSEG)
+    targets = {name: index for index, name in enumerate(CLASS_NAMES)} | {"ignore": IGNORE}
+    for source, target in (overrides or {}).items():
+        if source not in OEM_CLASSES or str(target) not in targets:
+            raise AerialsegError(f"pretrain.classes: {source}: {target} is not an OpenEarthMap class mapped to an "
+                                 "aerialseg class", DEFAULT_PARAMS,
+                                 f"keys: {', '.join(OEM_CLASSES)}; values: {', '.join(targets)}")
+        mapping[OEM_CLASSES.index(source)] = targets[str(target)]
+    return lut(mapping)
 
 
 def find_pairs(root: str | Path, names: set[str] | None = None) -> list[tuple[Path, Path]]:
@@ -102,19 +119,21 @@ class OpenEarthMapDataset(Dataset):
     ``mode="random"``: ``crops_per_image`` random crops per image and epoch (positions from NumPy's
     global RNG, which the training loop seeds every epoch); ``mode="grid"``: every non-overlapping
     ``patch_size`` crop (the last row/column flush with the edge), for validation.
-    ``resample`` is the GSD factor described in the module docstring.
+    ``resample`` is the GSD factor described in the module docstring; ``classes`` the lookup table of
+    OpenEarthMap values to aerialseg classes (``oem_lut``).
     """
 
     gsd_m = None  # 0.25-0.5 m depending on the region; see the module docstring
 
     def __init__(self, root: str | Path, patch_size: int = 256, resample: float = 1.0, mode: str = "random",
-                 crops_per_image: int = 8, names: set[str] | None = None, transform: Any = None):
+                 crops_per_image: int = 8, names: set[str] | None = None, transform: Any = None,
+                 classes: np.ndarray = OEM_LUT):
         if mode not in ("random", "grid") or patch_size < 8 or resample <= 0:
             raise AerialsegError(f"bad OpenEarthMap crop settings (mode {mode}, patch {patch_size}, "
                                  f"resample {resample})", DEFAULT_PARAMS, "check the pretrain section")
         self.pairs = find_pairs(root, names)
         self.patch_size, self.resample, self.mode = int(patch_size), float(resample), mode
-        self.crops_per_image, self.transform = int(crops_per_image), transform
+        self.crops_per_image, self.transform, self.classes = int(crops_per_image), transform, classes
         self.shapes = [self._check_pair(image, label) for image, label in self.pairs]
         self.windows = self._grid() if mode == "grid" else []
 
@@ -144,7 +163,7 @@ class OpenEarthMapDataset(Dataset):
     @property
     def fingerprint(self) -> str:
         """sha256 over image names and sizes (hashing every OpenEarthMap byte would take minutes)."""
-        digest = hashlib.sha256(f"{self.patch_size}:{self.resample}:{self.mode}".encode())
+        digest = hashlib.sha256(f"{self.patch_size}:{self.resample}:{self.mode}".encode() + self.classes.tobytes())
         for (image, label), shape in zip(self.pairs, self.shapes):
             digest.update(f"{image.name}:{shape}:{image.stat().st_size}:{label.stat().st_size}".encode())
         return digest.hexdigest()
@@ -178,7 +197,7 @@ class OpenEarthMapDataset(Dataset):
         if rgb.shape[:2] != (size, size):
             rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
             labels = cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
-        return rgb.astype(np.uint8, copy=False), OEM_LUT[labels]
+        return rgb.astype(np.uint8, copy=False), self.classes[labels]
 
 
 def _offsets(length: int, size: int) -> list[int]:
@@ -191,13 +210,15 @@ def _offsets(length: int, size: int) -> list[int]:
 
 def pretrain_datasets(root: str | Path | None, val_fraction: float = 0.1, patch_size: int = 256,
                       resample_factor: float = 1.0,
-                      crops_per_image: int = 8) -> tuple[OpenEarthMapDataset, OpenEarthMapDataset]:
-    """Train (random crops) and val (grid crops) datasets of the OpenEarthMap copy at ``root``."""
+                      crops_per_image: int = 8, classes: dict[str, str] | None = None,
+                      ) -> tuple[OpenEarthMapDataset, OpenEarthMapDataset]:
+    """Train (random crops) and val (grid crops) datasets of the OpenEarthMap copy at ``root``; ``classes``
+    overrides the OpenEarthMap -> aerialseg class mapping (``oem_lut``)."""
     if not root:
         raise AerialsegError("pretrain.root is not set", DEFAULT_PARAMS, "point it at your OpenEarthMap copy")
     root = Path(root)
     train_names, val_names = split_names(root, val_fraction)
-    common = {"patch_size": patch_size, "resample": resample_factor}
+    common = {"patch_size": patch_size, "resample": resample_factor, "classes": oem_lut(classes)}
     train = OpenEarthMapDataset(root, mode="random", crops_per_image=crops_per_image, names=train_names, **common)
     val = OpenEarthMapDataset(root, mode="grid", names=val_names, **common)
     return train, val

@@ -93,6 +93,8 @@ class TrainConfig:
     online_augment: bool = True  # also apply augment.pipeline on the fly (offline copies are used either way)
     channels_last: bool = True  # NHWC memory format for model and batches: faster on CPU (bench/bench_train.py)
     sampling: str = "uniform"  # uniform: every patch once per epoch | balanced: drawn by rare-class content
+    class_mix: float = 0.0  # probability per patch of ClassMix: half the classes of another patch of the batch
+    # (their pixels and labels) pasted onto it (0 = off)
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, which is then the model
     # validated and saved (0 = off; 0.99 averages over ~100 steps)
     alpha: float = 0.5  # distillation weight of the KL term
@@ -130,6 +132,8 @@ class TrainConfig:
             problems.append(f"train.schedule '{self.schedule}' is not poly, cosine or constant")
         if self.sampling not in ("uniform", "balanced"):
             problems.append(f"train.sampling '{self.sampling}' is not uniform or balanced")
+        if not 0.0 <= self.class_mix <= 1.0:
+            problems.append(f"train.class_mix {self.class_mix} is not a probability in [0, 1]")
         if not 0.0 <= self.ema < 1.0:
             problems.append(f"train.ema {self.ema} is not in [0, 1)")
         if self.encoder_lr_scale <= 0:
@@ -613,9 +617,28 @@ def random_crop(images: torch.Tensor, masks: torch.Tensor, size: int | None) -> 
     return images[..., top:top + ch, left:left + cw], masks[..., top:top + ch, left:left + cw]
 
 
+def class_mix(images: torch.Tensor, masks: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClassMix (Olsson et al., WACV 2021) with labels on both sides: with probability ``p`` a patch gets the pixels
+    and labels of a random half of the classes of another patch of the batch (ignore is never pasted)."""
+    if p <= 0 or len(masks) < 2:
+        return images, masks
+    partners = (torch.arange(len(masks)) + torch.randint(1, len(masks), (1,))) % len(masks)
+    mixed_images, mixed_masks = images.clone(), masks.clone()
+    for target, source in enumerate(partners.tolist()):
+        present = [c for c in torch.unique(masks[source]).tolist() if c != IGNORE]
+        if not present or float(torch.rand(())) >= p:
+            continue
+        chosen = torch.tensor(present)[torch.randperm(len(present))[:(len(present) + 1) // 2]]
+        paste = torch.isin(masks[source], chosen)
+        mixed_images[target] = torch.where(paste, images[source], images[target])
+        mixed_masks[target] = torch.where(paste, masks[source], masks[target])
+    return mixed_images, mixed_masks
+
+
 def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
     """One optimisation step (AMP on CUDA); returns the loss."""
     images, masks = random_crop(images, masks, job.cfg.patch_size)
+    images, masks = class_mix(images, masks, job.cfg.class_mix)
     images = images.to(job.device, non_blocking=True)
     masks = masks.to(job.device, non_blocking=True)
     if job.cfg.channels_last:
