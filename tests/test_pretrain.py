@@ -70,6 +70,12 @@ def test_classes_override_the_mapping_by_openearthmap_name(oem):
             oem_lut(bad)
 
 
+def test_a_misspelt_pretrain_key_is_an_error(tmp_path):
+    with pytest.raises(AerialsegError, match="unknown pretrain key.*clases"):
+        pretrain_stage.run({"pretrain": {"enabled": False, "clases": {"rangeland": "tree"}}}, tmp_path / "pt")
+    assert not (tmp_path / "pt").exists()
+
+
 def test_resampling_area_images_nearest_labels(oem):
     ds = OpenEarthMapDataset(oem, patch_size=256, resample=0.5, mode="grid")
     assert len(ds) == 2 * 4  # each 1024 px tile becomes 512 px: 2 x 2 crops of 256

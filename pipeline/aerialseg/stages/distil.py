@@ -9,8 +9,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from aerialseg.core.config import DEFAULT_PARAMS, section
-from aerialseg.core.errors import AerialsegError
+from aerialseg.core.config import check_keys, section
 from aerialseg.core.paths import augmented_dir, data_stage_outputs, distil_out_dir, train_out_dir
 from aerialseg.data.augment import build_transform
 from aerialseg.models import get_spec
@@ -24,10 +23,7 @@ DISTIL_KEYS = ("teacher", "student", "student_kwargs", "alpha", "temperature", "
 def distil_section(params: dict[str, Any]) -> dict[str, Any]:
     """The ``distil`` params section; an unknown key is an error (a misspelt knob must not pass silently)."""
     cfg = section(params, "distil")
-    unknown = sorted(set(cfg) - set(DISTIL_KEYS))
-    if unknown:
-        raise AerialsegError(f"unknown distil key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
-                             f"use only: {', '.join(DISTIL_KEYS)}")
+    check_keys("distil", cfg, DISTIL_KEYS)
     return cfg
 
 

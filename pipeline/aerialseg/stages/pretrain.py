@@ -8,10 +8,13 @@ or, when ``pretrain.enabled`` says not to, writes only ``pretrain.json`` saying 
 from pathlib import Path
 from typing import Any
 
-from aerialseg.core.config import section
+from aerialseg.core.config import check_keys, section
 from aerialseg.data.augment import build_transform
 from aerialseg.training.pretrain import pretrain, pretrain_datasets, pretrain_enabled, write_disabled
 from aerialseg.training.train import TrainConfig
+
+PRETRAIN_KEYS = ("enabled", "root", "out", "patch_size", "resample_factor", "crops_per_image", "classes", "val_fraction",
+                 "train")
 
 
 def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
@@ -21,6 +24,7 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
     ``pretrain.json`` ({"enabled": false}). Returns the pretrain.json record.
     """
     cfg = section(params, "pretrain")
+    check_keys("pretrain", cfg, PRETRAIN_KEYS)
     out_dir = Path(out_dir or cfg.get("out", "models/pretrained"))
     enabled, reason = pretrain_enabled(cfg.get("enabled", False), cfg.get("root"))
     if not enabled:

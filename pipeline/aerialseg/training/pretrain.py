@@ -31,7 +31,8 @@ import numpy as np
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
-from aerialseg.core.classes import CLASS_NAMES, IGNORE, OEM_TO_AERIALSEG, lut
+from aerialseg.annotations.anylabeling import class_id
+from aerialseg.core.classes import OEM_TO_AERIALSEG, lut
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.core.config import DEFAULT_PARAMS
@@ -50,13 +51,11 @@ def oem_lut(overrides: dict[str, str] | None = None) -> np.ndarray:
     """The OpenEarthMap -> aerialseg lookup table: ``OEM_TO_AERIALSEG`` with ``{OEM class: aerialseg class
     or ignore}`` overrides (``pretrain.classes``); an unknown name on either side is an error."""
     mapping = dict(OEM_TO_AERIALSEG)
-    targets = {name: index for index, name in enumerate(CLASS_NAMES)} | {"ignore": IGNORE}
     for source, target in (overrides or {}).items():
-        if source not in OEM_CLASSES or str(target) not in targets:
-            raise AerialsegError(f"pretrain.classes: {source}: {target} is not an OpenEarthMap class mapped to an "
-                                 "aerialseg class", DEFAULT_PARAMS,
-                                 f"keys: {', '.join(OEM_CLASSES)}; values: {', '.join(targets)}")
-        mapping[OEM_CLASSES.index(source)] = targets[str(target)]
+        if source not in OEM_CLASSES:
+            raise AerialsegError(f"pretrain.classes: '{source}' is not an OpenEarthMap class", DEFAULT_PARAMS,
+                                 f"use one of {', '.join(OEM_CLASSES)}")
+        mapping[OEM_CLASSES.index(source)] = class_id(target, f"pretrain.classes: {source}")
     return lut(mapping)
 
 
