@@ -53,6 +53,9 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     assert 0.0 <= metrics["mIoU"] <= 1.0 and evaluation["pixels"] > 0 and metrics["mIoU"] == evaluation["mIoU"]
     report = (work / "reports/report.md").read_text()
     assert "mIoU" in report and list((work / "reports/figures").glob("*.png"))
+    assert "int8 gate failed for default" in report  # profiles/ci.yaml forces it: a result, and the run goes on
+    int8 = work / "models/int8"
+    assert not (int8 / "model.int8.onnx").exists() and (int8 / "model.int8.rejected.onnx").is_file()
     with rasterio.open(work / "data/sample/scenes/dubai_tile4.tif") as scene, \
             rasterio.open(work / "outputs/infer/dubai_tile4_landcover.tif") as out:
         assert out.crs == scene.crs and out.transform == scene.transform and out.count == 1
