@@ -36,8 +36,10 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     _copy_repo(work)
     assert _run(["aerialseg", "apply-profile", "ci"], work).returncode == 0  # what dvc.lock then records
     (work / "params.yaml.bak").unlink()
-    overlay = yaml.safe_load((work / "profiles/ci.yaml").read_text())
-    ci_labels = work / overlay["data"]["labels"]
+    ci_labels = work / "data/sample/labels-ci"  # two small scenes
+    (work / "labels-ci.yaml").write_text(yaml.safe_dump({"data": {"labels": "data/sample/labels-ci"}}))
+    assert _run(["aerialseg", "apply-profile", "labels-ci.yaml"], work).returncode == 0
+    (work / "params.yaml.bak").unlink()
     ci_labels.mkdir()
     for name in ("dubai_tile2.json", "dubai_tile3.json"):
         shutil.copy2(work / "data/sample/labels" / name, ci_labels / name)

@@ -473,6 +473,24 @@ def rank_scenes_command(
 
 
 
+@app.command("init")
+def init_command(
+    project: Annotated[Path, typer.Argument(help="Folder of the new survey project (git + DVC).")],
+    labels: Annotated[Path, typer.Option("--labels", help="Folder of AnyLabeling/labelme JSON files.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of the scenes (GeoTIFF, JPEG, PNG).")],
+    scenes: Annotated[list[str] | None, typer.Option("--scenes", help="Globs of the scenes to map, in the "
+                                                     "images folder [every scene].")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy labels and scenes into the project (scenes "
+                                       "tracked by DVC); default: use them where they are.")] = False,
+) -> None:
+    """Create a survey project: the pipeline, params.yaml with your paths (comments kept), git and DVC."""
+    from aerialseg.stages import init
+
+    plan = init.run(project, labels, images, scenes, copy)
+    typer.echo(f"survey project in {plan.project} (GSD {plan.gsd_m or 'unknown'} m): cd {plan.project} && dvc repro; "
+               "then git add -A && git commit")
+
+
 @app.command("apply-profile")
 def apply_profile_command(
     profile: Annotated[str, typer.Argument(help="Profile name (profiles/NAME.yaml) or a YAML file of params sections.")],
