@@ -375,3 +375,15 @@ def test_bench_models_quick(tmp_path, capsys):
     assert NAME in out and ("no GPU" in out) == (not torch.cuda.is_available())
     with pytest.raises(AerialsegError, match="unknown model"):
         bench.main(["--quick", "--models", "nope", "--out", str(tmp_path / "x.json")])
+
+
+def test_disabled_quantize_writes_only_its_record_and_the_table_says_not_run(tmp_path):
+    from aerialseg.stages import compression, quantize
+
+    table = {"entries": [{"backbone": "default", "model_dir": str(tmp_path / "none")}],
+             "out_json": str(tmp_path / "c.json"), "out_md": str(tmp_path / "c.md")}
+    params = {"quantize": {"enabled": False, "out": str(tmp_path / "int8"), "table": table}}
+    record = quantize.run(params)
+    assert record["enabled"] is False and sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["quantize.json"]
+    compression.run(params)
+    assert "not run" in (tmp_path / "c.md").read_text() and "quantize.enabled is false" in (tmp_path / "c.md").read_text()

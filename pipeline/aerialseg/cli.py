@@ -404,6 +404,9 @@ def quantize_command(
     from aerialseg.stages import quantize
 
     report = quantize.run(load_params(params), model_dir=model_dir, out_dir=out)
+    if not report.get("enabled", True):
+        typer.echo(f"not run: {report['reason']}")
+        return
     acc, lat = report["accuracy"], report["latency_ms"]
     if not report["gate"]["passed"]:
         typer.echo(f"int8 gate failed: {report['gate']['reason']} (a result: the int8 model is used by nothing)")

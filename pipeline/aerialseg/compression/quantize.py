@@ -60,6 +60,7 @@ CALIBRATION_METHODS = {"MinMax": CalibrationMethod.MinMax, "Percentile": Calibra
 FP32_OP_TYPES = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
 STATIC_OP_TYPES = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - FP32_OP_TYPES)
 INT8_NAME = "model.int8.onnx"
+DISABLED_REASON = "quantize.enabled is false: no int8 model and no compression table (set it true to quantize)"
 REJECTED_NAME = "model.int8.rejected.onnx"  # an int8 model that failed the ΔmIoU gate
 REPORT_NAME = "quantize.json"
 
@@ -68,6 +69,7 @@ REPORT_NAME = "quantize.json"
 class QuantizeConfig:
     """Knobs of the quantize stage (params.yaml section ``quantize``)."""
 
+    enabled: bool = True                    # False: the stage writes only quantize.json saying so (profiles/quick)
     model_dir: str | None = None            # None = train.out
     out: str | None = None                  # where model.int8.onnx + quantize.json go; None = the model dir
     tile_size: int | None = None            # fixed ONNX input size; None = the model's spec.tile_size

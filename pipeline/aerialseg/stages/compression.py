@@ -3,8 +3,8 @@
 from pathlib import Path
 from typing import Any
 
-from aerialseg.compression.quantize import QuantizeConfig
-from aerialseg.compression.table import TableConfig, compression_table
+from aerialseg.compression.quantize import DISABLED_REASON, QuantizeConfig
+from aerialseg.compression.table import TableConfig, compression_table, disabled_table
 from aerialseg.core.config import DEFAULT_PARAMS, section, typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.paths import data_stage_outputs
@@ -15,6 +15,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     """The `aerialseg compression-table` stage (entries from quantize.table)."""
     config = QuantizeConfig.from_params(section(params, "quantize"))
     table = typed_section(TableConfig, "quantize.table", config.table)
+    if not config.enabled:
+        return disabled_table(table, DISABLED_REASON)
     if not table.entries:
         raise AerialsegError("quantize.table.entries is empty", DEFAULT_PARAMS,
                              "list {backbone, model_dir, pruned_dir} entries")

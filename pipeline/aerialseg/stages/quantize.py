@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from aerialseg.compression.quantize import QuantizeConfig, quantize_model_dir
+from aerialseg.compression.quantize import DISABLED_REASON, REPORT_NAME, QuantizeConfig, quantize_model_dir
 from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import write_json
 from aerialseg.core.paths import data_stage_outputs, train_out_dir
 from aerialseg.data.datasets import split_arrays
 
@@ -25,6 +26,12 @@ def run(params: dict[str, Any], model_dir: str | Path | None = None,
     """The `aerialseg quantize` stage on ``quantize.model_dir`` (or the given directory)."""
     config = QuantizeConfig.from_params(section(params, "quantize"))
     out_dir = out_dir or (None if model_dir else config.out)
+    if not config.enabled:
+        record = {"enabled": False, "reason": DISABLED_REASON}
+        if out_dir:  # never into the model's own folder (another stage's output)
+            write_json(Path(out_dir) / REPORT_NAME, record)
+        log.info("quantize: %s", DISABLED_REASON)
+        return record
     model_dir = Path(model_dir or config.model_dir or train_out_dir(params))
     if not (model_dir / "model.json").is_file():
         raise AerialsegError("model not found", model_dir / "model.json",
