@@ -92,6 +92,7 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
         "overlap": overlap,
         "gsd_m": float(gsd) if gsd is not None else None,
         "data_hash": next((extras[k] for k in _DATA_HASH_KEYS if extras.get(k)), None),
+        "labelled_classes": extras.get("labelled_classes"),  # classes with training data (null: not recorded)
         "metrics": extras.get("metrics"),
         "training": extras,
     }
