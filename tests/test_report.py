@@ -241,3 +241,49 @@ def test_default_history_is_the_runs_the_stage_depends_on(tmp_path):
     assert inputs(params).history == [str(tmp_path / "models/default/history.csv"),
                                       str(tmp_path / "models/st/history.csv")]
     assert inputs({**params, "report": {"history": "runs/*/history.csv"}}).history == "runs/*/history.csv"
+
+
+def test_inputs_of_other_data_say_not_run_for_this_data(tmp_path):
+    """A user's survey report beside the sample's seed and compression tables (issue 22): no figure from them."""
+    params = build_inputs(tmp_path)
+    compare = json.loads((tmp_path / "reports/compare.json").read_text())
+    seed_mean = f"{compare['models']['pspnet']['mIoU']['mean']:.4f} ± "
+    write_json(tmp_path / "reports/compare.json", {**compare, "data_fingerprint": OTHER})
+    stamp(tmp_path / "reports/compression.json", None)  # made before fingerprints
+    stamp(tmp_path / "data/split/class_shares.json", OTHER)
+    stamp(tmp_path / "seeds/unet-0/metrics.json", OTHER)  # the model table row's own run
+    write_json(tmp_path / "models/pspnet/model.json", {"name": "pspnet", "training_data_sha256": OTHER})
+    text = report_stage(params).read_text()
+    sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
+    for heading in ("Multi-seed comparison", "Compression (pruning x int8)", "Class shares per split"):
+        assert sections[heading].split("\n\n")[1].startswith("_not run for this data_: `"), heading
+    assert "was made from other data (data fingerprint e2e2e2e2e2e2, this run's d1d1d1d1d1d1)" in text
+    assert "compression.json` carries no data fingerprint" in text
+    assert seed_mean not in text and "45.3" not in text and "(n=3)" not in text
+    own = json.loads((tmp_path / "seeds/unet-0/metrics.json").read_text())["mIoU"]
+    assert f"{own:.4f}" not in sections["Model table"]
+    assert "Left out, trained on other data (model.json `training_data_sha256`): pspnet." in sections["Training curves"]
+    assert "| unet | 10 |" in sections["Training curves"] and "| pspnet |" not in sections["Training curves"]
+    assert "### Multi-seed statistics" not in text
+    names = sorted(p.name for p in (tmp_path / "reports/figures").iterdir())
+    assert "seeds.png" not in names and "class_shares.png" not in names and "training_curves.png" in names
+
+
+def test_evaluation_without_fingerprint_shows_only_its_own_figures(tmp_path):
+    params = build_inputs(tmp_path)
+    stamp(tmp_path / "reports/metrics.json", None)
+    text = report_stage(params).read_text()
+    assert "no data fingerprint (evaluation.json predates fingerprints" in text
+    assert text.count("_not run for this data_") == 6  # all but the model table (architecture figures)
+
+
+def test_not_labelled_classes_are_named_and_left_out_of_the_headline(tmp_path):
+    params = build_inputs(tmp_path, optional=False)
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    iou = {**metrics["iou"], "road": None, "water": None}
+    write_json(tmp_path / "reports/metrics.json", {**metrics, "iou": iou, "mIoU": 0.443, "mIoU_all_classes": 0.266,
+                                                   "not_labelled": ["road", "water"]})
+    text = report_stage(params).read_text()
+    assert "**Not labelled: road, water** — no labelled pixels in the training data" in text
+    assert "(over all classes, mIoU would be 0.2660)" in text and "| mIoU (macro) | 0.4430 |" in text
+    assert "| road | not labelled |" in text and "| water | not labelled |" in text

@@ -241,6 +241,13 @@ class Bundle:
         return BandPolicy.from_json(self.manifest.get("band_policy") or {"channels": self.in_channels})
 
     @property
+    def labelled_ids(self) -> list[int] | None:
+        """Ids of the classes that had training data (bundle.json ``labelled_classes``); None: not recorded."""
+        names = [c["name"] for c in self.manifest["classes"]]
+        ids = [names.index(n) for n in self.manifest.get("labelled_classes") or () if n in names]
+        return ids or None
+
+    @property
     def onnx_path(self) -> Path:
         return self.root / ONNX
 

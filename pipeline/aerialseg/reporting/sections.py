@@ -116,7 +116,7 @@ def confusion_section(matrix: np.ndarray | None, figure: str | None, why: str | 
 
 def shares_section(shares: dict[str, dict[str, float]] | None, figure: str | None, why: str | None) -> str:
     if shares is None or figure is None:
-        return f"## Class shares per split\n\n{NOT_RUN}: {why or 'no class shares'} (written by the split stage)."
+        return f"## Class shares per split\n\n{NOT_RUN}: {why or 'no class shares'}; written by the split stage."
     classes = list(dict.fromkeys(c for s in shares.values() for c in s))
     rows = [(split, *(f"{100 * shares[split].get(c, 0):.1f} %" for c in classes)) for split in shares]
     return "\n\n".join(["## Class shares per split", table(("split", *classes), rows,
@@ -147,7 +147,7 @@ def history_section(histories: dict[str, dict[str, np.ndarray]], figure: str | N
 
 def samples_section(samples: dict[str, np.ndarray] | None, figure: str | None, path: Path, why: str | None) -> str:
     if samples is None or figure is None:
-        return f"## Sample predictions\n\n{NOT_RUN}: {why or f'`{path}` holds no samples'} (written by the evaluate stage)."
+        return f"## Sample predictions\n\n{NOT_RUN}: {why or f'`{path}` holds no samples'}; written by the evaluate stage."
     return (f"## Sample predictions\n\n{len(samples['image'])} samples from `{path}`: image, truth and prediction "
             f"in class colours over the image, and the wrong pixels.\n\n![samples]({figure})")
 
@@ -183,7 +183,7 @@ def models_section(rows: list[dict[str, Any]] | None, miou: dict[str, str], path
 
 def compare_section(compare: dict[str, Any] | None, figure: str | None, path: Path, why: str | None) -> str:
     if compare is None or figure is None:
-        return f"## Multi-seed comparison\n\n{NOT_RUN}: {why or f'`{path}` not found'} (run `aerialseg run-seeds`)."
+        return f"## Multi-seed comparison\n\n{NOT_RUN}: {why or f'`{path}` not found'}; run `aerialseg run-seeds`."
     made = f", {compare['made']}" if compare.get("made") else ""
     source = (f"From `{path}` (`aerialseg run-seeds`{made}): every seed trained and scored as the pipeline's "
               "default; `dvc repro` reads this file but does not re-run it (one full training per seed).")
@@ -216,7 +216,7 @@ def compression_section(path: Path, reference: str | None) -> str:
     record = stats_module.read_json(path.with_suffix(".json")) if path.with_suffix(".json").is_file() else None
     why = data_check(record, reference, path.with_suffix(".json")) if path.is_file() else f"`{path}` not found"
     if why:
-        return f"## Compression (pruning x int8)\n\n{NOT_RUN}: {why} (run `aerialseg compression-table`)."
+        return f"## Compression (pruning x int8)\n\n{NOT_RUN}: {why}; run `aerialseg compression-table`."
     body = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
     return "## Compression (pruning x int8)\n\n" + "\n".join(body).strip()
 
