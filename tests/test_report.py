@@ -287,3 +287,11 @@ def test_not_labelled_classes_are_named_and_left_out_of_the_headline(tmp_path):
     assert "**Not labelled: road, water** — no labelled pixels in the training data" in text
     assert "(over all classes, mIoU would be 0.2660)" in text and "| mIoU (macro) | 0.4430 |" in text
     assert "| road | not labelled |" in text and "| water | not labelled |" in text
+
+
+def test_seed_comparison_carries_the_runs_data_fingerprint(tmp_path):
+    runs = [stamp(make_run(tmp_path, "unet", s, 0.8) / "metrics.json") for s in (0, 1)]
+    assert compare_runs([load_run(r) for r in runs])["data_fingerprint"] == DATA
+    stamp(runs[1] / "metrics.json", OTHER)
+    result = compare_runs([load_run(r) for r in runs])
+    assert result["data_fingerprint"] is None and any("different data" in w for w in result["warnings"])
