@@ -15,6 +15,7 @@ from aerialseg.core.fileio import fingerprint, write_json
 from aerialseg.data.labelled import labelled_classes, survey_classes
 from aerialseg.evaluation.evaluate import EvaluationResult, SceneScores, write_evaluation
 from aerialseg.inference.bundle import Bundle, make_manifest
+from aerialseg.inference.bundle_check import validate_manifest
 from aerialseg.inference.predictor import only_classes
 from aerialseg.inference.scene import InferOptions
 from aerialseg.stages.split import run as split_stage
@@ -110,3 +111,6 @@ def test_bundle_records_and_predicts_only_the_labelled_classes(tmp_path):
     assert kept.argmax(1).unique().tolist() == [3] and torch.softmax(kept, 1)[:, [1, 2]].max() == 0
     assert only_classes(lambda x: x, None)(logits).argmax(1).unique().tolist() == [1]
     assert CLASS_NAMES[1] == "road"
+    validate_manifest(manifest, tmp_path / "bundle.json")
+    with pytest.raises(AerialsegError, match="labelled_classes must list class names"):
+        validate_manifest({**manifest, "labelled_classes": ["roads"]}, tmp_path / "bundle.json")

@@ -91,9 +91,12 @@ def not_labelled_note(metrics: dict[str, Any]) -> list[str]:
     left_out = metrics.get("not_labelled")
     if not left_out:
         return []
+    them = "it" if len(left_out) == 1 else "them"
+    every = metrics.get("mIoU_all_classes")
+    versus = (f"over every class present in truth or map, mIoU would be {fmt(every)}" if every != metrics.get("mIoU")
+              else f"the map predicts none of {them} (infer.labelled_only), so {them} would not lower it either")
     return [f"**Not labelled: {', '.join(left_out)}** — no labelled pixels in the training data, so the model "
-            f"cannot learn {'it' if len(left_out) == 1 else 'them'}: left out of mIoU and the other macro means "
-            f"(over all classes, mIoU would be {fmt(metrics.get('mIoU_all_classes'))})."]
+            f"cannot learn {them}: left out of mIoU and the other macro means ({versus})."]
 
 
 def per_scene(metrics: dict[str, Any]) -> list[str]:
