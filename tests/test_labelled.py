@@ -17,7 +17,7 @@ from aerialseg.evaluation.evaluate import EvaluationResult, SceneScores, write_e
 from aerialseg.inference.bundle import Bundle, make_manifest
 from aerialseg.inference.bundle_check import validate_manifest
 from aerialseg.inference.predictor import only_classes
-from aerialseg.inference.scene import InferOptions
+from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.stages.split import run as split_stage
 from test_split import grid_manifest
 
@@ -95,6 +95,9 @@ def test_headline_miou_is_over_the_labelled_classes(tmp_path):
         assert json.loads((tmp_path / name).read_text())["data_fingerprint"] == "f" * 64
     with np.load(tmp_path / "samples.npz") as samples:
         assert str(samples["data_fingerprint"]) == "f" * 64
+    two = write_evaluation(tmp_path / "two", result, Path("m"), InferOptions(), ["tree", "building"], "f" * 64)
+    assert two["not_labelled"] == ["background", "road", "water"]  # classes.labelled: [tree, building]
+    assert two["mIoU"] == pytest.approx(np.mean([two["iou"]["tree"], two["iou"]["building"]]), abs=1e-6)
 
 
 def test_bundle_records_and_predicts_only_the_labelled_classes(tmp_path):
@@ -114,3 +117,29 @@ def test_bundle_records_and_predicts_only_the_labelled_classes(tmp_path):
     validate_manifest(manifest, tmp_path / "bundle.json")
     with pytest.raises(AerialsegError, match="labelled_classes must list class names"):
         validate_manifest({**manifest, "labelled_classes": ["roads"]}, tmp_path / "bundle.json")
+
+
+def test_infer_scene_maps_only_the_labelled_classes_unless_asked(tmp_path):
+    """A model whose favourite class is road, trained on a survey without roads: its map holds no road."""
+    import rasterio
+
+    from aerialseg.models import save_model
+    from aerialseg.stages.bundle import build_bundle
+    from test_infer import TOY, _build_toy, _opts
+
+    torch.manual_seed(0)
+    model = _build_toy()
+    with torch.no_grad():
+        model[-1].bias[1] = 20.0
+    save_model(model, tmp_path / "trained", TOY, extra={"labelled_classes": LABELLED})
+    bundle = build_bundle(tmp_path / "trained", tmp_path / "bundle", overlap=32, onnx=False)
+    assert json.loads((bundle / "bundle.json").read_text())["labelled_classes"] == LABELLED
+    scene = tmp_path / "plain.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8") as dst:
+        dst.write(np.random.default_rng(0).integers(0, 255, (3, 200, 300), dtype=np.uint8))
+    maps = {}
+    for only in (True, False):
+        options = _opts(allow_ungeoreferenced=True, labelled_only=only)
+        with rasterio.open(infer_scene(scene, bundle, tmp_path / f"{only}.tif", options).outputs["map"]) as out:
+            maps[only] = np.unique(out.read(1)).tolist()
+    assert set(maps[True]) <= {0, 3, 4} and maps[False] == [1]
