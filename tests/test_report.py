@@ -283,11 +283,14 @@ def test_not_labelled_classes_are_named_and_left_out_of_the_headline(tmp_path):
     iou = {**metrics["iou"], "road": None, "water": None}
     write_json(tmp_path / "reports/metrics.json", {**metrics, "iou": iou, "mIoU": 0.443, "mIoU_all_classes": 0.266,
                                                    "not_labelled": ["road", "water"]})
+    write_json(tmp_path / "data/split/class_shares.json", {"data_fingerprint": DATA, "not_labelled": ["road", "water"],
+                                                         "splits": {"train": {"background": 5, "tree": 3}}})
     text = report_stage(params).read_text()
     assert "**Not labelled: road, water** — no labelled pixels in the training data" in text
     assert "(over every class present in truth or map, mIoU would be 0.2660)" in text
     assert "| mIoU (macro) | 0.4430 |" in text
     assert "| road | not labelled |" in text and "| water | not labelled |" in text
+    assert "Not labelled (no pixel in the train split): road, water." in text
 
 
 def test_seed_comparison_carries_the_runs_data_fingerprint(tmp_path):

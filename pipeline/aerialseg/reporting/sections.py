@@ -117,12 +117,14 @@ def confusion_section(matrix: np.ndarray | None, figure: str | None, why: str | 
             f"to 100 % of that class's labelled pixels, with the pixel count below.\n\n![confusion matrix]({figure})")
 
 
-def shares_section(shares: dict[str, dict[str, float]] | None, figure: str | None, why: str | None) -> str:
+def shares_section(shares: dict[str, dict[str, float]] | None, figure: str | None, why: str | None,
+                   not_labelled: Sequence[str] = ()) -> str:
     if shares is None or figure is None:
         return f"## Class shares per split\n\n{NOT_RUN}: {why or 'no class shares'}; written by the split stage."
     classes = list(dict.fromkeys(c for s in shares.values() for c in s))
     rows = [(split, *(f"{100 * shares[split].get(c, 0):.1f} %" for c in classes)) for split in shares]
-    return "\n\n".join(["## Class shares per split", table(("split", *classes), rows,
+    note = [f"Not labelled (no pixel in the train split): {', '.join(not_labelled)}."] if not_labelled else []
+    return "\n\n".join(["## Class shares per split", *note, table(("split", *classes), rows,
                         "---|" + "---:|" * len(classes)), f"![class shares]({figure})"])
 
 
