@@ -219,14 +219,16 @@ def table_dirs(entries: Sequence[dict[str, Any]]) -> tuple[list[tuple[Path, str]
 
 def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[np.ndarray],
                       val_images: Sequence[np.ndarray], val_masks: Sequence[np.ndarray], config: QuantizeConfig,
-                      table: TableConfig, search: Sequence[Path] = ()) -> dict[str, Any]:
-    """Rows backbone x pruned x quantized; writes table.out_json and table.out_md. ``search``: folders where
-    the quantize stage wrote its int8 models (besides each model directory)."""
+                      table: TableConfig, search: Sequence[Path] = (), data_fingerprint: str | None = None
+                      ) -> dict[str, Any]:
+    """Rows backbone x pruned x quantized; writes table.out_json (stamped with ``data_fingerprint``, the data
+    of the val patches) and table.out_md. ``search``: folders where the quantize stage wrote its int8 models
+    (besides each model directory)."""
     dirs, skipped = table_dirs(entries)
     tile = table_tile(table, config, entries, search)
     rows = [row for directory, backbone in dirs
             for row in table_rows_for(directory, backbone, calibration, val_images, val_masks, config, tile, search)]
-    result = {"tile_size": tile, "threads": config.threads, "val_tiles": len(val_images),
+    result = {"data_fingerprint": data_fingerprint, "tile_size": tile, "threads": config.threads, "val_tiles": len(val_images),
               "class_names": list(CLASS_NAMES), "ignore_index": IGNORE, "out_json": table.out_json,
               "out_md": table.out_md, "rows": rows, "skipped": skipped}
     write_json(table.out_json, result)

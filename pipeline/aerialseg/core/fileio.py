@@ -101,3 +101,16 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fingerprint(paths: "list[str | Path] | tuple[str | Path, ...]") -> str:
+    """sha256 over the names and bytes of files: the data fingerprint (tiles manifest + split.json) that
+    model.json (``training_data_sha256``), bundle.json (``data_hash``) and every report input carry."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()

@@ -5,6 +5,7 @@ from typing import Any
 
 from aerialseg.core.config import section
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import fingerprint
 
 MANIFEST_NAME = "manifest.json"
 SPLIT_NAME = "split.json"
@@ -39,3 +40,9 @@ def data_stage_outputs(params: dict[str, Any]) -> tuple[Path, Path]:
         if not path.is_file():
             raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
     return manifest, split
+
+
+def data_fingerprint(params: dict[str, Any]) -> str:
+    """The fingerprint of the data the stages work on (tiles manifest + split.json, as model.json's
+    ``training_data_sha256``): stamped into every JSON the report reads."""
+    return fingerprint(data_stage_outputs(params))

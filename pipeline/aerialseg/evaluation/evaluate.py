@@ -9,17 +9,23 @@ scene, model and options.
 
 Outputs (``out_dir``, default ``reports/``):
 - ``metrics.json``: the headline figures only (mIoU, pixel accuracy, mF1, BF1, per-class IoU), for
-  ``dvc metrics``;
+  ``dvc metrics``; macro means are over the classes the survey labels (``aerialseg.data.labelled``): the
+  others get null per-class figures and are named under ``not_labelled`` (``mIoU_all_classes`` keeps the
+  mean over every class);
 - ``evaluation.json``: everything (``aerialseg.evaluation.metrics.summarize`` keys, BF1 details, per
   scene scores, model, split, options);
 - ``confusion.json``: rows = truth, columns = prediction, overall and per scene;
 - ``samples.npz``: image, truth and prediction crops of evenly spaced split patches (report overlays).
+
+Each output carries the ``data_fingerprint`` of the tiles/split outputs scored (as model.json's
+``training_data_sha256``): the report shows only figures made from its run's data.
 """
 
 import logging
 import math
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,9 @@ from aerialseg.inference.scene import InferOptions, infer_scene
 log = logging.getLogger(__name__)
 
 HEADLINE = ("mIoU", "pixel_accuracy", "mF1", "bf1")
+HEADLINE_EXTRAS = ("mIoU_all_classes", "not_labelled", "data_fingerprint")
 SCENE_KEYS = ("mIoU", "pixel_accuracy", "mF1", "iou", "pixels")
+MACRO_MEANS = {"mIoU": "iou", "mF1": "f1", "mPrecision": "precision", "mRecall": "recall", "bf1": "bf1_per_class"}
 BLOCK_ROWS = 1024
 
 
@@ -165,26 +173,46 @@ def evaluate_scenes(model: Path, patches: list[dict[str, Any]], split: str, opti
     return EvaluationResult(split, overall, per_scene, dict(kept), len(patches))
 
 
-def evaluation_record(result: EvaluationResult, model: Path, options: InferOptions) -> dict[str, Any]:
-    """evaluation.json: every figure, per scene, and what produced it."""
+def restrict_to_labelled(summary: dict[str, Any], labelled: Sequence[str] | None) -> dict[str, Any]:
+    """Scores over the labelled classes (None: all): the other classes' per-class figures become null and
+    the macro means (mIoU, mF1, mPrecision, mRecall, BF1) leave them out; the mean over every class stays
+    as ``mIoU_all_classes`` and the classes left out are listed under ``not_labelled``."""
+    left_out = [name for name in summary.get("iou") or {} if labelled is not None and name not in labelled]
+    out = {**summary, "mIoU_all_classes": summary.get("mIoU"), "not_labelled": left_out}
+    for mean_key, per_key in MACRO_MEANS.items():
+        values = summary.get(per_key)
+        if not left_out or not isinstance(values, dict):
+            continue
+        out[per_key] = {name: None if name in left_out else v for name, v in values.items()}
+        kept = [v for v in out[per_key].values() if v is not None]
+        out[mean_key] = round(float(np.mean(kept)), 6) if kept else None
+    return out
+
+
+def evaluation_record(result: EvaluationResult, model: Path, options: InferOptions,
+                      labelled: Sequence[str] | None = None, data_fingerprint: str | None = None) -> dict[str, Any]:
+    """evaluation.json: every figure (means over the ``labelled`` classes), per scene, and what produced it."""
     per_scene = {}
     for name, scores in sorted(result.scenes.items()):
-        summary = scores.summary()
+        summary = restrict_to_labelled(scores.summary(), labelled)
         per_scene[name] = {**{k: summary[k] for k in SCENE_KEYS}, "bf1": summary["bf1"]}
     return {"split": result.split, "model_dir": str(model), "patches": result.patches,
-            **result.overall.summary(), "per_scene": per_scene,
+            "data_fingerprint": data_fingerprint, "labelled_classes": list(labelled) if labelled else None,
+            **restrict_to_labelled(result.overall.summary(), labelled), "per_scene": per_scene,
             "inference": {"backend": options.backend, "tta": options.tta, "overlap": options.overlap,
                           "margin_px": options.margin_px, "resample": options.resample},
             "counting": "the stitched scene map (infer-scene) on the union of the split's patch windows"}
 
 
 def headline(record: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json: the headline figures only."""
-    return {**{k: record.get(k) for k in HEADLINE}, "iou": record.get("iou")}
+    """metrics.json: the headline figures only (over the labelled classes), the classes left out and the
+    data fingerprint."""
+    return {**{k: record.get(k) for k in HEADLINE}, "iou": record.get("iou"),
+            **{k: record.get(k) for k in HEADLINE_EXTRAS}}
 
 
 def write_samples(dest: Path, samples: dict[str, list[Any]]) -> Path:
-    """samples.npz (uncompressed) with images, truth, pred, ids, scenes."""
+    """samples.npz (uncompressed) with images, truth, pred, ids, scenes and the data fingerprint."""
     arrays = {k: np.stack(v) if k in ("images", "truth", "pred") and v else np.asarray(v) for k, v in samples.items()}
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as f:
@@ -192,15 +220,17 @@ def write_samples(dest: Path, samples: dict[str, list[Any]]) -> Path:
     return dest
 
 
-def write_evaluation(out_dir: Path, result: EvaluationResult, model: Path, options: InferOptions) -> dict[str, Any]:
-    """metrics.json, evaluation.json, confusion.json and samples.npz; returns the evaluation record."""
-    record = evaluation_record(result, model, options)
+def write_evaluation(out_dir: Path, result: EvaluationResult, model: Path, options: InferOptions,
+                     labelled: Sequence[str] | None = None, data_fingerprint: str | None = None) -> dict[str, Any]:
+    """metrics.json, evaluation.json, confusion.json and samples.npz, each stamped with ``data_fingerprint``;
+    means over the ``labelled`` classes (None: all). Returns the evaluation record."""
+    record = evaluation_record(result, model, options, labelled, data_fingerprint)
     write_json(out_dir / "evaluation.json", record)
     write_json(out_dir / "confusion.json", {
         "classes": list(CLASS_NAMES), "rows": "truth", "columns": "prediction", "split": result.split,
-        "matrix": result.overall.matrix.matrix.tolist(),
+        "data_fingerprint": data_fingerprint, "matrix": result.overall.matrix.matrix.tolist(),
         "per_scene": {s: m.matrix.matrix.tolist() for s, m in sorted(result.scenes.items())}})
-    write_samples(out_dir / "samples.npz", result.samples)
+    write_samples(out_dir / "samples.npz", {**result.samples, "data_fingerprint": data_fingerprint or ""})
     write_json(out_dir / "metrics.json", headline(record))
     return record
 

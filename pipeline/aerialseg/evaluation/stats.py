@@ -293,9 +293,13 @@ def compare_runs(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS, 
         for test, adjusted in zip(tests, holm([t["p_ttest"] for t in tests])):
             test["p_ttest_holm"] = adjusted
         comparisons += tests
+    prints = {r.metrics.get("data_fingerprint") for r in runs}
+    if len(prints) > 1:
+        warnings.append("the runs were scored on different data (data_fingerprint differs): no data fingerprint")
     for message in dict.fromkeys(warnings):
         log.warning("warning: %s", message)
     return {"primary": primary, "metrics": used, "baseline": baseline, "models": summary,
+            "data_fingerprint": prints.pop() if len(prints) == 1 else None,
             "comparisons": comparisons, "warnings": list(dict.fromkeys(warnings)),
             "method": __doc__.split("\n\n")[1].strip()}
 

@@ -92,6 +92,7 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
         "overlap": overlap,
         "gsd_m": float(gsd) if gsd is not None else None,
         "data_hash": next((extras[k] for k in _DATA_HASH_KEYS if extras.get(k)), None),
+        "labelled_classes": extras.get("labelled_classes"),  # classes with training data (null: not recorded)
         "metrics": extras.get("metrics"),
         "training": extras,
     }
@@ -238,6 +239,13 @@ class Bundle:
     def band_policy(self) -> BandPolicy:
         """How scenes are read for this model (aerialseg.geo.scene); older bundles: 8-bit, in_channels."""
         return BandPolicy.from_json(self.manifest.get("band_policy") or {"channels": self.in_channels})
+
+    @property
+    def labelled_ids(self) -> list[int] | None:
+        """Ids of the classes that had training data (bundle.json ``labelled_classes``); None: not recorded."""
+        names = [c["name"] for c in self.manifest["classes"]]
+        ids = [names.index(n) for n in self.manifest.get("labelled_classes") or () if n in names]
+        return ids or None
 
     @property
     def onnx_path(self) -> Path:

@@ -126,6 +126,10 @@ def validate_manifest(manifest: Any, path: Path | str) -> None:
             check.fail(f"band_order must list {channels} band names, got {order!r}")
     if manifest.get("band_policy") is not None:
         _check_band_policy(check, manifest["band_policy"], channels)
+    labelled, names = manifest.get("labelled_classes"), [c.get("name") for c in manifest["classes"]]
+    if labelled is not None and (not isinstance(labelled, list) or not labelled
+                                 or not all(isinstance(n, str) and n in names for n in labelled)):
+        check.fail(f"labelled_classes must list class names of the bundle ({', '.join(names)}), got {labelled!r}")
 
 
 def _check_classes(check: _Checker, classes: Any, count: int) -> None:

@@ -40,15 +40,19 @@ class Predictor:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, backend: str = "torch", device: torch.device | str = "auto",
-                    tta: bool = False) -> "Predictor":
-        """The bundle's model on ``backend`` (torch | onnx)."""
+                    tta: bool = False, labelled_only: bool = True) -> "Predictor":
+        """The bundle's model on ``backend`` (torch | onnx). ``labelled_only``: when the bundle records which
+        classes had training data (bundle.json ``labelled_classes``), the others are never predicted: their
+        probability is 0 and each pixel goes to the most likely labelled class."""
         device = resolve_device(device) if isinstance(device, str) else device
         if backend not in BACKENDS:
             raise AerialsegError(f"unknown backend '{backend}'", fix=f"use one of: {', '.join(BACKENDS)}")
+        keep = bundle.labelled_ids if labelled_only else None
         if backend == "onnx":
-            return cls(_onnx_logits(bundle, device), bundle.mean, bundle.std, device, tta)
+            return cls(only_classes(_onnx_logits(bundle, device), keep), bundle.mean, bundle.std, device, tta)
         pad = int(bundle.manifest.get("pad_multiple") or 1)
-        return cls(_torch_logits(bundle.load_torch().to(device), device), bundle.mean, bundle.std, device, tta, pad)
+        logits = only_classes(_torch_logits(bundle.load_torch().to(device), device), keep)
+        return cls(logits, bundle.mean, bundle.std, device, tta, pad)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         out = self.logits_fn(x).float()
@@ -68,6 +72,19 @@ class Predictor:
                     probs = probs + self._run(x.flip(dims)).flip(dims)
                 probs = probs / len(FLIPS)
             return probs[..., :h, :w].cpu().numpy()
+
+
+def only_classes(logits_fn: LogitsFn, keep: list[int] | None) -> LogitsFn:
+    """``logits_fn`` with the logits of classes not in ``keep`` (None: keep all) set to -inf."""
+    if keep is None:
+        return logits_fn
+
+    def logits_of_kept(x: torch.Tensor) -> torch.Tensor:
+        out = logits_fn(x).float()
+        drop = torch.tensor([i for i in range(out.shape[1]) if i not in keep], device=out.device, dtype=torch.long)
+        return out.index_fill(1, drop, float("-inf"))
+
+    return logits_of_kept
 
 
 def _torch_logits(model: torch.nn.Module, device: torch.device) -> LogitsFn:

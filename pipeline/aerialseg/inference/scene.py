@@ -89,6 +89,7 @@ class InferOptions:
     progress: bool = True
     allow_ungeoreferenced: bool = False  # map a scene without CRS / geotransform (pixel grid only)
     overwrite: bool = False  # anylabeling: replace an existing label file (a .bak copy is kept)
+    labelled_only: bool = True  # never predict classes the bundle records as without training data
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "InferOptions":
@@ -438,7 +439,7 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
         margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
         device = resolve_device(options.device)
-        predict = Predictor.from_bundle(bundle, options.backend, device, options.tta)
+        predict = Predictor.from_bundle(bundle, options.backend, device, options.tta, options.labelled_only)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
         main = paths["map"]
         if options.format == "anylabeling" and options.overwrite:

@@ -1,8 +1,11 @@
 """The report stage: reports/report.md with PNG figures from the evaluation, training and comparison outputs.
 
-Required: the evaluation.json of ``aerialseg evaluate``. Optional (a section says "not run" without them):
-confusion.json, models/<run>/history.csv, reports/samples.npz, data/split/class_shares.json,
-reports/models.json (``aerialseg profile-models``) and reports/seeds/compare.json (``aerialseg run-seeds``).
+Required: the evaluation.json of ``aerialseg evaluate``; its ``data_fingerprint`` is this run's data. Optional,
+each shown only when made from that data (else its section says "not run for this data"; the sections'
+Markdown and the check are in ``aerialseg.reporting.sections``): confusion.json, models/<run>/history.csv
+(with the run's model.json), reports/samples.npz, data/split/class_shares.json, reports/models.json
+(``aerialseg profile-models``), reports/seeds/compare.json (``aerialseg run-seeds``) and the compression
+table (its .json beside the .md).
 """
 
 import csv
@@ -23,14 +26,14 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from aerialseg.evaluation import metrics as metrics_module  # noqa: E402
 from aerialseg.reporting import profile as profile_module  # noqa: E402
+from aerialseg.reporting import sections  # noqa: E402
+from aerialseg.reporting.sections import count, data_check  # noqa: E402
 from aerialseg.evaluation import stats as stats_module  # noqa: E402
 from aerialseg.core.classes import CLASS_NAMES, COLORS, IGNORE, IGNORE_COLOR, colorize  # noqa: E402
 from aerialseg.core.errors import AerialsegError  # noqa: E402
 from aerialseg.core.fileio import atomic_path, write_text  # noqa: E402
 
-NOT_RUN = "_not run_"
 FIGURES = ("per_class_iou.png", "confusion.png", "class_shares.png", "training_curves.png", "samples.png",
            "seeds.png")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mIoU", "lr", "seconds")
@@ -47,25 +50,6 @@ def save_figure(fig: Figure, dest: Path) -> Path:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return dest
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _count(n: float) -> str:
-    """Compact pixel count: 950, 12.3k, 4.56M, 1.2G."""
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{int(n)}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> str:
-    align = align or "---|" * len(header)
-    out = ["| " + " | ".join(header) + " |", "|" + align]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -174,8 +158,9 @@ def plot_per_class(metrics: dict[str, Any], dest: Path) -> Path:
     xs = np.arange(len(names))
     colors = [_rgb(COLORS[i % len(COLORS)]) for i in range(len(names))]
     bars = ax.bar(xs, [v or 0 for v in iou], width=0.6, color=colors, edgecolor="black", linewidth=0.8, label="IoU")
-    for bar, value in zip(bars, iou):
-        label = "absent" if value is None else f"{value:.3f}"
+    left_out = metrics.get("not_labelled") or []
+    for bar, name, value in zip(bars, names, iou):
+        label = "not labelled" if name in left_out else "absent" if value is None else f"{value:.3f}"
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     xytext=(0, 2), textcoords="offset points", fontsize=9)
     for key, marker, label in (("f1", "D", "F1"), ("bf1_per_class", "^", "boundary F1")):
@@ -186,7 +171,7 @@ def plot_per_class(metrics: dict[str, Any], dest: Path) -> Path:
                        s=28, label=label)
     if metrics.get("mIoU") is not None:
         ax.axhline(metrics["mIoU"], color="tab:blue", linestyle="--", linewidth=1,
-                   label=f"mIoU = {metrics['mIoU']:.3f}")
+                   label=f"mIoU = {metrics['mIoU']:.3f}" + (" (labelled classes)" if left_out else ""))
     ax.set_xticks(xs, names)
     ax.set_ylim(0, 1.08)
     ax.set_xlabel("class")
@@ -208,10 +193,10 @@ def plot_confusion(matrix: np.ndarray, dest: Path, names: Sequence[str] = CLASS_
     for i in range(k):
         for j in range(k):
             color = "white" if share[i, j] > 0.55 else "black"
-            ax.text(j, i, f"{100 * share[i, j]:.1f}%\n{_count(matrix[i, j])}", ha="center", va="center",
+            ax.text(j, i, f"{100 * share[i, j]:.1f}%\n{count(matrix[i, j])}", ha="center", va="center",
                     fontsize=8, color=color)
     ax.set_xticks(range(k), names, rotation=30, ha="right")
-    ax.set_yticks(range(k), [f"{n}\n({_count(r)} px)" for n, r in zip(names, rows[:, 0])])
+    ax.set_yticks(range(k), [f"{n}\n({count(r)} px)" for n, r in zip(names, rows[:, 0])])
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (pixels)")
     ax.set_title("Confusion matrix (rows sum to 100 %; counts in pixels)")
@@ -314,150 +299,8 @@ def plot_samples(samples: dict[str, np.ndarray], dest: Path) -> Path:
     return save_figure(fig, dest)
 
 
-# --- sections ------------------------------------------------------------------------------------
-
-def _metrics_section(metrics: dict[str, Any], figure: str) -> str:
-    bf1 = metrics.get("bf1")
-    tolerance = metrics.get("bf1_tolerance_px")
-    summary = [("mIoU (macro)", _fmt(metrics.get("mIoU"))),
-               ("pixel accuracy (micro)", _fmt(metrics.get("pixel_accuracy"))),
-               ("mF1 (macro Dice)", _fmt(metrics.get("mF1"))), ("mPrecision", _fmt(metrics.get("mPrecision"))),
-               ("mRecall", _fmt(metrics.get("mRecall"))), ("fwIoU", _fmt(metrics.get("fwIoU"))),
-               (f"boundary F1 (tolerance {tolerance} px)" if tolerance is not None else "boundary F1",
-                _fmt(bf1) if bf1 is not None else "not computed"),
-               ("labelled pixels", f"{metrics.get('pixels', 0):,}")]
-    names = list(metrics["iou"])
-    per_class = [(n, _fmt(metrics["iou"].get(n)), _fmt((metrics.get("f1") or {}).get(n)),
-                  _fmt((metrics.get("precision") or {}).get(n)), _fmt((metrics.get("recall") or {}).get(n)),
-                  _fmt((metrics.get("bf1_per_class") or {}).get(n)),
-                  f"{(metrics.get('support_px') or {}).get(n, 0):,}") for n in names]
-    where = ", ".join(f"{k}: `{metrics[k]}`" for k in ("model", "model_dir", "split", "seed", "patches")
-                      if metrics.get(k) is not None)
-    return "\n\n".join([
-        "## Evaluation metrics" + (f"\n\n{where}" if where else ""),
-        _table(("metric", "value"), summary, "---|---:|"),
-        _table(("class", "IoU", "F1", "precision", "recall", "boundary F1", "support (px)"), per_class,
-               "---|---:|---:|---:|---:|---:|---:|"),
-        f"![per-class IoU]({figure})", *_per_scene(metrics)])
-
-
-def _per_scene(metrics: dict[str, Any]) -> list[str]:
-    """The per-scene table when evaluate wrote one ({scene: {mIoU, pixel_accuracy, mF1, bf1, pixels}})."""
-    scenes = metrics.get("per_scene")
-    if not isinstance(scenes, dict) or not scenes:
-        return []
-    rows = [(scene, _fmt(m.get("mIoU")), _fmt(m.get("pixel_accuracy")), _fmt(m.get("mF1")), _fmt(m.get("bf1")),
-             f"{m.get('pixels', 0):,}") for scene, m in scenes.items() if isinstance(m, dict)]
-    return ["### Per scene", _table(("scene", "mIoU", "pixel accuracy", "mF1", "boundary F1", "pixels"), rows,
-                                    "---|---:|---:|---:|---:|---:|")]
-
-
-def _confusion_section(matrix: np.ndarray | None, figure: str | None) -> str:
-    if matrix is None or figure is None:
-        return f"## Confusion matrix\n\n{NOT_RUN}: no confusion matrix in metrics.json or confusion.json."
-    return ("## Confusion matrix\n\nRows are the true class, columns the prediction; each row is normalised "
-            f"to 100 % of that class's labelled pixels, with the pixel count below.\n\n![confusion matrix]({figure})")
-
-
-def _shares_section(shares: dict[str, dict[str, float]] | None, figure: str | None, path: Path) -> str:
-    if shares is None or figure is None:
-        return f"## Class shares per split\n\n{NOT_RUN}: `{path}` not found (written by the split stage)."
-    classes = list(dict.fromkeys(c for s in shares.values() for c in s))
-    rows = [(split, *(f"{100 * shares[split].get(c, 0):.1f} %" for c in classes)) for split in shares]
-    return "\n\n".join(["## Class shares per split", _table(("split", *classes), rows,
-                        "---|" + "---:|" * len(classes)), f"![class shares]({figure})"])
-
-
-def _history_section(histories: dict[str, dict[str, np.ndarray]], figure: str | None, pattern: Any) -> str:
-    if not histories or figure is None:
-        return f"## Training curves\n\n{NOT_RUN}: no history.csv matches `{pattern}`."
-    rows = []
-    for run, h in histories.items():
-        miou = h.get("val_mIoU")
-        best = int(np.nanargmax(miou)) if miou is not None and np.isfinite(miou).any() else None
-        seconds = h.get("seconds")
-        rows.append((run, int(np.nanmax(h["epoch"])) if np.isfinite(h["epoch"]).any() else "–",
-                     _fmt(miou[best]) if best is not None else "–",
-                     int(h["epoch"][best]) if best is not None else "–",
-                     _fmt(h["train_loss"][-1]) if "train_loss" in h else "–",
-                     f"{np.nansum(seconds) / 60:.1f}" if seconds is not None else "–"))
-    return "\n\n".join(["## Training curves", _table(
-        ("run", "epochs", "best val mIoU", "at epoch", "last train loss", "minutes"), rows,
-        "---|---:|---:|---:|---:|---:|"), f"![training curves]({figure})"])
-
-
-def _samples_section(samples: dict[str, np.ndarray] | None, figure: str | None, path: Path) -> str:
-    if samples is None or figure is None:
-        return f"## Sample predictions\n\n{NOT_RUN}: `{path}` not found (written by the evaluate stage)."
-    return (f"## Sample predictions\n\n{len(samples['image'])} samples from `{path}`: image, truth and prediction "
-            f"in class colours over the image, and the wrong pixels.\n\n![samples]({figure})")
-
-
-def _miou_lookup(metrics: dict[str, Any], compare: dict[str, Any] | None,
-                 rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Formatted mIoU per model source or name: the run's own metrics, the seed mean, or metrics.json."""
-    found: dict[str, str] = {}
-    for key in ("model", "model_dir"):
-        if isinstance(metrics.get(key), str) and metrics.get("mIoU") is not None:
-            found[metrics[key]] = _fmt(metrics["mIoU"])
-    for model, row in ((compare or {}).get("models") or {}).items():
-        stat = row.get((compare or {}).get("primary", "mIoU")) or {}
-        if stat.get("n"):
-            found[model] = f"{_fmt(stat['mean'])} ± {_fmt(stat['std'])} (n={stat['n']})"
-    for row in rows:
-        try:
-            own = stats_module.read_json(stats_module.find_metrics(Path(row["source"])))
-        except AerialsegError:
-            continue
-        if own.get("mIoU") is not None:
-            found[row["source"]] = _fmt(own["mIoU"])
-    return found
-
-
-def _models_section(rows: list[dict[str, Any]] | None, miou: dict[str, str], path: Path) -> str:
-    if not rows:
-        return (f"## Model table\n\n{NOT_RUN}: `{path}` not found (run `aerialseg profile-models`).")
-    return "## Model table\n\n" + profile_module.markdown_table(rows, miou).rstrip()
-
-
-def _compare_section(compare: dict[str, Any] | None, figure: str | None, path: Path) -> str:
-    if compare is None or figure is None:
-        return f"## Multi-seed comparison\n\n{NOT_RUN}: `{path}` not found (run `aerialseg run-seeds`)."
-    made = f", {compare['made']}" if compare.get("made") else ""
-    source = (f"From `{path}` (`aerialseg run-seeds`{made}): every seed trained and scored as the pipeline's "
-              "default; `dvc repro` reads this file but does not re-run it (one full training per seed).")
-    return "\n\n".join(["## Multi-seed comparison", source, stats_module.markdown_table(compare).rstrip(),
-                        f"![per-seed results]({figure})"])
-
-
-def _bullets(text: str) -> str:
-    """The bullet list of a docstring paragraph (from its first line starting with "- ")."""
-    lines = text.strip().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("- ")), 0)
-    return "\n".join(lines[start:])
-
-
-def _definitions(metrics: dict[str, Any], compare: dict[str, Any] | None) -> str:
-    tolerance = metrics.get("bf1_tolerance_px")
-    bf1_line = (f"Boundary F1 here used a tolerance of {tolerance} px." if tolerance is not None
-                else "Boundary F1 was not computed by the evaluate stage.")
-    parts = ["## Metric definitions", "### Segmentation metrics",
-             _bullets((metrics_module.__doc__ or "").split("\n\n", 1)[-1]), bf1_line,
-             "### Model table", _bullets((profile_module.__doc__ or "").split("\n\n", 1)[-1])]
-    if compare is not None:
-        parts += ["### Multi-seed statistics", _bullets(str(compare.get("method", "")))]
-    return "\n\n".join(parts)
-
 
 # --- the stage -----------------------------------------------------------------------------------
-
-def _compression_section(path: Path) -> str:
-    """The pruning x int8 table written by `aerialseg compression-table`, embedded as it is."""
-    if not path.is_file():
-        return f"## Compression (pruning x int8)\n\n{NOT_RUN}: `{path}` not found (run `aerialseg compression-table`)."
-    body = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
-    return "## Compression (pruning x int8)\n\n" + "\n".join(body).strip()
-
 
 def _optional_json(path: Path) -> dict[str, Any] | None:
     return stats_module.read_json(path) if path.is_file() else None
@@ -482,53 +325,106 @@ class ReportInputs:
     provenance: str = ""  # e.g. which commit made the inputs
 
 
+class _Figures:
+    """The report's PNGs: each one drawn is linked relative to the report; the others are removed as stale."""
+
+    def __init__(self, inp: ReportInputs):
+        self.inp, self.links = inp, {}
+
+    def add(self, name: str, plot: Any, *args: Any) -> None:
+        plot(*args, self.inp.figures / name)
+        self.links[name] = Path(os.path.relpath(self.inp.figures / name, self.inp.out.parent)).as_posix()
+
+    def remove_stale(self) -> None:
+        for name in FIGURES:
+            if name not in self.links:
+                (self.inp.figures / name).unlink(missing_ok=True)
+
+
+def _checked_json(path: Path, reference: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the JSON, None) when it was made from the ``reference`` data, else (None, why not)."""
+    record = _optional_json(path)
+    why = data_check(record, reference, path)
+    return (record if why is None else None), why
+
+
+def _confusion(metrics: dict[str, Any], path: Path, reference: str | None) -> tuple[np.ndarray | None, str | None]:
+    """The confusion matrix of metrics.json, else of confusion.json when made from this data; why not."""
+    if metrics.get("confusion_matrix") is not None:
+        return load_confusion(metrics, None), None
+    record, why = _checked_json(path, reference)
+    return (load_confusion(metrics, path) if record is not None else None), why
+
+
+def _samples(path: Path, limit: int, reference: str | None) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """samples.npz when the evaluate run that wrote it scored this data (its ``data_fingerprint``); why not."""
+    record = None
+    if path.is_file():
+        with np.load(path) as data:
+            record = {"data_fingerprint": str(data["data_fingerprint"]) if "data_fingerprint" in data else None}
+    why = data_check(record, reference, path)
+    return (load_samples(path, limit) if why is None else None), why
+
+
+def _histories(inp: ReportInputs, reference: str | None) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+    """History of each run whose model.json was trained on this data, and the names of the runs left out."""
+    kept, other = {}, []
+    for path in _history_paths(inp.history)[: inp.max_runs]:
+        record = _optional_json(path.parent / "model.json") or {}
+        if reference is not None and record.get("training_data_sha256") == reference:
+            kept[_run_name(path)] = load_history(path)
+        else:
+            other.append(_run_name(path))
+    return kept, other
+
+
 def write_report(inp: ReportInputs) -> Path:
-    """Write the report markdown and its figures; returns the report's path."""
-    out, figures = inp.out, inp.figures
+    """Write the report markdown and its figures, every figure from this run's data; returns the report's path."""
     metrics = load_metrics(inp.metrics)
-    made: dict[str, str] = {}
-
-    def figure(name: str, plot: Any, *args: Any) -> str:
-        plot(*args, figures / name)
-        made[name] = Path(os.path.relpath(figures / name, out.parent)).as_posix()
-        return made[name]
-
-    figure("per_class_iou.png", plot_per_class, metrics)
-    matrix = load_confusion(metrics, inp.confusion)
+    ref = metrics.get("data_fingerprint")
+    figures = _Figures(inp)
+    figures.add("per_class_iou.png", plot_per_class, metrics)
+    matrix, matrix_why = _confusion(metrics, inp.confusion, ref)
     if matrix is not None:
-        figure("confusion.png", plot_confusion, matrix)
-    shares = load_class_shares(inp.class_shares)
+        figures.add("confusion.png", plot_confusion, matrix)
+    shares_record, shares_why = _checked_json(inp.class_shares, ref)
+    shares = load_class_shares(inp.class_shares) if shares_record is not None else None
     if shares:
-        figure("class_shares.png", plot_class_shares, shares)
-    histories = {_run_name(p): load_history(p) for p in _history_paths(inp.history)[: inp.max_runs]}
+        figures.add("class_shares.png", plot_class_shares, shares)
+    histories, other_runs = _histories(inp, ref)
     if histories:
-        figure("training_curves.png", plot_history, histories)
-    samples = load_samples(inp.samples, inp.max_samples)
+        figures.add("training_curves.png", plot_history, histories)
+    samples, samples_why = _samples(inp.samples, inp.max_samples, ref)
     if samples is not None and len(samples["image"]):
-        figure("samples.png", plot_samples, samples)
-    compare = _optional_json(inp.compare)
+        figures.add("samples.png", plot_samples, samples)
+    compare, compare_why = _checked_json(inp.compare, ref)
     if compare is not None:
-        figure("seeds.png", lambda c, dest: stats_module.plot_comparison(c, dest), compare)
+        figures.add("seeds.png", lambda c, dest: stats_module.plot_comparison(c, dest), compare)
     rows = profile_module.read_model_table(inp.models) if inp.models.is_file() else None
-    for name in FIGURES:  # figures of sections that did not run this time would be stale
-        if name not in made:
-            (figures / name).unlink(missing_ok=True)
-
-    sections = [
-        "# aerialseg report",
-        f"Metrics from `{inp.metrics}`{f' ({inp.provenance})' if inp.provenance else ''}. "
-        "Sections whose input is missing say \"not run\".",
-        _metrics_section(metrics, made["per_class_iou.png"]),
-        _confusion_section(matrix, made.get("confusion.png")),
-        _shares_section(shares, made.get("class_shares.png"), inp.class_shares),
-        _history_section(histories, made.get("training_curves.png"), inp.history),
-        _samples_section(samples, made.get("samples.png"), inp.samples),
-        _models_section(rows, _miou_lookup(metrics, compare, rows or []), inp.models),
-        _compare_section(compare, made.get("seeds.png"), inp.compare),
-        _compression_section(inp.compression),
-        _definitions(metrics, compare),
+    figures.remove_stale()
+    links = figures.links
+    parts = [
+        "# aerialseg report", _intro(inp, ref),
+        sections.metrics_section(metrics, links["per_class_iou.png"]),
+        sections.confusion_section(matrix, links.get("confusion.png"), matrix_why),
+        sections.shares_section(shares, links.get("class_shares.png"), shares_why,
+                                (shares_record or {}).get("not_labelled") or ()),
+        sections.history_section(histories, links.get("training_curves.png"), inp.history, other_runs),
+        sections.samples_section(samples, links.get("samples.png"), inp.samples, samples_why),
+        sections.models_section(rows, sections.miou_lookup(metrics, compare, rows or []), inp.models),
+        sections.compare_section(compare, links.get("seeds.png"), inp.compare, compare_why),
+        sections.compression_section(inp.compression, ref),
+        sections.definitions(metrics, compare),
     ]
-    return write_text(out, "\n\n".join(sections) + "\n")
+    return write_text(inp.out, "\n\n".join(parts) + "\n")
+
+
+def _intro(inp: ReportInputs, reference: str | None) -> str:
+    data = (f"data fingerprint `{reference[:12]}` (tiles manifest + split.json)" if reference
+            else "no data fingerprint (evaluation.json predates fingerprints: re-run `aerialseg evaluate`)")
+    return (f"Metrics from `{inp.metrics}`{f' ({inp.provenance})' if inp.provenance else ''}; this run's data: "
+            f"{data}. Every figure comes from this run's outputs on this data; a section whose input is missing "
+            "or was made from other data says \"not run for this data\".")
 
 
 def _run_name(history: Path) -> str:

@@ -7,7 +7,7 @@ from aerialseg.compression.quantize import DISABLED_REASON, QuantizeConfig
 from aerialseg.compression.table import TableConfig, compression_table, disabled_table
 from aerialseg.core.config import DEFAULT_PARAMS, section, typed_section
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.paths import data_stage_outputs
+from aerialseg.core.paths import data_fingerprint, data_stage_outputs
 from aerialseg.data.datasets import split_arrays
 
 
@@ -23,4 +23,5 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     calibration, _ = split_arrays(*data_stage_outputs(params), "train", config.calibration_tiles)
     val_images, val_masks = split_arrays(*data_stage_outputs(params), "val", table.val_tiles)
     search = [Path(config.out)] if config.out else []  # the quantize stage's int8 models, reused
-    return compression_table(table.entries, calibration, val_images, val_masks, config, table, search)
+    return compression_table(table.entries, calibration, val_images, val_masks, config, table, search,
+                             data_fingerprint(params))

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from aerialseg.core.config import check_keys, section
 from aerialseg.core.paths import augmented_dir, data_stage_outputs, distil_out_dir, train_out_dir
 from aerialseg.data.augment import build_transform
+from aerialseg.data.labelled import survey_classes
 from aerialseg.models import get_spec
 from aerialseg.training.distill import check_teacher, distil
 from aerialseg.training.train import TrainConfig, patch_datasets
@@ -64,6 +65,8 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
         manifest, split_file = data_stage_outputs(params)
         transform = build_transform(section(params, "augment")) if bool(train.get("online_augment", True)) else None
         datasets, identity = patch_datasets(manifest, split_file, augmented_dir(params), transform)
+        identity["labelled_classes"] = survey_classes(manifest, split_file,
+                                                      section(params, "classes").get("labelled"), "distil")
     config = TrainConfig.from_sections(model, train, cfg)
     return distil(config, teacher, datasets, out_dir, resume, gsd_m=section(params, "data").get("gsd_m"),
                   device=str(section(params, "train").get("device", "auto")), identity=identity)

@@ -9,7 +9,8 @@ from typing import Any
 
 from aerialseg.core.config import DEFAULT_PARAMS, section
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import sha256_file, write_json
+from aerialseg.core.fileio import fingerprint, sha256_file, write_json
+from aerialseg.data.labelled import labelled_classes, not_labelled, train_pixels, warn_not_labelled
 from aerialseg.data.split import SplitParams, class_shares, make_split, plot_split, share_table
 from aerialseg.data.tiling import MANIFEST_NAME, load_manifest
 
@@ -39,7 +40,8 @@ def split_params(params: dict[str, Any]) -> SplitParams:
 
 
 def run(params: dict[str, Any]) -> Path:
-    """Split data/tiles/manifest.json; write split.json, class_shares.json and split.png; print the table."""
+    """Split data/tiles/manifest.json; write split.json, class_shares.json (with the labelled classes and the
+    data fingerprint) and split.png; print the table and warn about classes without training pixels."""
     sp = split_params(params)
     manifest_path = Path(section(params, "tiles").get("out", "data/tiles")) / MANIFEST_NAME
     out_dir = Path(section(params, "split").get("out", "data/split"))
@@ -47,9 +49,14 @@ def run(params: dict[str, Any]) -> Path:
     split = {**make_split(manifest, sp), "manifest": str(manifest_path),
              "manifest_sha256": sha256_file(manifest_path)}
     shares = class_shares(manifest, split)
-    write_json(out_dir / "class_shares.json", shares)
-    plot_split(manifest, split, shares, out_dir / "split.png")
+    pixels = train_pixels(shares)
+    labelled = labelled_classes(pixels, section(params, "classes").get("labelled"))
+    warn_not_labelled(labelled, pixels, "split")
     dest = write_json(out_dir / "split.json", split)
+    write_json(out_dir / "class_shares.json", {**shares, "labelled_classes": labelled,
+                                               "not_labelled": not_labelled(labelled),
+                                               "data_fingerprint": fingerprint([manifest_path, dest])})
+    plot_split(manifest, split, shares, out_dir / "split.png")
     log.info(share_table(shares))
     dropped = len(split["guard_dropped"])
     log.info("%d patches split %s; %d dropped by the overlap guard; 0 leaks",

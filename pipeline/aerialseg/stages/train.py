@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from aerialseg.core.config import section
 from aerialseg.core.paths import augmented_dir, data_stage_outputs, train_out_dir
 from aerialseg.data.augment import build_transform
+from aerialseg.data.labelled import survey_classes
 from aerialseg.models import get_spec
 from aerialseg.training.train import EpochHook, TrainConfig, patch_datasets, train_model
 
@@ -41,11 +42,14 @@ def train_config(params: dict[str, Any]) -> TrainConfig:
 
 
 def data(params: dict[str, Any]) -> tuple[tuple[Dataset, Dataset], dict[str, Any]]:
-    """Train (augmented) and val datasets from the tiles/split/augment stage outputs, and their identity."""
+    """Train (augmented) and val datasets from the tiles/split/augment stage outputs, and their identity (data
+    hash, labelled classes: a warning names the classes without training pixels)."""
     manifest, split_file = data_stage_outputs(params)
     online = bool(section(params, "train").get("online_augment", True))
     transform = build_transform(section(params, "augment")) if online else None
-    return patch_datasets(manifest, split_file, augmented_dir(params), transform)
+    datasets, identity = patch_datasets(manifest, split_file, augmented_dir(params), transform)
+    labelled = survey_classes(manifest, split_file, section(params, "classes").get("labelled"), "train")
+    return datasets, {**identity, "labelled_classes": labelled}
 
 
 def run(params: dict[str, Any], model: str | None = None, seed: int | None = None, epochs: int | None = None,

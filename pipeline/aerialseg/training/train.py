@@ -20,7 +20,6 @@ GradScaler (``train.amp``).
 """
 
 import csv
-import hashlib
 import inspect
 import json
 import logging
@@ -46,7 +45,7 @@ from aerialseg.core.classes import IGNORE, NUM_CLASSES
 from aerialseg.data.datasets import PatchDataset, collate_patches
 from aerialseg.data.tiling import class_counts
 from aerialseg.core.errors import AerialsegError
-from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.core.fileio import atomic_path, fingerprint, write_json  # fingerprint: re-exported
 from aerialseg.training.losses import LossFn, build_loss, distillation_kl
 from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import (ModelSpec, count_parameters, create_model, get_spec, load_model, load_state,
@@ -206,16 +205,6 @@ def _worker_init(worker_id: int) -> None:
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed every RNG is reset to at the start of an epoch."""
     return (int(seed) * 1_000_003 + epoch * 1009 + rank) % (2**31)
-
-
-def fingerprint(paths: Sequence[str | Path]) -> str:
-    """sha256 over the names and bytes of files (the training data identity in model.json)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        path = Path(path)
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
-    return digest.hexdigest()
 
 
 # --- model, optimizer, schedule ------------------------------------------------------------------
