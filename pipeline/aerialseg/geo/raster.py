@@ -14,6 +14,7 @@ from rasterio.windows import Window
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
+from aerialseg.geo.areas import centre_pixel_area_m2
 
 CORRUPT_FIX = "re-export the file; it is corrupt or truncated"
 
@@ -94,11 +95,10 @@ def valid_mask(ds: rasterio.DatasetReader, window: Window | None = None) -> np.n
 
 
 def pixel_area_m2(ds: rasterio.DatasetReader) -> float | None:
-    """Ground area of one pixel in m², or None when not georeferenced or not in a projected CRS."""
-    if not is_georeferenced(ds) or not ds.crs.is_projected:
+    """True ground area in m² of the scene's centre pixel in any CRS (geo.areas), None when not georeferenced."""
+    if not is_georeferenced(ds) or not (ds.crs.is_projected or ds.crs.is_geographic):
         return None
-    unit = ds.crs.linear_units_factor[1] if ds.crs.linear_units_factor else 1.0
-    return abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d) * unit * unit
+    return centre_pixel_area_m2(ds.crs, ds.transform, ds.width, ds.height)
 
 
 def mask_profile(ds: rasterio.DatasetReader, **overrides: Any) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
-from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
+from aerialseg.geo.raster import is_georeferenced, open_raster
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
 from aerialseg.geo.windows import window_starts
@@ -394,7 +394,8 @@ def write_anylabeling(src: Path, dest: Path, scene: Path, options: InferOptions)
 def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: dict[str, Path],
                     counts: np.ndarray, options: InferOptions, class_names: tuple[str, ...]) -> None:
     """Turn the stripe temp files into the requested outputs (all still at their temp paths)."""
-    from aerialseg.geo.vectorize import class_areas, vectorize_raster
+    from aerialseg.geo.areas import scene_areas
+    from aerialseg.geo.vectorize import vectorize_raster
 
     classes_tif = work / "classes.tif"
     if options.format == "geotiff":
@@ -408,8 +409,7 @@ def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: di
         vectorize_raster(classes_tif, tmp["vectors"], options.vector_block, skip + [IGNORE],
                          options.min_area_px, options.simplify_px, class_names)
     if "areas" in tmp:
-        reason = None if is_georeferenced(ds) else "scene not georeferenced: areas are pixel counts"
-        areas = class_areas(counts, pixel_area_m2(ds), class_names, reason)
+        areas = scene_areas(classes_tif, counts, class_names)
         areas["scene"] = str(scene)
         tmp["areas"].write_text(json.dumps(areas, indent=2) + "\n", encoding="utf-8")
     if "preview" in tmp:
