@@ -124,3 +124,38 @@ def write_class_geotiff(dest: str | Path, mask: np.ndarray, profile: dict[str, A
                 out.write_colormap(1, colormap)
             out.write(mask, 1)
     return Path(dest)
+
+
+def temp_profile(ds: rasterio.DatasetReader, nodata: int, blocksize: int) -> dict[str, Any]:
+    """Tiled deflate (level 1) uint8 profile on the scene's grid for the stripe temp files."""
+    return {"driver": "GTiff", "width": ds.width, "height": ds.height, "count": 1, "dtype": "uint8",
+            "crs": ds.crs, "transform": ds.transform, "nodata": nodata, "tiled": True,
+            "blockxsize": blocksize, "blockysize": blocksize, "compress": "deflate", "zlevel": 1,
+            "bigtiff": "if_safer"}
+
+
+class RowWriter:
+    """Writes consecutive full-width rows into band 1 of a tiled GeoTIFF, whole block rows at a time."""
+
+    def __init__(self, dst: rasterio.io.DatasetWriter, block_rows: int):
+        self.dst, self.block_rows = dst, block_rows
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.next_row = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        if self.pending_rows >= self.block_rows:
+            self._flush(self.pending_rows - self.pending_rows % self.block_rows)
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, count: int) -> None:
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.dst.write(data[:count], 1, window=Window(0, self.next_row, self.dst.width, count))
+        self.next_row += count
+        rest = data[count:]
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
