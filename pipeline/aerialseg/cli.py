@@ -276,7 +276,8 @@ def infer_scene_command(
                                                   "when the scene's differs > gsd_tolerance [infer.resample].")] = None,
     allow_ungeoreferenced: Annotated[bool | None, typer.Option(
         "--allow-ungeoreferenced/--no-allow-ungeoreferenced",
-        help="Map a TIFF without CRS/geotransform on its pixel grid (plain JPEG/PNG need no flag) [infer.allow_ungeoreferenced].")] = None,
+        help="Map a TIFF without CRS/geotransform on its pixel grid (plain JPEG/PNG need no flag) "
+             "[infer.allow_ungeoreferenced].")] = None,
     overwrite: Annotated[bool | None, typer.Option(
         "--overwrite/--no-overwrite", help="--format anylabeling: replace an existing label file "
         "[infer.overwrite].")] = None,
