@@ -53,7 +53,7 @@ def test_plain_photo_maps_on_its_pixel_grid_with_one_warning(bundle, tmp_path, c
     cv2.imwrite(str(scene), _pixels(200, 300))
     with caplog.at_level(logging.WARNING):
         result = infer_scene(scene, bundle, tmp_path / "photo_map.tif", _opts(areas=True))
-    assert len(_warnings(caplog)) == 1 and "no georeference" in _warnings(caplog)[0]
+    assert len(_warnings(caplog)) == 1 and "without georeference" in _warnings(caplog)[0]
     with rasterio.open(result.outputs["map"]) as out:
         assert out.crs is None and out.shape == (200, 300)
     areas = json.loads(Path(result.outputs["areas"]).read_text())
@@ -63,6 +63,10 @@ def test_plain_photo_maps_on_its_pixel_grid_with_one_warning(bundle, tmp_path, c
     assert (preview[:, 300:] == 255).mean() > 0.5  # white panel with swatches and names
     assert result.outputs["style"] == str(tmp_path / "photo_map.qml")
     _check_style(Path(result.outputs["style"]), Path(result.outputs["map"]))
+    caplog.clear()  # evaluate maps its scenes with allow_ungeoreferenced: no warning per scene there
+    with caplog.at_level(logging.WARNING):
+        infer_scene(scene, bundle, tmp_path / "again.tif", _opts(allow_ungeoreferenced=True, preview=False))
+    assert not _warnings(caplog)
 
 
 def test_shared_jpeg_scene(bundle, tmp_path, caplog):  # noqa: F811

@@ -32,6 +32,7 @@ from rasterio.windows import Window
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 
 COL_BIN = 256  # columns that share one pixel area (its variation over 256 px is < 1e-4 at any GSD < 10 m)
+BAND_PIXELS = 2**21  # pixels per band of rows in class_ground_areas (16 MB of float64 areas)
 EQUAL_AREA_TOL = 1e-7  # |areal scale - 1| under which a projected CRS counts as equal-area
 PLANAR = "planar (equal-area CRS)"
 
@@ -129,8 +130,10 @@ def _row_bands(height: int, rows: int) -> Iterator[tuple[int, int]]:
         yield top, min(rows, height - top)
 
 
-def class_ground_areas(ds: rasterio.DatasetReader, rows: int = 256) -> np.ndarray:
-    """Ground area in m² per pixel value (256,) of a single-band class raster, band by band of rows."""
+def class_ground_areas(ds: rasterio.DatasetReader, rows: int | None = None) -> np.ndarray:
+    """Ground area in m² per pixel value (256,) of a single-band class raster, band by band of rows
+    (default: as many rows as keep a band's per-pixel areas under BAND_PIXELS values, at most 256)."""
+    rows = rows or max(1, min(256, BAND_PIXELS // max(ds.width, 1)))
     crs = pyproj_crs(ds.crs)
     bins = np.arange(0, ds.width, COL_BIN)
     bin_of_col = np.arange(ds.width) // COL_BIN

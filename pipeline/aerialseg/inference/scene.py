@@ -291,10 +291,10 @@ def check_scene(reader: SceneReader, path: Path, options: InferOptions, rows: in
     """Refuse a scene without georeferencing (unless allowed or a plain JPEG/PNG: one warning) and one that is
     nodata everywhere."""
     ds = reader.ds
-    if not is_georeferenced(ds) and (ds.driver in PLAIN_IMAGES or options.allow_ungeoreferenced):
-        log.warning("%s: no georeference (%s): the map is on the pixel grid, areas are pixel counts", path,
-                    f"plain {ds.driver} image" if ds.driver in PLAIN_IMAGES else "--allow-ungeoreferenced")
-    elif not is_georeferenced(ds):
+    if not is_georeferenced(ds) and not options.allow_ungeoreferenced and ds.driver in PLAIN_IMAGES:
+        log.warning("%s: plain %s image without georeference: the map is on its pixel grid, areas are pixel "
+                    "counts", path, ds.driver)
+    elif not is_georeferenced(ds) and not options.allow_ungeoreferenced:
         raise AerialsegError("scene is not georeferenced (no CRS or geotransform): the map could not be placed "
                              "on the ground", path, "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
                              "--allow-ungeoreferenced for a map on the pixel grid")
