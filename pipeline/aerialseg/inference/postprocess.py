@@ -1,9 +1,9 @@
 """Objects of a class raster: 8-connected components per class, filtered by size and aspect ratio.
 
 The post-processing of LW-IRSTNet (Kou et al. 2023, section III-C), usable on any model's output:
-eight-neighbourhood clustering gives, per object, its class, pixel area (and m² on a projected grid),
-centroid and bounding box (pixel and map coordinates) and aspect ratio; eq. (4) then keeps objects
-whose size and aspect ratio lie in the given ranges.
+eight-neighbourhood clustering gives, per object, its class, pixel area (and ground m² in any CRS: pixels x a
+pixel's ground area at its centroid, geo.areas), centroid and bounding box (pixel and map coordinates) and
+aspect ratio; eq. (4) then keeps objects whose size and aspect ratio lie in the given ranges.
 
 Full scenes are read in bands of rows (rasterio windows). Each band is labelled with
 ``cv2.connectedComponentsWithStats(connectivity=8)``; components of one class that touch across a band
