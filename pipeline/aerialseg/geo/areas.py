@@ -33,7 +33,7 @@ from aerialseg.core.classes import CLASS_NAMES, IGNORE
 
 COL_BIN = 256  # columns that share one pixel area (its variation over 256 px is < 1e-4 at any GSD < 10 m)
 BAND_PIXELS = 2**21  # pixels per band of rows in class_ground_areas (16 MB of float64 areas)
-EQUAL_AREA_TOL = 1e-7  # |areal scale - 1| under which a projected CRS counts as equal-area
+EQUAL_AREA_TOL = 1e-7  # |ground m² / map unit² - 1| under which a projected CRS counts as equal-area
 PLANAR = "planar (equal-area CRS)"
 
 
