@@ -36,8 +36,10 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     _copy_repo(work)
     assert _run(["aerialseg", "apply-profile", "ci"], work).returncode == 0  # what dvc.lock then records
     (work / "params.yaml.bak").unlink()
-    overlay = yaml.safe_load((work / "profiles/ci.yaml").read_text())
-    ci_labels = work / overlay["data"]["labels"]
+    ci_labels = work / "data/sample/labels-ci"  # two small scenes
+    (work / "labels-ci.yaml").write_text(yaml.safe_dump({"data": {"labels": "data/sample/labels-ci"}}))
+    assert _run(["aerialseg", "apply-profile", "labels-ci.yaml"], work).returncode == 0
+    (work / "params.yaml.bak").unlink()
     ci_labels.mkdir()
     for name in ("dubai_tile2.json", "dubai_tile3.json"):
         shutil.copy2(work / "data/sample/labels" / name, ci_labels / name)
@@ -53,6 +55,9 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     assert 0.0 <= metrics["mIoU"] <= 1.0 and evaluation["pixels"] > 0 and metrics["mIoU"] == evaluation["mIoU"]
     report = (work / "reports/report.md").read_text()
     assert "mIoU" in report and list((work / "reports/figures").glob("*.png"))
+    assert "int8 gate failed for default" in report  # profiles/ci.yaml forces it: a result, and the run goes on
+    int8 = work / "models/int8"
+    assert not (int8 / "model.int8.onnx").exists() and (int8 / "model.int8.rejected.onnx").is_file()
     with rasterio.open(work / "data/sample/scenes/dubai_tile4.tif") as scene, \
             rasterio.open(work / "outputs/infer/dubai_tile4_landcover.tif") as out:
         assert out.crs == scene.crs and out.transform == scene.transform and out.count == 1

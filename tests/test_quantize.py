@@ -15,14 +15,13 @@ from aerialseg.compression.prune import PruneConfig, make_criterion, prune_model
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import export_onnx
 from aerialseg.models import create_model, get_spec, save_model
+from aerialseg.compression.table import TableConfig, compression_table, table_markdown
 from aerialseg.compression.quantize import (
     INT8_NAME,
+    REJECTED_NAME,
     QuantizeConfig,
-    TableConfig,
     TileCalibrationReader,
-    compression_table,
     delta_miou,
-    table_markdown,
     onnx_predict,
     quantize_dynamic_int8,
     quantize_model_dir,
@@ -179,13 +178,25 @@ def test_quantize_model_dir_writes_int8_and_report(trained_dir, toy_data):
     assert report["calibration_tiles"] == 8
 
 
-def test_delta_miou_gate_fails_and_writes_nothing(tmp_path, toy_data):
+def test_failed_delta_miou_gate_is_a_recorded_result_not_an_error(tmp_path, toy_data):
     torch.manual_seed(1)
     directory = save_model(create_model(NAME), tmp_path / "m", NAME)
-    with pytest.raises(AerialsegError, match="points below fp32"):
-        quantize_model_dir(directory, toy_data["train_images"], toy_data["val_images"], toy_data["val_masks"],
-                           fast_config(max_delta_miou=-100.0))
-    assert not (directory / INT8_NAME).exists() and not (directory / "quantize.json").exists()
+    (directory / INT8_NAME).write_bytes(b"an int8 model of an earlier run")
+    report = quantize_model_dir(directory, toy_data["train_images"], toy_data["val_images"], toy_data["val_masks"],
+                                fast_config(max_delta_miou=-100.0))
+    gate = json.loads((directory / "quantize.json").read_text())["gate"]
+    assert gate == report["gate"] and gate["passed"] is False and "points below fp32" in gate["reason"]
+    assert (directory / REJECTED_NAME).is_file() and report["int8_file"] == REJECTED_NAME
+    assert not (directory / INT8_NAME).exists()  # nothing may pick up an int8 model this report rejects
+
+    table = TableConfig(out_json=str(tmp_path / "c.json"), out_md=str(tmp_path / "c.md"))
+    result = compression_table([{"backbone": "toy", "model_dir": str(directory)}], toy_data["train_images"],
+                               toy_data["val_images"], toy_data["val_masks"], fast_config(), table)
+    int8_row = result["rows"][1]
+    assert result["tile_size"] == report["tile_size"] and int8_row["int8_source"] == "quantize stage"
+    assert int8_row["int8_gate"]["passed"] is False
+    md = (tmp_path / "c.md").read_text()
+    assert "x (gate failed)" in md and "int8 gate failed for toy" in md and "used by no bundle" in md
 
 
 def test_compression_table_rows_and_files(tmp_path, trained_dir, toy_data):

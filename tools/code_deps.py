@@ -120,6 +120,9 @@ if __name__ == "__main__":
     current, wanted = path.read_text(), rewrite(path.read_text())
     if "--write" in sys.argv:
         path.write_text(wanted)
+        from sync_templates import sync  # `aerialseg init` ships the same pipeline
+
+        sync()
     elif current != wanted:
         print("dvc.yaml code deps differ from the import graph: run python tools/code_deps.py --write")
         sys.exit(1)

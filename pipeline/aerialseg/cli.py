@@ -400,14 +400,15 @@ def quantize_command(
                                              "ignored with --model-dir unless given].")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Static int8 (ONNX Runtime QDQ, calibrated) with fp32-parity and ΔmIoU gates -> model.int8.onnx."""
+    """Static int8 (ONNX Runtime QDQ, calibrated), fp32-parity and ΔmIoU gates -> model.int8.onnx (or .rejected)."""
     from aerialseg.core.config import load_params
-    from aerialseg.compression.quantize import INT8_NAME
     from aerialseg.stages import quantize
 
     report = quantize.run(load_params(params), model_dir=model_dir, out_dir=out)
     acc, lat = report["accuracy"], report["latency_ms"]
-    typer.echo(f"wrote {Path(report['out_dir']) / INT8_NAME} ({report['size_mb']['onnx_int8']:.2f} MB): "
+    if not report["gate"]["passed"]:
+        typer.echo(f"int8 gate failed: {report['gate']['reason']} (a result: the int8 model is used by nothing)")
+    typer.echo(f"wrote {Path(report['out_dir']) / report['int8_file']} ({report['size_mb']['onnx_int8']:.2f} MB): "
                f"mIoU fp32 {100 * acc['fp32']['mIoU']:.2f} / int8 {100 * acc['int8']['mIoU']:.2f} "
                f"(Δ {acc['delta_miou_points']:.2f} points); {lat['onnx_int8']:.1f} ms/tile vs PyTorch fp32 "
                f"{lat['torch_fp32']:.1f} ms ({lat['speedup_int8_vs_torch']:.2f}x, {lat['threads']} threads)")
@@ -471,6 +472,24 @@ def rank_scenes_command(
     typer.echo(rank_scenes(scenes, model, options).summary())
 
 
+
+
+@app.command("init")
+def init_command(
+    project: Annotated[Path, typer.Argument(help="Folder of the new survey project (git + DVC).")],
+    labels: Annotated[Path, typer.Option("--labels", help="Folder of AnyLabeling/labelme JSON files.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of the scenes (GeoTIFF, JPEG, PNG).")],
+    scenes: Annotated[list[str] | None, typer.Option("--scenes", help="Globs of the scenes to map, in the "
+                                                     "images folder [every scene].")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy labels and scenes into the project (scenes "
+                                       "tracked by DVC); default: use them where they are.")] = False,
+) -> None:
+    """Create a survey project: the pipeline, params.yaml with your paths (comments kept), git and DVC."""
+    from aerialseg.stages import init
+
+    plan = init.run(project, labels, images, scenes, copy)
+    typer.echo(f"survey project in {plan.project} (GSD {plan.gsd_m or 'unknown'} m): cd {plan.project} && dvc repro; "
+               "then git add -A && git commit")
 
 
 @app.command("apply-profile")

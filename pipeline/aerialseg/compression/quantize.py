@@ -5,11 +5,12 @@ gate its parity with PyTorch (max |logit difference|), run ``quant_pre_process``
 optimisation), calibrate activation ranges on N training tiles normalised with the model's spec, write
 QDQ int8 (QUInt8 activations, QInt8 per-channel weights: the fast pair on x86 with VNNI), then gate the
 int8 model on validation tiles: ΔmIoU = mIoU(fp32) - mIoU(int8) in points against the labels must stay
-within ``quantize.max_delta_miou``. Dynamic int8 is measured on request only: it is slower than fp32 on
-conv nets (activations are re-quantized at run time for every conv).
+within ``quantize.max_delta_miou``, or the model is recorded as rejected. Dynamic int8 is measured on
+request only: it is slower than fp32 on conv nets (activations are re-quantized at run time for every conv).
 
-Outputs in the model directory: model.int8.onnx and quantize.json (sizes MB, parity, ΔmIoU, latencies).
-``compression_table`` builds the paper's Table II (backbone x pruned x quantized) into reports/.
+Outputs in the out directory: quantize.json (sizes MB, parity, ΔmIoU, the gate's verdict, latencies) and
+model.int8.onnx, or model.int8.rejected.onnx when the gate failed (a result, not an error: the pipeline goes
+on and the compression table and report say why). aerialseg.compression.table builds the paper's Table II.
 """
 
 import json
@@ -17,6 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 from tqdm import tqdm
 
-from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.compression.prune import load_model_dir
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import INPUT_NAME, check_parity, export_onnx, parity_tiles
-from aerialseg.core.fileio import atomic_path, write_json, write_text
+from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
 from aerialseg.models import ModelSpec, count_parameters, get_spec
 from aerialseg.core.config import typed_section
@@ -59,6 +60,7 @@ CALIBRATION_METHODS = {"MinMax": CalibrationMethod.MinMax, "Percentile": Calibra
 FP32_OP_TYPES = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
 STATIC_OP_TYPES = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - FP32_OP_TYPES)
 INT8_NAME = "model.int8.onnx"
+REJECTED_NAME = "model.int8.rejected.onnx"  # an int8 model that failed the ΔmIoU gate
 REPORT_NAME = "quantize.json"
 
 
@@ -176,13 +178,44 @@ def quantize_static_int8(fp32_path: str | Path, int8_path: str | Path, reader: C
     with tempfile.TemporaryDirectory(prefix="aerialseg-quant-") as tmp:
         source = prepare(fp32_path, Path(tmp)) if config.preprocess else Path(fp32_path)
         with atomic_path(int8_path) as out:
-            quantize_static(
-                str(source), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=STATIC_OP_TYPES,
-                per_channel=config.per_channel, reduce_range=config.reduce_range,
-                activation_type=QUANT_TYPES[config.activation_type], weight_type=QUANT_TYPES[config.weight_type],
-                calibrate_method=CALIBRATION_METHODS[config.calibrate_method])
+            with ort_warnings_summarised(str(int8_path)):
+                quantize_static(
+                    str(source), str(out), reader, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=STATIC_OP_TYPES, per_channel=config.per_channel,
+                    reduce_range=config.reduce_range, activation_type=QUANT_TYPES[config.activation_type],
+                    weight_type=QUANT_TYPES[config.weight_type],
+                    calibrate_method=CALIBRATION_METHODS[config.calibrate_method])
             copy_metadata(fp32_path, out, {"aerialseg_quantization": json.dumps(quantization_record(config))})
     return int8_path
+
+
+class _CountOrtWarnings(logging.Filter):
+    """Swallows ONNX Runtime quantization's per-tensor warnings (root logger), counting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count, self.first = 0, ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" not in record.pathname or record.levelno > logging.WARNING:
+            return True
+        self.count += 1
+        self.first = self.first or record.getMessage()[:160]
+        return False
+
+
+@contextmanager
+def ort_warnings_summarised(what: str) -> Iterator[None]:
+    """ONNX Runtime's per-weight scale warnings during quantization become one summary line."""
+    counter = _CountOrtWarnings()
+    logging.getLogger().addFilter(counter)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(counter)
+        if counter.count:
+            log.warning("%s: ONNX Runtime quantization gave %d warnings (first: %s)", what, counter.count,
+                        counter.first)
 
 
 def prepare(fp32_path: str | Path, tmp: Path) -> Path:
@@ -301,10 +334,13 @@ def export_fp32(model: nn.Module, meta: dict[str, Any], dest: Path, size: int, c
 def quantize_model_dir(model_dir: str | Path, calibration: Sequence[np.ndarray], val_images: Sequence[np.ndarray],
                        val_masks: Sequence[np.ndarray], config: QuantizeConfig,
                        out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Export, quantize, gate and time one model directory; writes model.int8.onnx and quantize.json
-    into ``out_dir`` (default: the model directory).
+    """Export, quantize, gate and time one model directory; writes quantize.json and the int8 model into
+    ``out_dir`` (default: the model directory).
 
-    Raises AerialsegError (and writes nothing) when fp32 parity or the ΔmIoU gate fails.
+    The ΔmIoU gate's verdict is a result, recorded in ``report["gate"]``: a passing model is written as
+    model.int8.onnx (what bundles and serve may use), a failing one as model.int8.rejected.onnx (measured in
+    the compression table, used by nothing) and any earlier model.int8.onnx there is removed. A failed fp32
+    parity check is a broken export: AerialsegError, nothing written.
     """
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir
@@ -318,26 +354,42 @@ def quantize_model_dir(model_dir: str | Path, calibration: Sequence[np.ndarray],
         quantize_static_int8(fp32_path, int8_tmp, reader, config)
         accuracy = delta_miou(session(fp32_path, config.threads), session(int8_tmp, config.threads),
                               val_images, val_masks, spec)
-        if accuracy["delta_miou_points"] > config.max_delta_miou:
-            raise AerialsegError(
-                f"int8 mIoU {100 * accuracy['int8']['mIoU']:.2f} is {accuracy['delta_miou_points']:.2f} points "
-                f"below fp32 {100 * accuracy['fp32']['mIoU']:.2f} (allowed {config.max_delta_miou})", model_dir,
-                "calibrate on more tiles (quantize.calibration_tiles), try calibrate_method Percentile, "
-                "or raise quantize.max_delta_miou")
+        gate = gate_verdict(accuracy, config.max_delta_miou)
         timing = latencies(model, fp32_path, int8_tmp, size, meta["in_channels"], config, Path(tmp))
+        name = INT8_NAME if gate["passed"] else REJECTED_NAME
         report = {
-            "model": meta["name"], "model_dir": str(model_dir), "out_dir": str(out_dir),
+            "model": meta["name"], "model_dir": str(model_dir), "out_dir": str(out_dir), "int8_file": name,
             "pruned": "pruning" in meta, "tile_size": size, "params": count_parameters(model),
             "calibration_tiles": reader.fed,
             "size_mb": {"weights_fp32": size_mb(model_dir / "model.safetensors"), "onnx_fp32": size_mb(fp32_path),
                         "onnx_int8": size_mb(int8_tmp)},
-            "parity_fp32": parity, "accuracy": accuracy, "max_delta_miou": config.max_delta_miou,
+            "parity_fp32": parity, "accuracy": accuracy, "max_delta_miou": config.max_delta_miou, "gate": gate,
             "latency_ms": timing, "quantization": quantization_record(config),
         }
-        with atomic_path(out_dir / INT8_NAME) as dest:
+        with atomic_path(out_dir / name) as dest:
             os.replace(int8_tmp, dest)
+    stale = out_dir / (REJECTED_NAME if gate["passed"] else INT8_NAME)
+    stale.unlink(missing_ok=True)  # never leave an int8 model that this report does not describe
     write_json(out_dir / REPORT_NAME, report)
+    if not gate["passed"]:
+        log.warning("%s: int8 gate failed: %s; kept as %s, used by nothing", model_dir, gate["reason"], name)
     return report
+
+
+def gate_verdict(accuracy: dict[str, Any], max_delta: float) -> dict[str, Any]:
+    """Whether the int8 model's mIoU stays within ``max_delta`` points of fp32, and why not."""
+    delta = float(accuracy["delta_miou_points"])
+    passed = delta <= max_delta
+    reason = None if passed else (
+        f"int8 mIoU {100 * accuracy['int8']['mIoU']:.2f} is {delta:.2f} points below fp32 "
+        f"{100 * accuracy['fp32']['mIoU']:.2f} (allowed {max_delta:g}) on {accuracy['tiles']} val tiles")
+    return {"passed": passed, "delta_miou_points": delta, "max_delta_miou": max_delta, "reason": reason}
+
+
+def read_gate(report: dict[str, Any]) -> dict[str, Any]:
+    """The gate of a quantize.json; files written before the gate was recorded had passed it."""
+    return report.get("gate") or {"passed": True, "delta_miou_points": report.get("accuracy", {}).get(
+        "delta_miou_points"), "max_delta_miou": report.get("max_delta_miou"), "reason": None}
 
 
 def latencies(model: nn.Module, fp32_path: Path, int8_path: Path, size: int, in_channels: int,
@@ -354,134 +406,3 @@ def latencies(model: nn.Module, fp32_path: Path, int8_path: Path, size: int, in_
     timing["speedup_int8_vs_torch"] = round(timing["torch_fp32"] / timing["onnx_int8"], 2)
     timing["speedup_int8_vs_onnx_fp32"] = round(timing["onnx_fp32"] / timing["onnx_int8"], 2)
     return timing
-
-
-# --- compression table (paper Table II) -------------------------------------------------------
-
-
-@dataclass
-class TableConfig:
-    """``quantize.table``: which model directories form the table and where it goes."""
-
-    entries: list[dict[str, Any]] = field(default_factory=list)  # [{backbone, model_dir, pruned_dir}]
-    val_tiles: int | None = None
-    tile_size: int = 512
-    out_json: str = "reports/compression.json"
-    out_md: str = "reports/compression.md"
-
-
-def table_rows_for(model_dir: Path, backbone: str, calibration: Sequence[np.ndarray],
-                   val_images: Sequence[np.ndarray], val_masks: Sequence[np.ndarray], config: QuantizeConfig,
-                   tile: int) -> list[dict[str, Any]]:
-    """Two rows (fp32, int8) for one model directory: accuracy, size, params, CPU latency."""
-    model, meta = load_model_dir(model_dir)
-    spec, pruned = get_spec(meta["name"]), "pruning" in meta
-    base = {"backbone": backbone, "model": meta["name"], "model_dir": str(model_dir), "pruned": pruned,
-            "params_m": round(count_parameters(model) / 1e6, 3)}
-    runs, warmup, threads = config.latency_runs, config.latency_warmup, config.threads
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="aerialseg-table-") as tmp:
-        fp32_path = Path(tmp) / "model.fp32.onnx"
-        export_fp32(model, meta, fp32_path, tile, config)
-        int8_path, int8_source = model_dir / INT8_NAME, "model dir"
-        if not int8_path.is_file() or onnx_input_size(session(int8_path)) != tile:
-            int8_path, int8_source = Path(tmp) / INT8_NAME, f"built for the table at {tile}px"
-            log.warning("%s: no %s at %d px; quantizing it for the table", model_dir, INT8_NAME, tile)
-            reader = TileCalibrationReader(calibration[: config.calibration_tiles], spec, tile)
-            quantize_static_int8(fp32_path, int8_path, reader, config)
-        for quantized, path in ((False, fp32_path), (True, int8_path)):
-            scores, _ = onnx_scores(session(path, threads), val_images, val_masks, spec,
-                                    f"{backbone} {'P' if pruned else '-'}{'Q' if quantized else '-'}")
-            row = {**base, "quantized": quantized, "pixel_accuracy": scores["pixel_accuracy"],
-                   "mIoU": scores["mIoU"], "bf1": scores["bf1"],
-                   "size_mb": size_mb(path if quantized else model_dir / "model.safetensors"),
-                   "latency_ms": onnx_latency_ms(path, threads, runs, warmup), "runtime": "onnxruntime"}
-            if quantized:
-                row["int8_source"] = int8_source
-            else:
-                row["torch_latency_ms"] = torch_latency_ms(model, tile, meta["in_channels"], threads, runs, warmup)
-            rows.append(row)
-    return rows
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
-def table_markdown(rows: Sequence[dict[str, Any]], tile: int, threads: int, tiles: int,
-                   skipped: Sequence[dict[str, Any]] = ()) -> str:
-    """The table in the layout of the paper's Table II, what pruning cost per backbone, and the model dirs
-    left out (and why)."""
-    lines = [
-        "# Compression: Taylor pruning (P) and int8 quantization (Q)",
-        "",
-        f"Validation tiles: {tiles}. Latency: median ONNX Runtime CPU ms per {tile}x{tile} tile, {threads} "
-        "threads (PyTorch eager fp32 in brackets). Size: model.safetensors (fp32) or model.int8.onnx (int8).",
-        "",
-        "| Backbone | P | Q | Pixel acc % | mIoU % | BF1 % | Size MB | Params M | CPU ms / tile |",
-        "|---|:-:|:-:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        latency = f"{r['latency_ms']:.1f}" + (f" ({r['torch_latency_ms']:.1f})" if "torch_latency_ms" in r else "")
-        lines.append(f"| {r['backbone']} | {'x' if r['pruned'] else ''} | {'x' if r['quantized'] else ''} | "
-                     f"{_pct(r['pixel_accuracy'])} | {_pct(r['mIoU'])} | {_pct(r['bf1'])} | {r['size_mb']:.2f} | "
-                     f"{r['params_m']:.2f} | {latency} |")
-    lines += ["", *pruning_verdict(rows),
-              *(f"Not in the table: {s['backbone']} pruned (`{s['model_dir']}`): {s['reason']}." for s in skipped)]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-PRUNING_BUDGET_POINTS = 2.0  # a pruned model may lose at most this much val mIoU (issue 13, the seed paper: 1-3)
-
-
-def pruning_verdict(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per backbone: what pruning cost in mIoU points and bought in ONNX Runtime latency (fp32 rows)."""
-    lines = []
-    for backbone in dict.fromkeys(r["backbone"] for r in rows):
-        fp32 = {r["pruned"]: r for r in rows if r["backbone"] == backbone and not r["quantized"]}
-        if True not in fp32 or False not in fp32:
-            continue
-        full, pruned = fp32[False], fp32[True]
-        delta = 100 * (pruned["mIoU"] - full["mIoU"])
-        speed = pruned["latency_ms"] / full["latency_ms"]
-        met = "within" if -delta <= PRUNING_BUDGET_POINTS and speed < 1 else "**outside**"
-        lines.append(f"Pruning {backbone}: {delta:+.1f} mIoU points at {speed:.2f}x the ONNX Runtime latency "
-                     f"({full['params_m']:.2f} M -> {pruned['params_m']:.2f} M parameters): {met} the budget of "
-                     f"-{PRUNING_BUDGET_POINTS:g} points with a latency gain (docs/training.md, section 2).")
-    return lines
-
-
-def pruning_disabled(directory: Path) -> str | None:
-    """Why a pruned_dir holds no model (prune.json of a disabled prune stage), or None."""
-    marker = directory / "prune.json"
-    if (directory / "model.json").is_file() or not marker.is_file():
-        return None
-    record = json.loads(marker.read_text(encoding="utf-8"))
-    return None if record.get("enabled", True) else str(record.get("reason", "pruning is disabled"))
-
-
-def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[np.ndarray],
-                      val_images: Sequence[np.ndarray], val_masks: Sequence[np.ndarray], config: QuantizeConfig,
-                      table: TableConfig) -> dict[str, Any]:
-    """Rows backbone x pruned x quantized; writes table.out_json and table.out_md."""
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    for entry in entries:
-        pruned = Path(entry["pruned_dir"]) if entry.get("pruned_dir") else None
-        reason = pruning_disabled(pruned) if pruned else None
-        if reason:
-            skipped.append({"backbone": str(entry.get("backbone", pruned.name)), "model_dir": str(pruned),
-                            "reason": reason})
-        dirs = [entry.get("model_dir"), None if reason else pruned]
-        for directory in [Path(d) for d in dirs if d]:
-            if not (directory / "model.json").is_file():
-                raise AerialsegError("model directory not found", directory / "model.json",
-                                     "train/prune it first or fix quantize.table.entries")
-            rows.extend(table_rows_for(directory, str(entry.get("backbone", directory.name)), calibration,
-                                       val_images, val_masks, config, table.tile_size))
-    result = {"tile_size": table.tile_size, "threads": config.threads, "val_tiles": len(val_images),
-              "class_names": list(CLASS_NAMES), "ignore_index": IGNORE, "out_json": table.out_json,
-              "out_md": table.out_md, "rows": rows, "skipped": skipped}
-    write_json(table.out_json, result)
-    write_text(table.out_md, table_markdown(rows, table.tile_size, config.threads, len(val_images), skipped))
-    return result

@@ -1,8 +1,10 @@
 """compression stage (`aerialseg compression-table`, params ``quantize.table``): backbone x pruned x int8 table."""
 
+from pathlib import Path
 from typing import Any
 
-from aerialseg.compression.quantize import QuantizeConfig, TableConfig, compression_table
+from aerialseg.compression.quantize import QuantizeConfig
+from aerialseg.compression.table import TableConfig, compression_table
 from aerialseg.core.config import DEFAULT_PARAMS, section, typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.paths import data_stage_outputs
@@ -18,4 +20,5 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                              "list {backbone, model_dir, pruned_dir} entries")
     calibration, _ = split_arrays(*data_stage_outputs(params), "train", config.calibration_tiles)
     val_images, val_masks = split_arrays(*data_stage_outputs(params), "val", table.val_tiles)
-    return compression_table(table.entries, calibration, val_images, val_masks, config, table)
+    search = [Path(config.out)] if config.out else []  # the quantize stage's int8 models, reused
+    return compression_table(table.entries, calibration, val_images, val_masks, config, table, search)
