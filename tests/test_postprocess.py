@@ -187,7 +187,7 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(AerialsegError, match="not a class raster"):
         postprocess(floats, tmp_path / "out")
     plain = write_raster(tmp_path / "plain.tif", np.ones((8, 8), dtype=np.uint8), georef=False)
-    with pytest.raises(AerialsegError, match="projected CRS"):
+    with pytest.raises(AerialsegError, match="georeferenced raster"):
         postprocess(plain, tmp_path / "out", object_filter=ObjectFilter(min_area=1, area_unit="m2"))
     with pytest.raises(AerialsegError, match="nodata"):
         postprocess(plain, tmp_path / "out", classes="255")

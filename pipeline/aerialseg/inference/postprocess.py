@@ -58,7 +58,7 @@ class ObjectFilter:
     max_area: float | None = None
     min_aspect: float | None = None
     max_aspect: float | None = None
-    area_unit: str = "px"  # px | m2 (m2 needs a projected CRS)
+    area_unit: str = "px"  # px | m2 (m2: ground m², needs a CRS)
 
     def keep(self, area: np.ndarray, aspect: np.ndarray) -> np.ndarray:
         """Boolean mask of the objects that pass."""
@@ -417,7 +417,7 @@ def postprocess(class_raster: str | Path, out_dir: str | Path, classes: Iterable
         georef = is_georeferenced(ds)
         pixel_area = pixel_area_m2(ds)
         if object_filter.area_unit == "m2" and pixel_area is None:
-            raise AerialsegError("area in m2 needs a raster in a projected CRS", path,
+            raise AerialsegError("area in m2 needs a georeferenced raster (a CRS and a geotransform)", path,
                                  "use area_unit: px, or georeference the raster")
         objects, object_of, bands = scan_objects(ds, class_ids, band_rows)
         local = pixel_area and point_pixel_areas(ds.crs, ds.transform, objects["centroid_col"], objects["centroid_row"])
