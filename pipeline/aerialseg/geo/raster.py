@@ -14,7 +14,6 @@ from rasterio.windows import Window
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
-from aerialseg.geo.areas import centre_pixel_area_m2
 
 CORRUPT_FIX = "re-export the file; it is corrupt or truncated"
 
@@ -96,6 +95,8 @@ def valid_mask(ds: rasterio.DatasetReader, window: Window | None = None) -> np.n
 
 def pixel_area_m2(ds: rasterio.DatasetReader) -> float | None:
     """True ground area in m² of the scene's centre pixel in any CRS (geo.areas), None when not georeferenced."""
+    from aerialseg.geo.areas import centre_pixel_area_m2  # pyproj only when a ground area is asked for
+
     if not is_georeferenced(ds) or not (ds.crs.is_projected or ds.crs.is_geographic):
         return None
     return centre_pixel_area_m2(ds.crs, ds.transform, ds.width, ds.height)
