@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from aerialseg.cli import app
-from aerialseg.stages.init import PACKAGE_ROOT, TEMPLATES, render_dvc_yaml, set_params
+from aerialseg.core.yamledit import set_keys
+from aerialseg.stages.init import PACKAGE_ROOT, TEMPLATES, render_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,9 +29,9 @@ def test_rendered_code_deps_are_the_installed_package_files():
     assert deps and all(Path(d).is_absolute() and Path(d).exists() for d in deps)
 
 
-def test_set_params_changes_only_the_keys_and_keeps_every_comment():
+def test_set_keys_changes_only_the_keys_and_keeps_every_comment():
     template = (TEMPLATES / "params.yaml").read_text()
-    text = set_params(template, {"data": {"labels": "/x/labels", "gsd_m": None}})
+    text = set_keys(template, {"data": {"labels": "/x/labels", "gsd_m": None}})
     changed = [(a, b) for a, b in zip(template.splitlines(), text.splitlines()) if a != b]
     assert len(template.splitlines()) == len(text.splitlines()) and len(changed) == 2, changed
     assert yaml.safe_load(text)["data"] == {**yaml.safe_load(template)["data"], "labels": "/x/labels", "gsd_m": None}

@@ -121,12 +121,13 @@ def test_postprocess_outputs_filter_and_clean(tmp_path: Path) -> None:
     summary = postprocess(path, tmp_path / "out", classes="road,tree,4", object_filter=flt, band_rows=16,
                           clean=True)
     assert (summary["objects"], summary["kept"]) == (4, 2)
+    ground = 0.25 / 0.9996 ** 2  # true ground m² of a 0.5 m pixel on UTM 17N's central meridian (scale 0.9996)
     assert summary["classes"]["building"] == {"class_id": 4, "objects": 2, "kept": 2, "kept_area_px": 216,
-                                              "kept_area_m2": 54.0}
+                                              "kept_area_m2": round(216 * ground, 3)}
     rows = list(csv.DictReader((tmp_path / "out" / "scene.objects.csv").open()))
     assert [int(r["area_px"]) for r in rows] == [16, 200]
     big = rows[1]
-    assert float(big["area_m2"]) == 200 * 0.25
+    assert float(big["area_m2"]) == pytest.approx(200 * ground, abs=1e-3)
     assert float(big["centroid_x"]) == pytest.approx(500000 + 15.0 * 0.5)  # mean col 14.5 -> centre 15.0
     assert float(big["centroid_y"]) == pytest.approx(4000000 - 30.0 * 0.5)  # mean row 29.5 -> centre 30.0
     assert (float(big["bbox_xmin"]), float(big["bbox_xmax"])) == (500005.0, 500010.0)
@@ -186,7 +187,7 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(AerialsegError, match="not a class raster"):
         postprocess(floats, tmp_path / "out")
     plain = write_raster(tmp_path / "plain.tif", np.ones((8, 8), dtype=np.uint8), georef=False)
-    with pytest.raises(AerialsegError, match="projected CRS"):
+    with pytest.raises(AerialsegError, match="georeferenced raster"):
         postprocess(plain, tmp_path / "out", object_filter=ObjectFilter(min_area=1, area_unit="m2"))
     with pytest.raises(AerialsegError, match="nodata"):
         postprocess(plain, tmp_path / "out", classes="255")

@@ -10,7 +10,8 @@ import shapely
 from rasterio.transform import from_origin
 
 from aerialseg.core.classes import OEM_TO_AERIALSEG, lut
-from aerialseg.geo.vectorize import class_areas, polygonize_blocks, vectorize_raster, write_gpkg
+from aerialseg.geo.areas import class_areas
+from aerialseg.geo.vectorize import polygonize_blocks, vectorize_raster, write_gpkg
 
 from conftest import shared_path
 
@@ -86,8 +87,9 @@ def test_geopackage_is_in_the_scene_crs(tmp_path):
     _, _, wkb, fields = pyogrio.raw.read(tmp_path / "v.gpkg")
     geoms = shapely.from_wkb(wkb)
     area_px, area_m2 = fields[2], fields[3]
-    np.testing.assert_allclose(area_m2, area_px * 0.25)
-    np.testing.assert_allclose(shapely.area(geoms), area_m2)
+    # ground areas: easting 500 km is UTM 33N's central meridian, where the map scale is 0.9996
+    np.testing.assert_allclose(area_m2, area_px * 0.25 / 0.9996 ** 2, rtol=1e-5)
+    np.testing.assert_allclose(shapely.area(geoms), area_px * 0.25)  # map units
     minx, miny, maxx, maxy = shapely.total_bounds(geoms)
     assert 500000 <= minx < maxx <= 500045 and 5999950 <= miny < maxy <= 6000000
 
@@ -113,6 +115,6 @@ def test_class_areas_metric_and_pixels():
 
 def test_write_gpkg_without_crs(tmp_path):
     geoms = np.array([shapely.box(0, 0, 2, 3)], dtype=object)
-    write_gpkg(tmp_path / "p.gpkg", np.array([1]), geoms, from_origin(0, 0, 1, -1), None, None)
+    write_gpkg(tmp_path / "p.gpkg", np.array([1]), geoms, from_origin(0, 0, 1, -1), None)
     info = pyogrio.read_info(tmp_path / "p.gpkg")
     assert info["crs"] is None and info["features"] == 1

@@ -276,7 +276,8 @@ def infer_scene_command(
                                                   "when the scene's differs > gsd_tolerance [infer.resample].")] = None,
     allow_ungeoreferenced: Annotated[bool | None, typer.Option(
         "--allow-ungeoreferenced/--no-allow-ungeoreferenced",
-        help="Map a scene without CRS/geotransform (pixel grid only) [infer.allow_ungeoreferenced].")] = None,
+        help="Map a TIFF without CRS/geotransform on its pixel grid (plain JPEG/PNG need no flag) "
+             "[infer.allow_ungeoreferenced].")] = None,
     overwrite: Annotated[bool | None, typer.Option(
         "--overwrite/--no-overwrite", help="--format anylabeling: replace an existing label file "
         "[infer.overwrite].")] = None,
@@ -503,15 +504,16 @@ def apply_profile_command(
 ) -> None:
     """Merge a profile (e.g. ci, gpu) over params into OUT, so `dvc repro` runs it and dvc.lock records it.
 
-    The file replaced is kept as OUT.bak (an existing backup is never overwritten).
+    Only the keys the profile sets change: every other line, comment and the layout stay as they were. The
+    file replaced is kept as OUT.bak (an existing backup is never overwritten).
     """
-    import yaml
-
-    from aerialseg.core.config import load_params, load_profile, merge_profile
+    from aerialseg.core.config import load_params, load_profile
     from aerialseg.core.fileio import write_text
+    from aerialseg.core.yamledit import merged_text
 
-    source, overlay = load_profile(profile)
-    merged = merge_profile(load_params(params), overlay)
+    load_params(params)  # the one-line errors of a missing or broken params file
+    source, _ = load_profile(profile)
+    text = merged_text(params.read_text(encoding="utf-8"), source.read_text(encoding="utf-8"), params, source)
     replaced = out.exists()
     if replaced:
         backup = out.with_name(out.name + ".bak")
@@ -519,9 +521,8 @@ def apply_profile_command(
             raise AerialsegError("a backup from an earlier apply-profile exists", backup,
                                  "restore or remove it first, or pass --out elsewhere")
         backup.write_bytes(out.read_bytes())
-    header = f"# {out.name}: {params} with profile {source} merged over it (aerialseg apply-profile)\n"
-    write_text(out, header + yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
-    typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
+    write_text(out, text)
+    typer.echo(f"wrote {out} (profile {source})" + (f"; previous file kept as {out.name}.bak" if replaced else ""))
 
 
 RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "postprocess", "evaluate"}

@@ -135,28 +135,28 @@ def write_shard(dest: Path, images: list[np.ndarray], masks: list[np.ndarray], i
 
 
 class ShardWriter:
-    """Collects augmented patches scene by scene; writes <scene>-NNN.npz shards of at most `size` patches."""
+    """Collects augmented patches (in scene order) into shard-NNN.npz files of ``size`` patches each, so
+    many small scenes (one patch each) share one shard; each record names the scenes it holds."""
 
     def __init__(self, out_dir: Path, size: int):
         self.out_dir, self.size = out_dir, size
-        self.scene: str | None = None
-        self.items: dict[str, list[Any]] = {"images": [], "masks": [], "ids": [], "sources": []}
+        self.items: dict[str, list[Any]] = {"images": [], "masks": [], "ids": [], "sources": [], "scenes": []}
         self.shards: list[dict[str, Any]] = []
 
     def add(self, scene: str, image: np.ndarray, mask: np.ndarray, item_id: str, source: str) -> None:
-        if scene != self.scene or len(self.items["ids"]) >= self.size:
+        if len(self.items["ids"]) >= self.size:
             self.flush()
-            self.scene = scene
-        for key, value in zip(self.items, (image, mask, item_id, source)):
+        for key, value in zip(self.items, (image, mask, item_id, source, scene)):
             self.items[key].append(value)
 
     def flush(self) -> None:
         if not self.items["ids"]:
             return
-        name = f"{self.scene}-{sum(s['scene_name'] == self.scene for s in self.shards):03d}.npz"
+        name = f"shard-{len(self.shards):03d}.npz"
         write_shard(self.out_dir / name, self.items["images"], self.items["masks"], self.items["ids"])
-        self.shards.append({"file": name, "scene_name": self.scene, "count": len(self.items["ids"]),
-                            "ids": list(self.items["ids"]), "sources": list(self.items["sources"])})
+        self.shards.append({"file": name, "scenes": sorted(set(self.items["scenes"])),
+                            "count": len(self.items["ids"]), "ids": list(self.items["ids"]),
+                            "sources": list(self.items["sources"])})
         for values in self.items.values():
             values.clear()
 

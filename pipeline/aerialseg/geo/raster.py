@@ -94,11 +94,12 @@ def valid_mask(ds: rasterio.DatasetReader, window: Window | None = None) -> np.n
 
 
 def pixel_area_m2(ds: rasterio.DatasetReader) -> float | None:
-    """Ground area of one pixel in m², or None when not georeferenced or not in a projected CRS."""
-    if not is_georeferenced(ds) or not ds.crs.is_projected:
+    """True ground area in m² of the scene's centre pixel in any CRS (geo.areas), None when not georeferenced."""
+    from aerialseg.geo.areas import centre_pixel_area_m2  # pyproj only when a ground area is asked for
+
+    if not is_georeferenced(ds) or not (ds.crs.is_projected or ds.crs.is_geographic):
         return None
-    unit = ds.crs.linear_units_factor[1] if ds.crs.linear_units_factor else 1.0
-    return abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d) * unit * unit
+    return centre_pixel_area_m2(ds.crs, ds.transform, ds.width, ds.height)
 
 
 def mask_profile(ds: rasterio.DatasetReader, **overrides: Any) -> dict[str, Any]:
@@ -124,3 +125,38 @@ def write_class_geotiff(dest: str | Path, mask: np.ndarray, profile: dict[str, A
                 out.write_colormap(1, colormap)
             out.write(mask, 1)
     return Path(dest)
+
+
+def temp_profile(ds: rasterio.DatasetReader, nodata: int, blocksize: int) -> dict[str, Any]:
+    """Tiled deflate (level 1) uint8 profile on the scene's grid for the stripe temp files."""
+    return {"driver": "GTiff", "width": ds.width, "height": ds.height, "count": 1, "dtype": "uint8",
+            "crs": ds.crs, "transform": ds.transform, "nodata": nodata, "tiled": True,
+            "blockxsize": blocksize, "blockysize": blocksize, "compress": "deflate", "zlevel": 1,
+            "bigtiff": "if_safer"}
+
+
+class RowWriter:
+    """Writes consecutive full-width rows into band 1 of a tiled GeoTIFF, whole block rows at a time."""
+
+    def __init__(self, dst: rasterio.io.DatasetWriter, block_rows: int):
+        self.dst, self.block_rows = dst, block_rows
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.next_row = 0
+
+    def write(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
+        if self.pending_rows >= self.block_rows:
+            self._flush(self.pending_rows - self.pending_rows % self.block_rows)
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+
+    def _flush(self, count: int) -> None:
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.dst.write(data[:count], 1, window=Window(0, self.next_row, self.dst.width, count))
+        self.next_row += count
+        rest = data[count:]
+        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)

@@ -23,7 +23,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from aerialseg.core.errors import AerialsegError
-from aerialseg.geo.raster import is_georeferenced, pixel_area_m2, valid_mask
+from aerialseg.geo.raster import pixel_area_m2, valid_mask
 
 
 @dataclass(frozen=True)
@@ -124,18 +124,11 @@ class SceneReader:
 
     @property
     def gsd_m(self) -> float | None:
-        """Pixel size in metres (square root of the pixel area); geographic CRSs approximated at the centre."""
+        """Ground pixel size in metres (square root of the centre pixel's true ground area)."""
         return scene_gsd_m(self.ds)
 
 
 def scene_gsd_m(ds: rasterio.DatasetReader) -> float | None:
-    """Pixel size in metres; None when not georeferenced."""
+    """Ground pixel size in metres at the scene's centre, in any CRS (geo.areas); None when not georeferenced."""
     area = pixel_area_m2(ds)
-    if area:
-        return math.sqrt(area)
-    if not is_georeferenced(ds) or not ds.crs.is_geographic:
-        return None
-    _, lat = ds.transform * (ds.width / 2, ds.height / 2)
-    dx = abs(ds.transform.a) * 111_320.0 * math.cos(math.radians(lat))
-    dy = abs(ds.transform.e) * 110_574.0
-    return math.sqrt(dx * dy) if dx > 0 and dy > 0 else None
+    return math.sqrt(area) if area else None

@@ -24,7 +24,9 @@ from shapely.geometry import shape
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.fileio import atomic_path
+from aerialseg.geo.areas import polygon_ground_areas
 
+SEGMENT_PX = 256  # polygon edges cut every 256 px before geodesic areas (a straight map edge is no geodesic)
 
 
 def _blocks(height: int, width: int, block: int) -> Iterator[Window]:
@@ -91,15 +93,22 @@ def pixel_to_world(geoms: np.ndarray, transform: Affine) -> np.ndarray:
 
 
 def write_gpkg(dest: str | Path, class_ids: np.ndarray, geoms_px: np.ndarray, transform: Affine,
-               crs: Any, pixel_area_m2: float | None, class_names: tuple[str, ...] = CLASS_NAMES,
-               layer: str = "landcover") -> Path:
-    """Write polygons (pixel coordinates) as a GeoPackage layer in the scene's CRS, atomically."""
+               crs: Any, class_names: tuple[str, ...] = CLASS_NAMES, layer: str = "landcover") -> Path:
+    """Write polygons (pixel coordinates) as a GeoPackage layer in the scene's CRS, atomically.
+
+    ``area_m2`` is the true ground area in any CRS (geo.areas; NaN without a CRS); the layer's metadata
+    ``area_method`` says how it was computed.
+    """
     from pyogrio.raw import write
 
     area_px = shapely.area(geoms_px) if len(geoms_px) else np.zeros(0)
-    area_m2 = area_px * pixel_area_m2 if pixel_area_m2 else np.full(len(geoms_px), np.nan)
-    names = np.array([class_names[i] if i < len(class_names) else f"class_{i}" for i in class_ids], dtype=object)
     world = pixel_to_world(geoms_px, transform) if len(geoms_px) else geoms_px
+    if crs is not None and (crs.is_projected or crs.is_geographic):
+        pixel = max(abs(transform.a), abs(transform.b), abs(transform.d), abs(transform.e))
+        area_m2, method = polygon_ground_areas(world, crs, max_segment=SEGMENT_PX * pixel)
+    else:
+        area_m2, method = np.full(len(geoms_px), np.nan), "none (no CRS: area_px only)"
+    names = np.array([class_names[i] if i < len(class_names) else f"class_{i}" for i in class_ids], dtype=object)
     pyogrio_log = logging.getLogger("pyogrio")
     level = pyogrio_log.level
     pyogrio_log.setLevel(logging.WARNING)  # no "Created N records" at the CLI's INFO level
@@ -110,7 +119,8 @@ def write_gpkg(dest: str | Path, class_ids: np.ndarray, geoms_px: np.ndarray, tr
               [np.asarray(class_ids, dtype=np.int32), names, area_px.astype(np.float64),
                area_m2.astype(np.float64)],
               ["class_id", "class_name", "area_px", "area_m2"], layer=layer, driver="GPKG",
-              geometry_type="Polygon", crs=crs.to_wkt() if crs else None)
+              geometry_type="Polygon", crs=crs.to_wkt() if crs else None,
+              layer_metadata={"area_method": method})
     pyogrio_log.setLevel(level)
     return Path(dest)
 
@@ -119,37 +129,11 @@ def vectorize_raster(path: str | Path, dest: str | Path, block: int = 2048, skip
                      min_area_px: float = 0.0, simplify_px: float = 0.0,
                      class_names: tuple[str, ...] = CLASS_NAMES) -> dict[str, int]:
     """Polygonise a class GeoTIFF into a GeoPackage; returns the polygon count per class name."""
-    from aerialseg.geo.raster import open_raster, pixel_area_m2
+    from aerialseg.geo.raster import open_raster
 
     class_ids, geoms = polygonize_blocks(path, block, skip, min_area_px, simplify_px)
     with open_raster(path) as ds:
-        write_gpkg(dest, class_ids, geoms, ds.transform, ds.crs, pixel_area_m2(ds), class_names)
+        write_gpkg(dest, class_ids, geoms, ds.transform, ds.crs, class_names)
     counts = np.bincount(class_ids, minlength=len(class_names)) if len(class_ids) else np.zeros(len(class_names), int)
     return {class_names[i] if i < len(class_names) else f"class_{i}": int(n) for i, n in enumerate(counts) if n}
 
-
-def class_areas(pixel_counts: np.ndarray, pixel_area_m2: float | None,
-                class_names: tuple[str, ...] = CLASS_NAMES, reason: str | None = None) -> dict[str, Any]:
-    """Per-class pixel counts -> {units, classes: {name: pixels, share, m2, ha}}; pixels only without a metric grid."""
-    counts = np.asarray(pixel_counts, dtype=np.int64)
-    valid = int(counts[: len(class_names)].sum())
-    result: dict[str, Any] = {
-        "units": "m2" if pixel_area_m2 else "pixels",
-        "pixel_area_m2": pixel_area_m2,
-        "valid_pixels": valid,
-        "nodata_pixels": int(counts[IGNORE]) if len(counts) > IGNORE else 0,
-        "classes": {},
-    }
-    if not pixel_area_m2:
-        result["note"] = reason or "scene not georeferenced in a projected CRS: areas are pixel counts"
-    for i, name in enumerate(class_names):
-        pixels = int(counts[i]) if i < len(counts) else 0
-        entry: dict[str, Any] = {"id": i, "pixels": pixels, "share": pixels / valid if valid else 0.0}
-        if pixel_area_m2:
-            entry["m2"] = pixels * pixel_area_m2
-            entry["ha"] = pixels * pixel_area_m2 / 10_000.0
-        result["classes"][name] = entry
-    if pixel_area_m2:
-        result["total_m2"] = valid * pixel_area_m2
-        result["total_ha"] = valid * pixel_area_m2 / 10_000.0
-    return result

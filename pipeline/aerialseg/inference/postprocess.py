@@ -1,9 +1,9 @@
 """Objects of a class raster: 8-connected components per class, filtered by size and aspect ratio.
 
 The post-processing of LW-IRSTNet (Kou et al. 2023, section III-C), usable on any model's output:
-eight-neighbourhood clustering gives, per object, its class, pixel area (and m² on a projected grid),
-centroid and bounding box (pixel and map coordinates) and aspect ratio; eq. (4) then keeps objects
-whose size and aspect ratio lie in the given ranges.
+eight-neighbourhood clustering gives, per object, its class, pixel area (and ground m² in any CRS: pixels x a
+pixel's ground area at its centroid, geo.areas), centroid and bounding box (pixel and map coordinates) and
+aspect ratio; eq. (4) then keeps objects whose size and aspect ratio lie in the given ranges.
 
 Full scenes are read in bands of rows (rasterio windows). Each band is labelled with
 ``cv2.connectedComponentsWithStats(connectivity=8)``; components of one class that touch across a band
@@ -41,6 +41,7 @@ from tqdm import tqdm
 from aerialseg.core.classes import CLASS_NAMES, colorize
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.geo.areas import area_method, point_pixel_areas
 from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ObjectFilter:
     max_area: float | None = None
     min_aspect: float | None = None
     max_aspect: float | None = None
-    area_unit: str = "px"  # px | m2 (m2 needs a projected CRS)
+    area_unit: str = "px"  # px | m2 (m2: ground m², needs a CRS)
 
     def keep(self, area: np.ndarray, aspect: np.ndarray) -> np.ndarray:
         """Boolean mask of the objects that pass."""
@@ -227,7 +228,7 @@ def _pixel_sizes(transform: Affine) -> tuple[float, float]:
     return float(np.hypot(transform.a, transform.d)), float(np.hypot(transform.b, transform.e))
 
 
-def measure(table: dict[str, np.ndarray], transform: Affine | None, pixel_area: float | None) -> dict[str, np.ndarray]:
+def measure(table: dict[str, np.ndarray], transform: Affine | None, pixel_area: Any) -> dict[str, np.ndarray]:
     """Add sizes, aspect ratio, m² area and map coordinates of centroids and bboxes."""
     out = dict(table)
     out["width_px"] = table["col_max"] - table["col_min"] + 1
@@ -416,10 +417,11 @@ def postprocess(class_raster: str | Path, out_dir: str | Path, classes: Iterable
         georef = is_georeferenced(ds)
         pixel_area = pixel_area_m2(ds)
         if object_filter.area_unit == "m2" and pixel_area is None:
-            raise AerialsegError("area in m2 needs a raster in a projected CRS", path,
+            raise AerialsegError("area in m2 needs a georeferenced raster (a CRS and a geotransform)", path,
                                  "use area_unit: px, or georeference the raster")
         objects, object_of, bands = scan_objects(ds, class_ids, band_rows)
-        objects = measure(objects, ds.transform if georef else None, pixel_area)
+        local = pixel_area and point_pixel_areas(ds.crs, ds.transform, objects["centroid_col"], objects["centroid_row"])
+        objects = measure(objects, ds.transform if georef else None, local)  # ground m² where each object lies
         area = objects["area_m2"] if object_filter.area_unit == "m2" else objects["area_px"].astype(np.float64)
         keep = object_filter.keep(area, objects["aspect_ratio"])
         kept = {k: v[keep] for k, v in objects.items()}
@@ -436,6 +438,7 @@ def postprocess(class_raster: str | Path, out_dir: str | Path, classes: Iterable
         summary = {
             "raster": str(path), "width": ds.width, "height": ds.height, "georeferenced": georef,
             "crs": ds.crs.to_string() if georef else None, "pixel_area_m2": pixel_area,
+            "area_method": area_method(ds.crs, ds.transform, ds.width, ds.height) if pixel_area else "pixel counts",
             "connectivity": 8, "band_rows": band_rows, "filter": asdict(object_filter),
             "objects": int(len(keep)), "kept": int(keep.sum()), "removed": int((~keep).sum()),
             "classes": _summary(objects, keep, class_ids),

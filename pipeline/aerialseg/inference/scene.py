@@ -20,7 +20,8 @@ the same holds on the model's grid (W scaled by scene GSD / model GSD).
 
 Refused before any tile is computed: an output that is the scene or a bundle file (also through links or
 letter case), a label file that exists (``--format anylabeling`` without ``--overwrite``), a scene without
-georeferencing (unless ``--allow-ungeoreferenced``) and a scene that is nodata everywhere. Temp files and the
+georeferencing (unless ``--allow-ungeoreferenced``; a plain JPEG/PNG photo is mapped on its pixel grid with one
+warning) and a scene that is nodata everywhere. Temp files and the
 work folder are named for the run (``aerialseg.core.safety``), so the next run removes those of a killed one;
 a .zip bundle is extracted into such a run folder of the system temp dir.
 """
@@ -45,13 +46,15 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from aerialseg.inference.bundle import Bundle, open_bundle
-from aerialseg.core.classes import IGNORE, colorize, colormap
+from aerialseg.core.classes import IGNORE, colormap
 from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
-from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
+from aerialseg.core.timing import rate_text
+from aerialseg.geo.raster import RowWriter, is_georeferenced, open_raster, temp_profile
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
+from aerialseg.geo.style import qml_document, write_preview
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
 from aerialseg.geo.windows import window_starts
 from aerialseg.inference.stitch import ReadRows, blend_scene
@@ -59,6 +62,7 @@ from aerialseg.inference.stitch import ReadRows, blend_scene
 log = logging.getLogger(__name__)
 
 FORMATS = ("geotiff", "anylabeling")
+PLAIN_IMAGES = ("JPEG", "PNG")  # GDAL drivers of plain photos: mapped on their pixel grid without --allow-...
 EMIT_ROWS = 128  # rows classified at a time (bounds argmax temporaries)
 
 
@@ -123,7 +127,7 @@ class InferResult:
 
     def summary(self) -> str:
         return (f"infer-scene: {self.width}x{self.height} px, {self.tiles} tiles, {self.seconds:.1f} s, "
-                f"{self.mpx_per_s:.2f} Mpx/s ({self.backend}/{self.device}) -> {self.outputs.get('map')}")
+                f"{rate_text(self.mpx_per_s)} ({self.backend}/{self.device}) -> {self.outputs.get('map')}")
 
 
 # --- the scene -------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ def resample_scale(ds: rasterio.DatasetReader, bundle: Bundle, options: InferOpt
     """Model-grid pixels per scene pixel: 1, or scene GSD / bundle GSD when far apart and resampling is on."""
     gsd, trained = scene_gsd_m(ds), bundle.gsd_m
     if gsd is None or not trained:
-        if trained:
+        if trained and is_georeferenced(ds):  # no georeference: check_scene said so once
             log.warning("%s: pixel size unknown (no usable georeference): running at native resolution", path)
         return 1.0
     factor = gsd / trained
@@ -183,33 +187,6 @@ def make_reader(reader: SceneReader, grid: Grid) -> ReadRows:
     return read_rows
 
 
-class RowWriter:
-    """Writes consecutive full-width rows into band 1 of a tiled GeoTIFF, whole block rows at a time."""
-
-    def __init__(self, dst: rasterio.io.DatasetWriter, block_rows: int):
-        self.dst, self.block_rows = dst, block_rows
-        self.pending: list[np.ndarray] = []
-        self.pending_rows = 0
-        self.next_row = 0
-
-    def write(self, rows: np.ndarray) -> None:
-        self.pending.append(rows)
-        self.pending_rows += rows.shape[0]
-        if self.pending_rows >= self.block_rows:
-            self._flush(self.pending_rows - self.pending_rows % self.block_rows)
-
-    def close(self) -> None:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-
-    def _flush(self, count: int) -> None:
-        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        self.dst.write(data[:count], 1, window=Window(0, self.next_row, self.dst.width, count))
-        self.next_row += count
-        rest = data[count:]
-        self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
-
-
 def emit_rows(band: np.ndarray, band_top: int, row_index: np.ndarray | None, col_index: np.ndarray | None,
               confidence: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Finished model-grid rows (K, d, w) -> (scene row, classes uint8, confidence uint8 or None) chunks.
@@ -230,14 +207,6 @@ def emit_rows(band: np.ndarray, band_top: int, row_index: np.ndarray | None, col
         classes = probs.argmax(axis=0).astype(np.uint8)
         conf = np.clip(probs.max(axis=0) * 255.0 + 0.5, 0, 255).astype(np.uint8) if confidence else None
         yield start, classes, conf
-
-
-def temp_profile(ds: rasterio.DatasetReader, nodata: int, blocksize: int) -> dict[str, Any]:
-    """Tiled deflate (level 1) uint8 profile on the scene's grid for the stripe temp files."""
-    return {"driver": "GTiff", "width": ds.width, "height": ds.height, "count": 1, "dtype": "uint8",
-            "crs": ds.crs, "transform": ds.transform, "nodata": nodata, "tiled": True,
-            "blockxsize": blocksize, "blockysize": blocksize, "compress": "deflate", "zlevel": 1,
-            "bigtiff": "if_safer"}
 
 
 def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarray],
@@ -280,7 +249,7 @@ def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarra
 # --- outputs ---------------------------------------------------------------------------------
 
 def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[str, Path]:
-    """Every file this run will write, keyed by role (map, confidence, vectors, areas, preview)."""
+    """Every file this run will write, keyed by role (map, style, confidence, vectors, areas, preview)."""
     if out is not None and out.is_dir():
         out = out / (f"{scene.stem}.json" if options.format == "anylabeling" else f"{scene.stem}_landcover.tif")
     if options.format == "anylabeling":
@@ -293,6 +262,8 @@ def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[s
         main = out or Path(options.out_dir) / f"{scene.stem}_landcover.tif"
     stem = main.with_suffix("")
     paths = {"map": main}
+    if options.format == "geotiff":  # QGIS loads <map>.qml beside <map>.tif: class names and colours
+        paths["style"] = main.with_suffix(".qml")
     if options.confidence:
         paths["confidence"] = Path(f"{stem}_confidence.tif")
     if options.vectors:
@@ -318,9 +289,13 @@ def check_outputs(paths: dict[str, Path], scene: Path, model: Path) -> None:
 
 
 def check_scene(reader: SceneReader, path: Path, options: InferOptions, rows: int = 1024) -> None:
-    """Refuse a scene without georeferencing (unless allowed) and one that is nodata everywhere."""
+    """Refuse a scene without georeferencing (unless allowed or a plain JPEG/PNG: one warning) and one that is
+    nodata everywhere."""
     ds = reader.ds
-    if not is_georeferenced(ds) and not options.allow_ungeoreferenced:
+    if not is_georeferenced(ds) and not options.allow_ungeoreferenced and ds.driver in PLAIN_IMAGES:
+        log.warning("%s: plain %s image without georeference: the map is on its pixel grid, areas are pixel "
+                    "counts", path, ds.driver)
+    elif not is_georeferenced(ds) and not options.allow_ungeoreferenced:
         raise AerialsegError("scene is not georeferenced (no CRS or geotransform): the map could not be placed "
                              "on the ground", path, "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
                              "--allow-ungeoreferenced for a map on the pixel grid")
@@ -361,20 +336,6 @@ def write_cog(src: Path, dest: Path, resampling: str, blocksize: int) -> None:
                  overview_resampling=resampling, bigtiff="if_safer")
 
 
-def write_preview(src: Path, dest: Path, max_side: int = 1024) -> None:
-    """A colourised PNG quick-look of a class raster (longest side <= max_side)."""
-    import cv2
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(src) as ds:
-            f = max(ds.width, ds.height) / max_side
-            shape = (max(1, round(ds.height / f)), max(1, round(ds.width / f))) if f > 1 else (ds.height, ds.width)
-            mask = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
-    if not cv2.imwrite(str(dest), colorize(mask)[:, :, ::-1]):
-        raise AerialsegError("cannot write the preview PNG", dest, "check the output folder")
-
-
 def write_anylabeling(src: Path, dest: Path, scene: Path, options: InferOptions) -> int:
     """The prediction as AnyLabeling JSON polygons (annotators correct it); returns the shape count.
 
@@ -395,7 +356,8 @@ def write_anylabeling(src: Path, dest: Path, scene: Path, options: InferOptions)
 def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: dict[str, Path],
                     counts: np.ndarray, options: InferOptions, class_names: tuple[str, ...]) -> None:
     """Turn the stripe temp files into the requested outputs (all still at their temp paths)."""
-    from aerialseg.geo.vectorize import class_areas, vectorize_raster
+    from aerialseg.geo.areas import scene_areas
+    from aerialseg.geo.vectorize import vectorize_raster
 
     classes_tif = work / "classes.tif"
     if options.format == "geotiff":
@@ -409,12 +371,13 @@ def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: di
         vectorize_raster(classes_tif, tmp["vectors"], options.vector_block, skip + [IGNORE],
                          options.min_area_px, options.simplify_px, class_names)
     if "areas" in tmp:
-        reason = None if is_georeferenced(ds) else "scene not georeferenced: areas are pixel counts"
-        areas = class_areas(counts, pixel_area_m2(ds), class_names, reason)
+        areas = scene_areas(classes_tif, counts, class_names)
         areas["scene"] = str(scene)
         tmp["areas"].write_text(json.dumps(areas, indent=2) + "\n", encoding="utf-8")
+    if "style" in tmp:
+        tmp["style"].write_text(qml_document(class_names), encoding="utf-8")
     if "preview" in tmp:
-        write_preview(tmp["map"] if options.format == "geotiff" else classes_tif, tmp["preview"])
+        write_preview(tmp["map"] if options.format == "geotiff" else classes_tif, tmp["preview"], class_names)
 
 
 def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = None,

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: dict[str, Any]) -> Path:
-    """Write augment.copies augmented copies of each train patch as per-scene .npz shards + index.json."""
+    """Write augment.copies augmented copies of each train patch as .npz shards of augment.shard_size + index.json."""
     aug = section(params, "augment")
     copies, seed = int(aug.get("copies", 1)), int(aug.get("seed", 42))
     shard_size = int(aug.get("shard_size", 512))

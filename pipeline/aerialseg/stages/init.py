@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_text
+from aerialseg.core.yamledit import set_keys
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +53,6 @@ class InitPlan:
 def render_dvc_yaml(template: str, package_root: Path) -> str:
     """The template dvc.yaml with its code deps (`- pipeline/...`) pointing at the installed package."""
     return template.replace("      - pipeline/aerialseg", f"      - {package_root.as_posix()}/aerialseg")
-
-
-def set_params(text: str, values: dict[str, dict[str, object]]) -> str:
-    """params.yaml text with ``{section: {key: value}}`` set, every comment and the layout kept (ruamel)."""
-    from io import StringIO
-
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedSeq
-
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = yaml.load(text)
-    for name, keys in values.items():
-        for key, value in keys.items():
-            if isinstance(value, list):  # flow style, as the template writes its lists
-                value = CommentedSeq(value)
-                value.fa.set_flow_style()
-            doc[name][key] = value
-    out = StringIO()
-    yaml.dump(doc, out)
-    return out.getvalue()
 
 
 def _posix(path: Path, project: Path) -> str:
@@ -161,7 +138,7 @@ def write_project(plan: InitPlan) -> None:
     project = plan.project
     write_text(project / "dvc.yaml", render_dvc_yaml((TEMPLATES / "dvc.yaml").read_text(encoding="utf-8"),
                                                      PACKAGE_ROOT))
-    params = set_params((TEMPLATES / "params.yaml").read_text(encoding="utf-8"), params_values(plan))
+    params = set_keys((TEMPLATES / "params.yaml").read_text(encoding="utf-8"), params_values(plan))
     write_text(project / "params.yaml", params)
     shutil.copytree(TEMPLATES / "profiles", project / "profiles")
     write_text(project / ".gitignore", GITIGNORE)

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aerialseg.core.config import check_keys, section
-from aerialseg.data.augment import build_transform
-from aerialseg.training.pretrain import pretrain, pretrain_datasets, pretrain_enabled, write_disabled
-from aerialseg.training.train import TrainConfig
+from aerialseg.training.pretrain_switch import pretrain_enabled, write_disabled
 
 PRETRAIN_KEYS = ("enabled", "root", "out", "patch_size", "resample_factor", "crops_per_image", "classes", "val_fraction",
                  "train")
@@ -28,7 +26,11 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
     out_dir = Path(out_dir or cfg.get("out", "models/pretrained"))
     enabled, reason = pretrain_enabled(cfg.get("enabled", False), cfg.get("root"))
     if not enabled:
-        return write_disabled(out_dir, reason)
+        return write_disabled(out_dir, reason)  # before any torch import: a disabled stage takes no time
+    from aerialseg.data.augment import build_transform
+    from aerialseg.training.pretrain import pretrain, pretrain_datasets
+    from aerialseg.training.train import TrainConfig
+
     train_ds, val_ds = pretrain_datasets(cfg.get("root"), float(cfg.get("val_fraction", 0.1)),
                                          int(cfg.get("patch_size", 256)), float(cfg.get("resample_factor", 1.0)),
                                          int(cfg.get("crops_per_image", 8)), cfg.get("classes") or None)

@@ -37,6 +37,7 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.core.config import DEFAULT_PARAMS
 from aerialseg.geo.raster import open_raster
+from aerialseg.training.pretrain_switch import pretrain_enabled, write_disabled  # noqa: F401  (re-exported)
 from aerialseg.training.train import TrainConfig, train_model
 
 log = logging.getLogger(__name__)
@@ -221,27 +222,6 @@ def pretrain_datasets(root: str | Path | None, val_fraction: float = 0.1, patch_
     train = OpenEarthMapDataset(root, mode="random", crops_per_image=crops_per_image, names=train_names, **common)
     val = OpenEarthMapDataset(root, mode="grid", names=val_names, **common)
     return train, val
-
-
-def pretrain_enabled(enabled: Any, root: str | Path | None) -> tuple[bool, str]:
-    """Whether to pretrain, and why not: ``enabled`` true / false, or ``auto`` = when ``root`` holds images."""
-    if enabled == "auto":
-        folder = Path(str(root or ""))
-        found = bool(root) and any((d / "images").is_dir() for d in [folder, *folder.glob("*")]
-                                   if folder.is_dir())
-        return found, "" if found else f"pretrain.enabled is auto and {folder} holds no OpenEarthMap images/: " \
-                                       "train starts from the default init"
-    if not isinstance(enabled, bool):
-        raise AerialsegError(f"pretrain.enabled must be true, false or auto, not {enabled!r}", DEFAULT_PARAMS)
-    return enabled, "" if enabled else "pretrain.enabled is false: train starts from the default init"
-
-
-def write_disabled(out_dir: str | Path, reason: str) -> dict[str, Any]:
-    """The marker of a disabled pretraining (``pretrain.json`` = {"enabled": false}) that train skips."""
-    record = {"enabled": False, "reason": reason}
-    write_json(Path(out_dir) / "pretrain.json", record)
-    log.info("pretraining disabled: wrote %s", Path(out_dir) / "pretrain.json")
-    return record
 
 
 def pretrain(cfg: TrainConfig, datasets: tuple[OpenEarthMapDataset, OpenEarthMapDataset], out_dir: str | Path,
