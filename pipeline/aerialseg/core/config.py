@@ -85,11 +85,32 @@ def relative_to(params: dict[str, Any], base: Path) -> dict[str, Any]:
     return params
 
 
+# The keys of the sections that no dataclass types (typed sections check theirs in typed_section): a key
+# not listed here is a typo, refused when any stage reads the section. tests/test_params_sections.py checks
+# that params.yaml and these agree.
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("labels", "images", "gsd_m"),
+    "classes": ("labels", "labelled"),
+    "masks": ("out", "vertex_convention", "line_width_px", "point_radius_px", "priority", "all_touched",
+              "simplify_px", "min_area_px", "allow_ungeoreferenced", "max_image_pixels"),
+    "tiles": ("out", "size", "overlap", "keep_empty_fraction", "seed"),
+    "split": ("out", "fractions", "group", "block_px", "seed", "candidates"),
+    "augment": ("out", "copies", "seed", "shard_size", "pipeline"),
+    "report": ("out", "figures", "metrics", "confusion", "class_shares", "history", "max_runs", "samples",
+               "max_samples", "models", "compare", "compression", "profile"),
+    "bundle": ("out", "tile_size", "overlap", "gsd_m", "onnx", "zip"),
+    "export": ("opset", "max_abs_diff", "parity_tiles"),
+    "evaluate": ("model", "split", "out", "samples", "bf1_tolerance_px", "device", "backend", "tta"),
+}
+
+
 def section(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """One stage's section (an empty dict when absent)."""
+    """One stage's section (an empty dict when absent); unknown keys of an untyped section are an error."""
     value = params.get(name) or {}
     if not isinstance(value, dict):
         raise AerialsegError(f"section '{name}' must be a mapping", DEFAULT_PARAMS)
+    if name in SECTION_KEYS:
+        check_keys(name, value, SECTION_KEYS[name])
     return value
 
 
