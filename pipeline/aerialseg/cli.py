@@ -474,6 +474,35 @@ def rank_scenes_command(
     typer.echo(rank_scenes(scenes, model, options).summary())
 
 
+@app.command("infer-survey")
+def infer_survey_command(
+    scenes: Annotated[list[Path], typer.Argument(help="Scenes: GeoTIFFs, folders, globs or list files.")],
+    model: Annotated[Path | None, typer.Option(help="Bundle dir or .zip [infer.model].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [survey.out].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes [survey.workers].")] = None,
+    threads_per_worker: Annotated[int | None, typer.Option(help="[survey.threads_per_worker]")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address [survey.scheduler].")] = None,
+    vectors: Annotated[bool | None, typer.Option("--vectors/--no-vectors", help="[infer.vectors]")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch | onnx [infer.backend].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [infer.device].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Map a whole survey on Dask: resumable (survey.json), VRT mosaic, merged polygons and areas; exit 1 if
+    some scenes failed."""
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import survey
+
+    done = survey.run(load_params(params), scenes, model, out=str(out) if out else None, workers=workers,
+                      threads_per_worker=threads_per_worker, scheduler=scheduler, vectors=vectors, backend=backend,
+                      device=device)
+    typer.echo(f"infer-survey: {done['mapped']} mapped, {done['skipped']} skipped, {done['failed']} failed "
+               f"({done['mpx_per_s']} Mpx/s) -> {done['products'].get('mosaic')}")
+    for line in [*done["errors"].values(), *done["products"]["errors"]]:
+        typer.echo(f"error: {line}", err=True)
+    if done["failed"] or done["products"]["errors"]:
+        raise typer.Exit(1)
+
+
 
 
 @app.command("init")
@@ -524,7 +553,7 @@ def apply_profile_command(
     typer.echo(f"wrote {out}" + (f" (previous file kept as {out.name}.bak)" if replaced else ""))
 
 
-RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "postprocess", "evaluate"}
+RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "infer-survey", "tiles", "postprocess", "evaluate"}
 
 
 def _quiet_libraries() -> None:
