@@ -172,3 +172,56 @@ def test_mixed_crs_mosaic_is_refused(tmp_path, scenes):
             dst.write(src.read())
     with pytest.raises(AerialsegError, match="different CRSs.*fix:"):
         write_vrt([scenes[0], other], tmp_path / "m.vrt")
+
+
+def test_cli_exit_code_and_one_line_errors(bundle, cluster, scenes, tmp_path):
+    from typer.testing import CliRunner
+
+    from aerialseg import cli
+
+    bad = tmp_path / "not_a_scene.tif"
+    bad.write_text("not a GeoTIFF")
+    (tmp_path / "scenes.txt").write_text(f"{scenes[0]}\n{bad}\n")
+    args = ["infer-survey", str(tmp_path / "scenes.txt"), "--model", str(bundle), "--out", str(tmp_path / "s"),
+            "--scheduler", cluster.scheduler_address, "--backend", "onnx", "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 1, result.output
+    assert "1 mapped, 0 skipped, 1 failed" in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "not_a_scene.tif" in errors[0] and "fix:" in errors[0]
+    summary = json.loads((tmp_path / "s" / "survey_summary.json").read_text())
+    assert summary["failed"] == 1 and summary["mpx_per_s"] > 0 and summary["products"]["mosaic"]
+
+
+def test_killed_worker_mid_scene_still_completes(bundle, cluster, tmp_path):
+    """SIGKILL the worker process while it maps a scene: the scheduler reruns the task on another worker and
+    the maps equal those of an undisturbed run; no temp file of the killed process is left behind."""
+    from distributed import Client
+
+    scenes = [SAMPLE / "dubai_tile1.tif", SAMPLE / "dubai_tile2.tif"]
+    reference = run_survey(scenes, bundle, _opts(), _survey(cluster, tmp_path / "ref"))
+    assert reference["mapped"] == 2
+    out, result = tmp_path / "killed", {}
+    runner = threading.Thread(target=lambda: result.update(run_survey(scenes, bundle, _opts(),
+                                                                      _survey(cluster, out))))
+    killed = None
+    with Client(cluster.scheduler_address) as client:
+        runner.start()
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline:
+            busy = client.run(lambda dask_worker: [str(k) for k in dask_worker.state.executing_count and
+                                                   [ts.key for ts in dask_worker.state.executing] or []])
+            addr = next((a for a, keys in busy.items() if any(k.startswith("map-") for k in keys)), None)
+            if addr:
+                time.sleep(0.1)
+                pid = client.run(os.getpid, workers=[addr])[addr]
+                os.kill(pid, signal.SIGKILL)
+                killed = addr
+            time.sleep(0.05)
+        runner.join(120)
+    assert killed, "no scene task was seen running"
+    assert (result["mapped"], result["failed"]) == (2, 0)
+    assert _maps(out) == _maps(tmp_path / "ref")
+    records = json.loads((out / "survey.json").read_text())["scenes"].values()
+    assert killed not in {rec["worker"] for rec in records}, "the killed worker's scene was mapped elsewhere"
+    assert not [p for p in out.iterdir() if p.name.startswith(".aerialseg-tmp-")]

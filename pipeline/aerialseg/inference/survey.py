@@ -212,7 +212,15 @@ def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions
         record.update(stat=before, sha256=sha256_file(path))
         holder = _plugin(plugin, model, options)
         bundle, predict = holder.loaded()
-        done = map_scene(path, Path(model), bundle, predict, Path(out) / f"{sid}_landcover.tif", options)
+        forward = [0.0]
+
+        def timed(tiles: Any) -> Any:  # the model's share of the task (bench: overhead vs forward)
+            t0 = time.perf_counter()
+            probs = predict(tiles)
+            forward[0] += time.perf_counter() - t0
+            return probs
+
+        done = map_scene(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", options)
         if stat_key(path) != before:
             raise AerialsegError("scene changed while it was mapped", path, "run infer-survey again")
     except AerialsegError as exc:
@@ -225,6 +233,7 @@ def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions
         raise
     record.update(state="done", width=done["width"], height=done["height"], tiles=done["tiles"],
                   model_loads=holder.loads, seconds=round(time.perf_counter() - start, 3),
+                  forward_seconds=round(forward[0], 3),
                   outputs={role: {"file": p.name, "sha256": sha256_file(p)} for role, p in done["outputs"].items()})
     return record
 
@@ -353,36 +362,45 @@ def _weight(scene: Path) -> float:
 
 def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, survey: SurveyOptions,
                manifest: Manifest) -> dict[str, float]:
-    """Submit one task per scene to map, record each as it completes; returns {mapped_mpx, seconds}."""
-    from distributed import as_completed
+    """Map the scenes to do (one task each) and record each as it completes; returns {mapped_mpx, seconds}."""
     from tqdm import tqdm
 
+    start = time.perf_counter()
     if not plan.todo:
         return {"mapped_mpx": 0.0, "seconds": 0.0}
     name = f"aerialseg-model-{plan.bundle_sha[:12]}-{options.backend}-{options.device}-{int(options.tta)}"
     weights = {sid: _weight(plan.scenes[sid]) for sid in plan.todo}
-    start, mapped = time.perf_counter(), 0.0
     with dask_client(survey) as client, tqdm(total=round(sum(weights.values()), 2), unit="Mpx", desc="survey",
                                              disable=None if survey.progress else True, dynamic_ncols=True) as bar:
         client.register_plugin(ModelPlugin(str(model), options.backend, options.device, options.tta, name), name)
-        futures = {client.submit(scene_task, str(plan.scenes[sid]), sid, str(out), str(model), options, name,
-                                 key=f"map-{sid}-{plan.options_sha[:8]}", retries=survey.retries, pure=False): sid
-                   for sid in plan.todo}
-        for future in as_completed(futures):
-            sid = futures[future]
-            try:
-                rec = future.result()
-            except Exception as exc:  # noqa: BLE001  (after Dask's retries: this scene fails, the rest go on)
-                rec = _failed(plan.scenes[sid], exc)
-            rec.update(bundle_sha256=plan.bundle_sha, options_sha256=plan.options_sha)
-            manifest.scenes[sid] = rec
-            manifest.save()
-            mapped += _pixels(rec) / 1e6
-            bar.update(round(weights[sid], 2))
-            bar.write(f"{sid}: {rec['error']}" if rec["state"] != "done" else
-                      f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, {rec['worker']})")
-        client.unregister_worker_plugin(name)
+        try:
+            futures = {client.submit(scene_task, str(plan.scenes[sid]), sid, str(out), str(model), options, name,
+                                     key=f"map-{sid}-{plan.options_sha[:8]}", retries=survey.retries,
+                                     pure=False): sid for sid in plan.todo}
+            for sid, rec in _results(futures, plan):
+                manifest.scenes[sid] = rec
+                manifest.save()
+                bar.update(round(weights[sid], 2))
+                bar.write(f"{sid}: {rec['error']}" if rec["state"] != "done" else
+                          f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, {rec['worker']})")
+        finally:
+            client.unregister_worker_plugin(name)
+    mapped = sum(_pixels(manifest.scenes[sid]) for sid in plan.todo) / 1e6
     return {"mapped_mpx": mapped, "seconds": time.perf_counter() - start}
+
+
+def _results(futures: dict[Any, str], plan: SurveyPlan) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(scene id, record) as tasks finish; a task that failed after its retries becomes a 'failed' record."""
+    from distributed import as_completed
+
+    for future in as_completed(futures):
+        sid = futures[future]
+        try:
+            rec = future.result()
+        except Exception as exc:  # noqa: BLE001  (after Dask's retries: this scene fails, the rest go on)
+            rec = _failed(plan.scenes[sid], exc)
+        rec.update(bundle_sha256=plan.bundle_sha, options_sha256=plan.options_sha)
+        yield sid, rec
 
 
 def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOptions,
