@@ -12,9 +12,11 @@ task each) into a fresh folder. Printed per run:
 - Mpx/s: scene pixels / the wall time of the mapping phase (submit to last result);
 - task s, forward s: a task's wall time on its worker (hashing the scene, mapping, hashing the outputs) and the
   time spent inside the model's forward (both means over the tasks);
-- dask overhead per task: (workers x mapping wall - sum of task times) / tasks, i.e. scheduling, transfer,
-  the client's manifest writes and idle slots; as a share of the forward time (goal <= 2 % on 4096^2 scenes).
-  With more workers than a balanced split allows, idle tails count here too;
+- dask overhead per task: (workers x (first submit to last result) - sum of task times) / tasks, i.e.
+  scheduling, transfer, the client's manifest writes and idle slots, as a share of the forward time (goal
+  <= 2 % on 4096^2 scenes). Idle tails (fewer tasks left than workers) count here too: use scenes = a
+  multiple of the workers. The run's fixed costs (connecting, registering the model plugin, building the
+  VRT) are in "map s" but not here;
 - peak RSS per worker: VmHWM of each worker process (fresh per run).
 """
 
@@ -94,7 +96,7 @@ def run(scenes: list[Path], bundle: Path, workers: int, work: Path) -> dict:
     records = [r for r in json.loads((out / "survey.json").read_text())["scenes"].values() if r["state"] == "done"]
     tasks = sum(r["seconds"] for r in records)
     forward = sum(r["forward_seconds"] for r in records)
-    overhead = (workers * summary["map_seconds"] - tasks) / len(records)
+    overhead = (workers * summary["tasks_seconds"] - tasks) / len(records)
     return {"workers": workers, "scenes": len(records), "mpx": summary["mapped_mpx"],
             "mpx_per_s": summary["mpx_per_s"], "map_s": summary["map_seconds"],
             "task_s": tasks / len(records), "forward_s": forward / len(records),

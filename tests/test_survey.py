@@ -225,3 +225,12 @@ def test_killed_worker_mid_scene_still_completes(bundle, cluster, tmp_path):
     records = json.loads((out / "survey.json").read_text())["scenes"].values()
     assert killed not in {rec["worker"] for rec in records}, "the killed worker's scene was mapped elsewhere"
     assert not [p for p in out.iterdir() if p.name.startswith(".aerialseg-tmp-")]
+
+
+def test_survey_defaults_equal_params_yaml():
+    import dataclasses
+
+    from aerialseg.core.config import load_params
+
+    shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["survey"]
+    assert shipped == {f.name: f.default for f in dataclasses.fields(SurveyOptions)}

@@ -64,7 +64,7 @@ class SurveyOptions:
 
     def validate(self) -> None:
         if self.workers < 1 or self.threads_per_worker < 1:
-            raise AerialsegError("workers and threads per worker must be >= 1", fix="pass --workers 1 or more")
+            raise AerialsegError("workers and threads per worker must be >= 1", fix="pass 1 or more")
         if self.retries < 0:
             raise AerialsegError("retries must be >= 0", fix="pass --retries 0 or more")
 
@@ -87,6 +87,7 @@ def _expand(item: Path) -> list[Path]:
 def collect_scenes(items: Iterable[str | Path]) -> list[Path]:
     """Scenes from files, folders, globs and list files; each file once (by its resolved path), in order."""
     seen: dict[Path, Path] = {}
+    items = list(items)
     for item in items:
         for path in _expand(Path(item)):
             seen.setdefault(path.resolve(), path)
@@ -367,13 +368,14 @@ def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, 
 
     start = time.perf_counter()
     if not plan.todo:
-        return {"mapped_mpx": 0.0, "seconds": 0.0}
+        return {"mapped_mpx": 0.0, "seconds": 0.0, "tasks_seconds": 0.0}
     name = f"aerialseg-model-{plan.bundle_sha[:12]}-{options.backend}-{options.device}-{int(options.tta)}"
     weights = {sid: _weight(plan.scenes[sid]) for sid in plan.todo}
     with dask_client(survey) as client, tqdm(total=round(sum(weights.values()), 2), unit="Mpx", desc="survey",
                                              disable=None if survey.progress else True, dynamic_ncols=True) as bar:
         client.register_plugin(ModelPlugin(str(model), options.backend, options.device, options.tta, name), name)
         try:
+            submitted = time.perf_counter()
             futures = {client.submit(scene_task, str(plan.scenes[sid]), sid, str(out), str(model), options, name,
                                      key=f"map-{sid}-{plan.options_sha[:8]}", retries=survey.retries,
                                      pure=False): sid for sid in plan.todo}
@@ -381,12 +383,14 @@ def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, 
                 manifest.scenes[sid] = rec
                 manifest.save()
                 bar.update(round(weights[sid], 2))
-                bar.write(f"{sid}: {rec['error']}" if rec["state"] != "done" else
-                          f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, {rec['worker']})")
+                line = (f"{sid}: {rec['error']}" if rec["state"] != "done" else
+                        f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, {rec['worker']})")
+                bar.write(line) if survey.progress else log.debug(line)
+            tasks_seconds = time.perf_counter() - submitted  # first submit to last result (bench: Dask overhead)
         finally:
             client.unregister_worker_plugin(name)
     mapped = sum(_pixels(manifest.scenes[sid]) for sid in plan.todo) / 1e6
-    return {"mapped_mpx": mapped, "seconds": time.perf_counter() - start}
+    return {"mapped_mpx": mapped, "seconds": time.perf_counter() - start, "tasks_seconds": tasks_seconds}
 
 
 def _results(futures: dict[Any, str], plan: SurveyPlan) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -413,8 +417,8 @@ def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOp
     if options.format != "geotiff":
         raise AerialsegError("infer-survey writes GeoTIFF maps only", fix="set infer.format to geotiff")
     options.areas, options.progress = True, False
-    model, out = Path(model), Path(survey.out)
-    paths = collect_scenes(scenes)
+    model, out = Path(model).absolute(), Path(survey.out).absolute()  # workers may have another cwd
+    paths = [p.absolute() for p in collect_scenes(scenes)]
     with open_model(model) as bundle:  # a broken bundle is one line here, not one per scene on the workers
         overlap = bundle.overlap if options.overlap is None else int(options.overlap)
         if not 0 <= overlap < bundle.tile_size:
@@ -433,6 +437,7 @@ def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOp
         "scenes": len(plan.scenes), "mapped": len(plan.todo) - len(failed),
         "skipped": len(plan.scenes) - len(plan.todo), "failed": len(failed), "errors": failed,
         "mapped_mpx": round(timing["mapped_mpx"], 3), "map_seconds": round(timing["seconds"], 3),
+        "tasks_seconds": round(timing["tasks_seconds"], 3),
         "mpx_per_s": round(timing["mapped_mpx"] / timing["seconds"], 4) if timing["seconds"] else None,
         "workers": survey.scheduler or f"local {survey.workers} x {survey.threads_per_worker} threads",
     }
