@@ -136,6 +136,8 @@ def test_rerun_maps_only_what_is_missing_or_corrupt(bundle, cluster, scenes, tmp
     victim.write_bytes(bytes(data))
     third = run_survey(scenes, bundle, _opts(), _survey(cluster, out))
     assert (third["mapped"], third["skipped"]) == (1, 2)
+    record = json.loads((out / "survey.json").read_text())["scenes"][scene_id(scenes[1])]
+    assert record["mapped_because"] == "map changed or corrupt"
     assert _maps(out) == good, "the corrupt map was redone, identical"
     fourth = run_survey(scenes, bundle, _opts(tta=True), _survey(cluster, out))
     assert fourth["mapped"] == 3, "other options: every map is redone"

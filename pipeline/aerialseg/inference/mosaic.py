@@ -7,6 +7,7 @@ is refused with one line: map each zone into its own --out). GDAL reads the maps
 VRT when zoomed out (QGIS opens it as one layer).
 """
 
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,6 +94,7 @@ def merge_vectors(gpkgs: Iterable[tuple[str, Path]], dest: Path) -> int:
     from pyogrio.raw import read, write
 
     count, crs = 0, None
+    logging.getLogger("pyogrio").setLevel(logging.WARNING)  # no "Created N records" per scene
     with atomic_path(dest) as tmp:
         tmp.unlink()
         for sid, path in gpkgs:

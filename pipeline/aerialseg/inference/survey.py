@@ -287,11 +287,11 @@ class Manifest:
                 return f"{role} changed or corrupt"
         return None
 
-    def output_paths(self, role: str, sids: Iterable[str]) -> list[Path]:
-        """The ``role`` output of each done scene that has one, in the order given."""
-        recs = (self.scenes.get(s) or {} for s in sids)
-        return [self.path.parent / r["outputs"][role]["file"] for r in recs
-                if r.get("state") == "done" and role in (r.get("outputs") or {})]
+    def outputs(self, role: str, sids: Iterable[str]) -> dict[str, Path]:
+        """{scene id: its ``role`` output} of the done scenes that have one, in the order given."""
+        recs = {s: self.scenes.get(s) or {} for s in sids}
+        return {s: self.path.parent / r["outputs"][role]["file"] for s, r in recs.items()
+                if r.get("state") == "done" and role in (r.get("outputs") or {})}
 
 
 # --- the client side -------------------------------------------------------------------------------
@@ -301,6 +301,8 @@ def dask_client(survey: SurveyOptions) -> Iterator[Any]:
     """A Client on --scheduler, else on a local cluster of worker processes (loopback, no dashboard)."""
     from distributed import Client, LocalCluster
 
+    if not log.isEnabledFor(logging.DEBUG):  # Dask's INFO lines (workers starting, closing) only with -v
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     if survey.scheduler:
         try:
             client = Client(survey.scheduler, timeout="30s")
@@ -311,7 +313,9 @@ def dask_client(survey: SurveyOptions) -> Iterator[Any]:
             yield client
         return
     with LocalCluster(n_workers=survey.workers, threads_per_worker=survey.threads_per_worker, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+                      host="127.0.0.1", dashboard_address=None,
+                      silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR) as cluster, \
+            Client(cluster) as client:
         yield client
 
 
@@ -347,7 +351,7 @@ def _failed(scene: Path, exc: BaseException) -> dict[str, Any]:
 
 
 def _pixels(rec: dict[str, Any]) -> int:
-    return int(rec.get("width", 0)) * int(rec.get("height", 0))
+    return int(rec.get("width", 0)) * int(rec.get("height", 0))  # 0 for a failed scene
 
 
 def _weight(scene: Path) -> float:
@@ -403,7 +407,7 @@ def _results(futures: dict[Any, str], plan: SurveyPlan) -> Iterator[tuple[str, d
             rec = future.result()
         except Exception as exc:  # noqa: BLE001  (after Dask's retries: this scene fails, the rest go on)
             rec = _failed(plan.scenes[sid], exc)
-        rec.update(bundle_sha256=plan.bundle_sha, options_sha256=plan.options_sha)
+        rec.update(bundle_sha256=plan.bundle_sha, options_sha256=plan.options_sha, mapped_because=plan.todo[sid])
         yield sid, rec
 
 
@@ -427,8 +431,6 @@ def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOp
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(out / MANIFEST)
     plan = plan_survey(paths, model, options, manifest)
-    for sid, why in plan.todo.items():
-        log.debug("%s: mapping (%s)", sid, why)
     manifest.save()
     timing = map_survey(plan, model, out, options, survey, manifest)
     states = {sid: (manifest.scenes.get(sid) or {}).get("state") for sid in plan.scenes}
@@ -441,8 +443,7 @@ def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOp
         "mpx_per_s": round(timing["mapped_mpx"] / timing["seconds"], 4) if timing["seconds"] else None,
         "workers": survey.scheduler or f"local {survey.workers} x {survey.threads_per_worker} threads",
     }
-    done = [sid for sid, st in states.items() if st == "done"]
-    outputs = {role: dict(zip(done, manifest.output_paths(role, done))) for role in ("map", "vectors", "areas")}
+    outputs = {role: manifest.outputs(role, plan.scenes) for role in ("map", "vectors", "areas")}
     summary["products"] = write_products(out, outputs, survey.mosaic)
     summary["wall_seconds"] = round(time.perf_counter() - start, 3)
     write_json(out / "survey_summary.json", summary)
