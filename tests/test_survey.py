@@ -106,6 +106,8 @@ def test_survey_maps_equal_infer_scene_byte_for_byte(bundle, cluster, scenes, tm
             assert ours.read_bytes() == Path(ref.outputs[role]).read_bytes(), (scene.name, role)
     # the product: VRT with the CRS and every scene's pixels, merged polygons, summed areas
     with rasterio.open(tmp_path / "survey" / "survey.vrt") as vrt:
+        assert vrt.colormap(1)[1][:3] == (230, 25, 75) and vrt.nodata == 255
+        assert vrt.overviews(1)[0] == 2 and max(vrt.shape) / vrt.overviews(1)[-1] <= 512  # QGIS zoomed out
         for scene in scenes:
             with rasterio.open(tmp_path / "survey" / f"{scene_id(scene)}_landcover.tif") as m:
                 assert vrt.crs == m.crs and vrt.res == m.res

@@ -4,7 +4,7 @@ The VRT is written as XML (no gdalbuildvrt needed): every map is a ComplexSource
 on one north-up grid, with the class colour table and nodata 255; sources are named relative to the VRT,
 so the folder can be moved or shared. Maps must share one CRS and pixel size (a survey in several UTM zones
 is refused with one line: map each zone into its own --out). GDAL reads the maps' own overviews through the
-VRT when zoomed out (QGIS opens it as one layer).
+VRT's virtual overviews (OverviewList) when zoomed out (QGIS opens it as one layer).
 """
 
 import logging
@@ -79,7 +79,18 @@ def vrt_xml(maps: list[Path], vrt_dir: Path) -> str:
             f'  <GeoTransform>{left!r}, {xres!r}, 0.0, {top!r}, 0.0, {-yres!r}</GeoTransform>\n'
             f'  <VRTRasterBand dataType="Byte" band="1">\n    <NoDataValue>255</NoDataValue>\n'
             f'    <Description>landcover class</Description>\n    <ColorInterp>Palette</ColorInterp>\n'
-            f'    <ColorTable>{entries}</ColorTable>\n{"".join(sources)}  </VRTRasterBand>\n</VRTDataset>\n')
+            f'    <ColorTable>{entries}</ColorTable>\n{"".join(sources)}  </VRTRasterBand>\n{_overviews(width, height)}'
+            '</VRTDataset>\n')
+
+
+def _overviews(width: int, height: int, smallest: int = 512) -> str:
+    """Virtual overviews (factors 2, 4, ... until the longest side fits ``smallest``), read from the maps' own
+    mode-resampled COG overviews: QGIS zoomed out over a large survey reads little."""
+    factors, f = [], 2
+    while max(width, height) / (f // 2) > smallest:
+        factors.append(f)
+        f *= 2
+    return f'  <OverviewList resampling="mode">{" ".join(map(str, factors))}</OverviewList>\n' if factors else ""
 
 
 def write_vrt(maps: list[Path], dest: Path) -> Path:
