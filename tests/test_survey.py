@@ -141,6 +141,10 @@ def test_rerun_maps_only_what_is_missing_or_corrupt(bundle, cluster, scenes, tmp
     record = json.loads((out / "survey.json").read_text())["scenes"][scene_id(scenes[1])]
     assert record["mapped_because"] == "map changed or corrupt"
     assert _maps(out) == good, "the corrupt map was redone, identical"
+    st = scenes[0].stat()
+    os.utime(scenes[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: re-hashed, skipped
+    touched = run_survey(scenes, bundle, _opts(), _survey(cluster, out))
+    assert (touched["mapped"], touched["skipped"]) == (0, 3) and touched["mpx_per_s"] is None
     fourth = run_survey(scenes, bundle, _opts(tta=True), _survey(cluster, out))
     assert fourth["mapped"] == 3, "other options: every map is redone"
 
