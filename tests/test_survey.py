@@ -121,6 +121,11 @@ def test_survey_maps_equal_infer_scene_byte_for_byte(bundle, cluster, scenes, tm
     per_scene = [a["classes"]["road"]["pixels"] for a in areas["scenes"].values()]
     assert areas["survey"]["classes"]["road"]["pixels"] == sum(per_scene)
     assert areas["survey"]["total_m2"] == pytest.approx(3 * 400 * 300 * 0.25)
+    with rasterio.open(tmp_path / "survey" / "survey.vrt") as vrt:
+        mosaic = vrt.read(1)
+    shutil.move(tmp_path / "survey", tmp_path / "moved")  # the VRT names its sources relative to itself
+    with rasterio.open(tmp_path / "moved" / "survey.vrt") as vrt:
+        assert np.array_equal(vrt.read(1), mosaic)
 
 
 def test_rerun_maps_only_what_is_missing_or_corrupt(bundle, cluster, scenes, tmp_path):
@@ -242,3 +247,14 @@ def test_survey_defaults_equal_params_yaml():
 
     shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["survey"]
     assert shipped == {f.name: f.default for f in dataclasses.fields(SurveyOptions)}
+
+
+def test_areas_sum_in_ground_units_only_when_every_scene_has_them():
+    from aerialseg.inference.mosaic import sum_areas
+
+    metric = {"units": "m2", "classes": {"road": {"pixels": 4, "m2": 1.0, "ha": 1e-4}, "tree": {"pixels": 4, "m2": 1.0}}}
+    pixels = {"units": "pixels", "classes": {"road": {"pixels": 2}}}
+    both = sum_areas({"a": metric, "b": metric})
+    assert both["total_m2"] == 4.0 and both["classes"]["road"] == {"pixels": 8, "m2": 2.0, "ha": 2e-4, "share": 0.5}
+    mixed = sum_areas({"a": metric, "b": pixels})
+    assert mixed["units"] == "pixels" and mixed["classes"]["road"] == {"pixels": 6, "share": 0.6}

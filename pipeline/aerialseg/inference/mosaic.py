@@ -51,6 +51,12 @@ def _num(value: float) -> str:
     return str(round(value)) if abs(value - round(value)) < 1e-6 else repr(value)
 
 
+def _source_name(path: Path, vrt_dir: Path) -> tuple[str, int]:
+    """(name, relativeToVRT): relative when the map lies under the VRT's folder, else absolute."""
+    path, vrt_dir = path.resolve(), vrt_dir.resolve()
+    return (str(path.relative_to(vrt_dir)), 1) if path.is_relative_to(vrt_dir) else (str(path), 0)
+
+
 def vrt_xml(maps: list[Path], vrt_dir: Path) -> str:
     """The VRT text of all maps on one grid (the union of their extents)."""
     from aerialseg.core.classes import colormap
@@ -66,9 +72,7 @@ def vrt_xml(maps: list[Path], vrt_dir: Path) -> str:
                       for c in (colours.get(i, (0, 0, 0, 0)) for i in range(256)))
     sources = []
     for path, t, w, h in items:
-        rel = Path(path).resolve().relative_to(vrt_dir.resolve()) if Path(path).resolve().is_relative_to(
-            vrt_dir.resolve()) else None
-        name, relative = (str(rel), 1) if rel is not None else (str(Path(path).resolve()), 0)
+        name, relative = _source_name(Path(path), vrt_dir)
         sources.append(
             f'    <ComplexSource>\n      <SourceFilename relativeToVRT="{relative}">{escape(name)}</SourceFilename>\n'
             f'      <SourceBand>1</SourceBand>\n      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>\n'
@@ -142,9 +146,7 @@ def sum_areas(per_scene: dict[str, dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {"units": "m2" if metric else "pixels", "scenes": len(per_scene), "classes": {}}
     for name, entry in total.items():
         entry["share"] = entry.get("pixels", 0) / valid if valid else 0.0
-        if not metric:
-            entry.pop("m2", None), entry.pop("ha", None)
-        result["classes"][name] = entry
+        result["classes"][name] = entry if metric else {k: v for k, v in entry.items() if k not in ("m2", "ha")}
     if metric:
         result["total_m2"] = sum(e.get("m2", 0.0) for e in total.values())
         result["total_ha"] = result["total_m2"] / 10_000.0
