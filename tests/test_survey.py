@@ -246,7 +246,7 @@ def test_survey_defaults_equal_params_yaml():
     from aerialseg.core.config import load_params
 
     shipped = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["survey"]
-    assert shipped == {f.name: f.default for f in dataclasses.fields(SurveyOptions)}
+    assert shipped == dataclasses.asdict(SurveyOptions())
 
 
 def test_areas_sum_in_ground_units_only_when_every_scene_has_them():
@@ -258,3 +258,15 @@ def test_areas_sum_in_ground_units_only_when_every_scene_has_them():
     assert both["total_m2"] == 4.0 and both["classes"]["road"] == {"pixels": 8, "m2": 2.0, "ha": 2e-4, "share": 0.5}
     mixed = sum_areas({"a": metric, "b": pixels})
     assert mixed["units"] == "pixels" and mixed["classes"]["road"] == {"pixels": 6, "share": 0.6}
+
+
+def test_stage_maps_params_scenes_when_none_are_given(bundle, cluster, scenes, tmp_path):
+    from aerialseg.stages import survey
+
+    params = {"infer": {"backend": "onnx", "device": "cpu", "preview": False},
+              "survey": {"scenes_dir": str(scenes[0].parent), "scenes": ["dubai_tile2*.tif"], "out": str(tmp_path),
+                         "scheduler": cluster.scheduler_address, "progress": False}}
+    done = survey.run(params, None, bundle)
+    assert done["mapped"] == 1 and (tmp_path / f"{scene_id(scenes[1])}_landcover.tif").is_file()
+    with pytest.raises(AerialsegError, match="unknown survey key"):
+        survey.run({**params, "survey": {**params["survey"], "worker": 3}}, None, bundle)

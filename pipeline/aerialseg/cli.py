@@ -476,7 +476,8 @@ def rank_scenes_command(
 
 @app.command("infer-survey")
 def infer_survey_command(
-    scenes: Annotated[list[Path], typer.Argument(help="Scenes: GeoTIFFs, folders, globs or list files.")],
+    scenes: Annotated[list[Path] | None, typer.Argument(help="GeoTIFFs, folders, globs or list files "
+                                                        "[survey.scenes in survey.scenes_dir].")] = None,
     model: Annotated[Path | None, typer.Option(help="Bundle dir or .zip [infer.model].")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder [survey.out].")] = None,
     workers: Annotated[int | None, typer.Option(help="Local worker processes [survey.workers].")] = None,

@@ -1,19 +1,17 @@
 """infer-survey: many scenes mapped on Dask distributed, resumable from a manifest, one product at the end.
 
-Each scene is one Dask task (``client.submit(..., retries=N)``, collected with ``as_completed``); a killed
-worker's task is rescheduled by the scheduler, an exception is retried, a user error (corrupt scene, wrong
-CRS, ...) fails that scene alone. The model is loaded once per worker: ``ModelPlugin`` (a Dask worker plugin)
-opens the bundle and builds the Predictor on the first task a worker runs and keeps them for the next ones.
+Each scene is one Dask task (``client.submit(..., retries=N)``, ``as_completed``): a killed worker's task is
+rescheduled, an exception retried, a user error (corrupt scene, no CRS, ...) fails that scene alone. The model
+is loaded once per worker, on its first task, by ``ModelPlugin`` (a Dask worker plugin) and kept there.
 
 A scene is mapped by infer-scene's own steps (``aerialseg.inference.scene``), with the worker's predictor:
 the same COG, polygons and areas, byte for byte. Outputs go to ``<out>/<stem>-<8 hex of the resolved path>
 _landcover.tif`` (+ ``_polygons.gpkg``, ``_areas.json``, ...), so two scenes with one file name never collide.
 
-The manifest (``<out>/survey.json``, rewritten atomically after each scene) records per scene: its size,
-mtime and SHA-256, the bundle's and options' hashes, each output's SHA-256, the state (done / failed with
-its one-line error). A rerun skips a scene whose record matches and whose outputs hash as recorded; a scene
-whose size and mtime are unchanged is trusted to be the file hashed before (else it is hashed again: a
-touched but identical scene is still skipped). Outputs are always re-hashed (maps are small next to scenes).
+The manifest (``<out>/survey.json``, rewritten atomically after each scene) records per scene its size, mtime
+and SHA-256, the bundle's and options' hashes, each output's SHA-256 and the state (done / failed + its error).
+A rerun skips a scene whose record matches and whose outputs hash as recorded; a scene with unchanged size and
+mtime is trusted to be the file hashed before (else it is re-hashed: touched but identical is still skipped).
 """
 
 import hashlib
@@ -50,6 +48,8 @@ NEUTRAL_OPTIONS = ("progress", "out_dir", "overwrite", "gdal_cache_mb")
 class SurveyOptions:
     """infer-survey's own knobs (params.yaml section ``survey``; CLI flags override)."""
 
+    scenes_dir: str = "data/sample/scenes"  # where the scenes are when none are given (DVC stage survey)
+    scenes: list[str] = field(default_factory=lambda: ["dubai_tile4.tif"])  # names or globs in scenes_dir
     out: str = "outputs/survey"
     workers: int = 2  # local cluster: worker processes (one per GPU on GPU machines)
     threads_per_worker: int = 1  # scenes a worker maps at once (they share its model)
@@ -128,9 +128,9 @@ def stat_key(path: Path) -> list[int]:
 class ModelPlugin(WorkerPlugin):
     """Dask worker plugin: the bundle and its Predictor, built on a worker's first task, kept for the others."""
 
-    def __init__(self, model: str, backend: str, device: str, tta: bool, name: str):
-        self.model, self.backend, self.device, self.tta, self.name = model, backend, device, tta, name
-        self.loads = 0
+    def __init__(self, model: str, options: InferOptions, name: str):
+        self.model, self.name, self.loads = model, name, 0
+        self.args = options.backend, options.device, options.tta, options.labelled_only  # Predictor.from_bundle
 
     def setup(self, worker: Any = None) -> None:
         self._lock, self._stack, self._loaded = threading.Lock(), ExitStack(), None
@@ -147,7 +147,7 @@ class ModelPlugin(WorkerPlugin):
         with self._lock:
             if self._loaded is None:
                 bundle = self._stack.enter_context(open_model(Path(self.model)))
-                self._loaded = bundle, Predictor.from_bundle(bundle, self.backend, self.device, self.tta)
+                self._loaded = bundle, Predictor.from_bundle(bundle, *self.args)
                 self.loads += 1
             return self._loaded
 
@@ -161,7 +161,7 @@ def _plugin(name: str, model: str, options: InferOptions) -> ModelPlugin:
     except ValueError:  # not on a worker
         plugin = None
     if plugin is None:
-        plugin = ModelPlugin(model, options.backend, options.device, options.tta, name)
+        plugin = ModelPlugin(model, options, name)
         plugin.setup()
     return plugin
 
@@ -373,11 +373,11 @@ def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, 
     start = time.perf_counter()
     if not plan.todo:
         return {"mapped_mpx": 0.0, "seconds": 0.0, "tasks_seconds": 0.0}
-    name = f"aerialseg-model-{plan.bundle_sha[:12]}-{options.backend}-{options.device}-{int(options.tta)}"
+    name = f"aerialseg-model-{plan.bundle_sha[:12]}-{options_digest(options)[:12]}"
     weights = {sid: _weight(plan.scenes[sid]) for sid in plan.todo}
     with dask_client(survey) as client, tqdm(total=round(sum(weights.values()), 2), unit="Mpx", desc="survey",
                                              disable=None if survey.progress else True, dynamic_ncols=True) as bar:
-        client.register_plugin(ModelPlugin(str(model), options.backend, options.device, options.tta, name), name)
+        client.register_plugin(ModelPlugin(str(model), options, name), name)
         try:
             submitted = time.perf_counter()
             futures = {client.submit(scene_task, str(plan.scenes[sid]), sid, str(out), str(model), options, name,
