@@ -1,6 +1,7 @@
 """`aerialseg init`: a survey project of its own, with the repository's pipeline and the user's paths."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,59 @@ def test_missing_inputs_are_one_line_errors_and_nothing_is_written(tmp_path, sur
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "nowhere" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _in(project: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(list(cmd), cwd=project, env=env, capture_output=True, text=True)
+
+
+def _footprint_m2(scene: Path) -> float:
+    """pyproj's geodesic area (WGS 84) of a scene's footprint, its edges densified in the scene's CRS."""
+    import numpy as np
+    import rasterio
+    from pyproj import Geod, Transformer
+
+    with rasterio.open(scene) as ds:
+        left, bottom, right, top = ds.bounds
+        crs = ds.crs
+    t = np.linspace(0, 1, 65)
+    xs = np.concatenate([left + (right - left) * t, np.full(65, right), right - (right - left) * t, np.full(65, left)])
+    ys = np.concatenate([np.full(65, top), top - (top - bottom) * t, np.full(65, bottom), bottom + (top - bottom) * t])
+    lons, lats = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(xs, ys)
+    return abs(Geod(ellps="WGS84").polygon_area_perimeter(lons, lats)[0])
+
+
+@pytest.mark.slow
+def test_a_foreign_survey_runs_every_stage_in_a_project_of_its_own(tmp_path):
+    """20 labelme JPEGs and GeoTIFFs in EPSG:3857 and EPSG:4326 labelling only tree and building: init, the
+    tiny profile, dvc repro; the report is about this survey only and areas are true ground m²."""
+    labels, images = make_survey(tmp_path / "src")
+    before = _git_status()
+    proj = tmp_path / "proj"
+    made = _aerialseg("init", str(proj), "--labels", str(labels), "--images", str(images), "--scenes", "*.tif")
+    assert made.returncode == 0, made.stderr
+    for cmd in (["aerialseg", "apply-profile", "ci"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=ci", "-c", "user.email=ci@example.org", "commit", "-qm", "survey"]):
+        assert _in(proj, *cmd).returncode == 0, cmd
+
+    result = _in(proj, "dvc", "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _git_status() == before  # the tool's checkout is untouched
+
+    metrics = json.loads((proj / "reports/metrics.json").read_text())
+    assert sorted(metrics["not_labelled"]) == ["road", "water"]
+    present = [v for k, v in metrics["iou"].items() if k not in ("road", "water")]
+    assert metrics["mIoU"] == pytest.approx(sum(present) / len(present), abs=1e-5)
+    report = (proj / "reports/report.md").read_text()
+    assert "dubai" not in report.lower() and "0.5702" not in report and "not labelled" in report
+    assert "int8 gate failed" in report  # the ci profile forces it; the run still ended with the report
+
+    areas = json.loads(next((proj / "outputs").rglob("survey_areas.json")).read_text())["scenes"]
+    checked = 0
+    for entry in areas.values():
+        scene = Path(entry["scene"])
+        assert entry["area_method"].startswith("geodesic"), entry["area_method"]
+        assert entry["total_m2"] == pytest.approx(_footprint_m2(scene), rel=1e-3), scene.name
+        checked += 1
+    assert checked == 4  # two EPSG:3857 and two EPSG:4326 scenes

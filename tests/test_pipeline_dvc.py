@@ -58,8 +58,9 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     assert "int8 gate failed for default" in report  # profiles/ci.yaml forces it: a result, and the run goes on
     int8 = work / "models/int8"
     assert not (int8 / "model.int8.onnx").exists() and (int8 / "model.int8.rejected.onnx").is_file()
-    with rasterio.open(work / "data/sample/scenes/dubai_tile4.tif") as scene, \
-            rasterio.open(work / "outputs/infer/dubai_tile4_landcover.tif") as out:
+    mapped = sorted((work / "outputs/survey").glob("dubai_tile4-*_landcover.tif"))  # the infer stage: infer-survey
+    assert len(mapped) == 1 and (work / "outputs/survey/survey.vrt").is_file()
+    with rasterio.open(work / "data/sample/scenes/dubai_tile4.tif") as scene, rasterio.open(mapped[0]) as out:
         assert out.crs == scene.crs and out.transform == scene.transform and out.count == 1
     split = json.loads((work / "data/split/split.json").read_text())
     assert all(split["sizes"][name] > 0 for name in ("train", "val", "test"))

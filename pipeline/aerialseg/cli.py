@@ -13,6 +13,7 @@ import typer
 
 import aerialseg  # noqa: F401  (offline defaults and the torchvision fix come first)
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.terminal import HeldStderr, quiet_libraries, user_error
 
 app = typer.Typer(
     help="aerialseg: labelled drone surveys -> land-cover models -> georeferenced maps.",
@@ -475,6 +476,36 @@ def rank_scenes_command(
     typer.echo(rank_scenes(scenes, model, options).summary())
 
 
+@app.command("infer-survey")
+def infer_survey_command(
+    scenes: Annotated[list[Path] | None, typer.Argument(help="GeoTIFFs, folders, globs or list files "
+                                                        "[survey.scenes in survey.scenes_dir].")] = None,
+    model: Annotated[Path | None, typer.Option(help="Bundle dir or .zip [infer.model].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [survey.out].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes [survey.workers].")] = None,
+    threads_per_worker: Annotated[int | None, typer.Option(help="[survey.threads_per_worker]")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Existing Dask scheduler address [survey.scheduler].")] = None,
+    vectors: Annotated[bool | None, typer.Option("--vectors/--no-vectors", help="[infer.vectors]")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch | onnx [infer.backend].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [infer.device].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Map a whole survey on Dask: resumable (survey.json), VRT mosaic, merged polygons and areas; exit 1 if
+    some scenes failed."""
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import survey
+
+    done = survey.run(load_params(params), scenes, model, out=str(out) if out else None, workers=workers,
+                      threads_per_worker=threads_per_worker, scheduler=scheduler, vectors=vectors, backend=backend,
+                      device=device)
+    typer.echo(f"infer-survey: {done['mapped']} mapped, {done['skipped']} skipped, {done['failed']} failed "
+               f"({done['mpx_per_s']} Mpx/s) -> {done['products'].get('mosaic')}")
+    for line in [*done["errors"].values(), *done["products"]["errors"]]:
+        typer.echo(f"error: {line}", err=True)
+    if done["failed"] or done["products"]["errors"]:
+        raise typer.Exit(1)
+
+
 
 
 @app.command("init")
@@ -525,65 +556,7 @@ def apply_profile_command(
     typer.echo(f"wrote {out} (profile {source})" + (f"; previous file kept as {out.name}.bak" if replaced else ""))
 
 
-RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "postprocess", "evaluate"}
-
-
-def _quiet_libraries() -> None:
-    """GDAL/rasterio and OpenCV chatter (warnings about the corrupt file we are about to refuse) stays off the
-    terminal unless --verbose: the user sees aerialseg's one line."""
-    import os
-    import warnings
-
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-    if "-v" not in sys.argv and "--verbose" not in sys.argv:
-        logging.getLogger("rasterio").setLevel(logging.CRITICAL)
-        warnings.filterwarnings("ignore", module="rasterio")
-        warnings.filterwarnings("ignore", category=UserWarning, module="pyogrio")
-
-
-class HeldStderr:
-    """C libraries (libtiff, libpng, GDAL's default handler) write to file descriptor 2 directly. For the raster
-    commands those bytes go to memory instead and are shown after a run that succeeded (or failed with a
-    traceback); a run that ends in a one-line user error drops them. Python's own stderr is not held."""
-
-    def __init__(self) -> None:
-        import os
-
-        self.saved = os.dup(2)
-        self.python_stderr = sys.stderr
-        self.buffer = os.memfd_create("aerialseg-stderr") if hasattr(os, "memfd_create") else None
-        if self.buffer is None:
-            import tempfile
-
-            self.buffer = os.dup(tempfile.TemporaryFile().fileno())
-        sys.stderr.flush()
-        sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding="utf-8", errors="replace")
-        os.dup2(self.buffer, 2)
-
-    @classmethod
-    def wanted(cls) -> bool:
-        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        verbose = "-v" in sys.argv or "--verbose" in sys.argv
-        return command in RASTER_COMMANDS and not verbose and sys.stderr is sys.__stderr__
-
-    def release(self, show: bool) -> None:
-        """Restore file descriptor 2; write what the libraries said when ``show``."""
-        import os
-
-        if self.buffer is None:
-            return
-        sys.stderr.flush()
-        sys.stderr.close()
-        sys.stderr = self.python_stderr
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        os.lseek(self.buffer, 0, os.SEEK_SET)
-        held = b"".join(iter(lambda: os.read(self.buffer, 1 << 16), b""))
-        os.close(self.buffer)
-        self.buffer = None
-        if show and held:
-            sys.stderr.write(held.decode("utf-8", "replace"))
-            sys.stderr.flush()
+RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "infer-survey", "tiles", "postprocess", "evaluate"}
 
 
 def _fail(message: str) -> None:
@@ -591,29 +564,10 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _user_error(exc: BaseException) -> AerialsegError | None:
-    """The one-line error for a failure the user can fix: the environment's (full or read-only disk,
-    permission denied, a folder where a file is expected, a file where a folder is expected) or GDAL's."""
-    from aerialseg.core.safety import environment_error
-
-    if isinstance(exc, AerialsegError):
-        return exc
-    if isinstance(exc, RecursionError):
-        return AerialsegError("input nested too deeply to read (a malformed JSON or YAML file?)",
-                              fix="check the files you passed")
-    error = environment_error(exc)
-    if error is None and isinstance(exc, OSError) and exc.filename:
-        error = AerialsegError(exc.strerror or type(exc).__name__, exc.filename, "check the path")
-    if error is None and type(exc).__module__.startswith("rasterio"):
-        error = AerialsegError(f"GDAL cannot read or write a raster ({str(exc).splitlines()[0][:160]})",
-                               fix="check the input rasters and the output folder; rerun with -v for details")
-    return error
-
-
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
-    _quiet_libraries()
-    held = HeldStderr() if HeldStderr.wanted() else None
+    quiet_libraries()
+    held = HeldStderr() if HeldStderr.wanted(RASTER_COMMANDS) else None
     try:
         app()
     except SystemExit:
@@ -626,7 +580,7 @@ def main() -> None:
         typer.echo("interrupted: no output was written", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001  (only errors the user can fix become one line)
-        error = _user_error(exc)
+        error = user_error(exc)
         if held:
             held.release(show=error is None)
         if error is None:

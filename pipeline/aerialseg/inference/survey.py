@@ -1,0 +1,450 @@
+"""infer-survey: many scenes mapped on Dask distributed, resumable from a manifest, one product at the end.
+
+Each scene is one Dask task (``client.submit(..., retries=N)``, ``as_completed``): a killed worker's task is
+rescheduled, an exception retried, a user error (corrupt scene, no CRS, ...) fails that scene alone. The model
+is loaded once per worker, on its first task, by ``ModelPlugin`` (a Dask worker plugin) and kept there.
+
+A scene is mapped by infer-scene's own steps (``aerialseg.inference.scene``), with the worker's predictor:
+the same COG, polygons and areas, byte for byte. Outputs go to ``<out>/<stem>-<8 hex of the resolved path>
+_landcover.tif`` (+ ``_polygons.gpkg``, ``_areas.json``, ...), so two scenes with one file name never collide.
+
+The manifest (``<out>/survey.json``, rewritten atomically after each scene) records per scene its size, mtime
+and SHA-256, the bundle's and options' hashes, each output's SHA-256 and the state (done / failed + its error).
+A rerun skips a scene whose record matches and whose outputs hash as recorded; a scene with unchanged size and
+mtime is trusted to be the file hashed before (else it is re-hashed: touched but identical is still skipped).
+"""
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from aerialseg.core.config import typed_section
+from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import sha256_file, write_json
+from aerialseg.inference.mosaic import write_products
+from aerialseg.inference.scene import InferOptions
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "survey.json"
+FORMAT = "aerialseg-survey"
+SCENE_SUFFIXES = (".tif", ".tiff")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+# options that change no output byte (progress bars, where infer-scene would write, GDAL's cache)
+NEUTRAL_OPTIONS = ("progress", "out_dir", "overwrite", "gdal_cache_mb")
+
+
+@dataclass
+class SurveyOptions:
+    """infer-survey's own knobs (params.yaml section ``survey``; CLI flags override)."""
+
+    scenes_dir: str = "data/sample/scenes"  # where the scenes are when none are given (DVC stage survey)
+    scenes: list[str] = field(default_factory=lambda: ["dubai_tile4.tif"])  # names or globs in scenes_dir
+    out: str = "outputs/survey"
+    workers: int = 2  # local cluster: worker processes (one per GPU on GPU machines)
+    threads_per_worker: int = 1  # scenes a worker maps at once (they share its model)
+    scheduler: str | None = None  # address of an existing Dask scheduler (then workers/threads are its own)
+    retries: int = 2  # a scene's task is retried this often after an unexpected error
+    mosaic: bool = True  # survey.vrt over all maps
+    progress: bool = True
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], **overrides: Any) -> "SurveyOptions":
+        return typed_section(cls, "survey", section, **overrides)
+
+    def validate(self) -> None:
+        if self.workers < 1 or self.threads_per_worker < 1:
+            raise AerialsegError("workers and threads per worker must be >= 1", fix="pass 1 or more")
+        if self.retries < 0:
+            raise AerialsegError("retries must be >= 0", fix="pass --retries 0 or more")
+
+
+# --- scenes and their names --------------------------------------------------------------------
+
+def _expand(item: Path) -> list[Path]:
+    """One argument -> scene paths: a folder (its .tif/.tiff), a list file (one path a line), a glob, a file."""
+    if item.is_dir():
+        return sorted(p for p in item.iterdir() if p.suffix.lower() in SCENE_SUFFIXES and p.is_file())
+    if item.suffix.lower() in LIST_SUFFIXES and item.is_file():
+        lines = (ln.strip() for ln in item.read_text(encoding="utf-8").splitlines())
+        return [(item.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    if any(ch in str(item) for ch in "*?["):
+        anchor = Path(item.anchor) if item.is_absolute() else Path(".")
+        return sorted(anchor.glob(str(item.relative_to(item.anchor)) if item.is_absolute() else str(item)))
+    return [item]
+
+
+def collect_scenes(items: Iterable[str | Path]) -> list[Path]:
+    """Scenes from files, folders, globs and list files; each file once (by its resolved path), in order."""
+    seen: dict[Path, Path] = {}
+    items = list(items)
+    for item in items:
+        for path in _expand(Path(item)):
+            seen.setdefault(path.resolve(), path)
+    if not seen:
+        raise AerialsegError("no scenes found", ", ".join(str(i) for i in items) or None,
+                             "pass GeoTIFF files, folders holding them, globs or a list file")
+    return list(seen.values())
+
+
+def scene_id(scene: Path) -> str:
+    """``<stem>-<8 hex>``: the hex of the resolved path keeps same-named scenes of other folders apart."""
+    return f"{scene.stem}-{hashlib.sha1(str(scene.resolve()).encode()).hexdigest()[:8]}"
+
+
+def options_digest(options: InferOptions) -> str:
+    """SHA-256 of the options that shape the outputs (sorted JSON)."""
+    knobs = {k: v for k, v in asdict(options).items() if k not in NEUTRAL_OPTIONS}
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()
+
+
+def bundle_digest(model: Path) -> str:
+    """A bundle folder: SHA-256 of its bundle.json (which lists every file's SHA-256); a .zip: of the file."""
+    manifest = model / "bundle.json"
+    if model.is_dir():
+        if not manifest.is_file():
+            raise AerialsegError("no bundle.json here", model, "package the model with `aerialseg bundle` first")
+        return sha256_file(manifest)
+    return sha256_file(model)
+
+
+def stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+# --- the worker side -------------------------------------------------------------------------------
+
+class ModelPlugin(WorkerPlugin):
+    """Dask worker plugin: the bundle and its Predictor, built on a worker's first task, kept for the others."""
+
+    def __init__(self, model: str, options: InferOptions, name: str):
+        self.model, self.name, self.loads = model, name, 0
+        self.args = options.backend, options.device, options.tta, options.labelled_only  # Predictor.from_bundle
+
+    def setup(self, worker: Any = None) -> None:
+        self._lock, self._stack, self._loaded = threading.Lock(), ExitStack(), None
+
+    def teardown(self, worker: Any = None) -> None:
+        self._stack.close()
+        self._loaded = None
+
+    def loaded(self) -> tuple[Any, Any]:
+        """(Bundle, Predictor), loaded at the first call (threads of one worker wait for it)."""
+        from aerialseg.inference.predictor import Predictor
+        from aerialseg.inference.scene import open_model
+
+        with self._lock:
+            if self._loaded is None:
+                bundle = self._stack.enter_context(open_model(Path(self.model)))
+                self._loaded = bundle, Predictor.from_bundle(bundle, *self.args)
+                self.loads += 1
+            return self._loaded
+
+
+def _plugin(name: str, model: str, options: InferOptions) -> ModelPlugin:
+    """This worker's ModelPlugin (outside a worker: one made here, e.g. for a direct call)."""
+    from distributed import get_worker
+
+    try:
+        plugin = get_worker().plugins.get(name)
+    except ValueError:  # not on a worker
+        plugin = None
+    if plugin is None:
+        plugin = ModelPlugin(model, options, name)
+        plugin.setup()
+    return plugin
+
+
+def map_scene(scene: Path, model: Path, bundle: Any, predict: Any, main: Path,
+              options: InferOptions) -> dict[str, Any]:
+    """infer-scene's steps for one scene with an already loaded model; returns {outputs, width, height, tiles}."""
+    import rasterio
+
+    from aerialseg.geo.raster import open_raster
+    from aerialseg.geo.scene import SceneReader
+    from aerialseg.inference import scene as infer
+    from aerialseg.core.safety import temp_dir
+    from aerialseg.core.fileio import atomic_path
+
+    with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds:
+        paths = infer.output_paths(scene, main, options)
+        infer.check_outputs(paths, scene, model)
+        reader = SceneReader(ds, scene, bundle.band_policy)
+        infer.check_scene(reader, scene, options)
+        overlap = bundle.overlap if options.overlap is None else int(options.overlap)
+        margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
+        grid = infer.Grid(ds.height, ds.width, infer.resample_scale(ds, bundle, options, scene))
+        class_names = tuple(c["name"] for c in bundle.manifest["classes"])
+        with ExitStack() as stack:
+            work = stack.enter_context(temp_dir(main.parent, "infer-work"))
+            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in reversed(paths.items())}
+            counts, tiles = infer.predict_scene(
+                reader, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
+                work / "classes.tif", work / "confidence.tif" if options.confidence else None,
+                options.cog_blocksize, progress=False)
+            infer._finish_outputs(ds, scene, work, tmp, counts, options, class_names)
+        return {"outputs": paths, "width": ds.width, "height": ds.height, "tiles": tiles}
+
+
+def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions, plugin: str) -> dict[str, Any]:
+    """One scene on a Dask worker -> its manifest record. User errors come back as state 'failed'; anything
+    else raises, so Dask retries the task."""
+    from distributed import get_worker
+
+    path, start = Path(scene), time.perf_counter()
+    record: dict[str, Any] = {"scene": scene, "state": "failed", "error": None}
+    try:
+        record["worker"] = get_worker().address
+    except ValueError:
+        record["worker"] = f"pid {os.getpid()}"
+    try:
+        before = stat_key(path)
+        record.update(stat=before, sha256=sha256_file(path))
+        holder = _plugin(plugin, model, options)
+        bundle, predict = holder.loaded()
+        forward = [0.0]
+
+        def timed(tiles: Any) -> Any:  # the model's share of the task (bench: overhead vs forward)
+            t0 = time.perf_counter()
+            probs = predict(tiles)
+            forward[0] += time.perf_counter() - t0
+            return probs
+
+        done = map_scene(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", options)
+        if stat_key(path) != before:
+            raise AerialsegError("scene changed while it was mapped", path, "run infer-survey again")
+    except AerialsegError as exc:
+        record["error"] = str(exc)
+        return record
+    except OSError as exc:
+        if not path.is_file():
+            record["error"] = str(AerialsegError("file not found", path, "check the path"))
+            return record
+        raise
+    record.update(state="done", width=done["width"], height=done["height"], tiles=done["tiles"],
+                  model_loads=holder.loads, seconds=round(time.perf_counter() - start, 3),
+                  forward_seconds=round(forward[0], 3),
+                  outputs={role: {"file": p.name, "sha256": sha256_file(p)} for role, p in done["outputs"].items()})
+    return record
+
+
+# --- the manifest ------------------------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    """survey.json: one record per scene id, saved atomically after every change."""
+
+    path: Path
+    scenes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        if not path.is_file():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s: unreadable survey manifest: every scene is mapped again", path)
+            return cls(path)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise AerialsegError("not an infer-survey manifest", path, "pass another --out folder")
+        return cls(path, dict(data.get("scenes") or {}))
+
+    def save(self) -> None:
+        write_json(self.path, {"format": FORMAT, "version": 1, "scenes": self.scenes})
+
+    def stale(self, sid: str, scene: Path, bundle_sha: str, options_sha: str) -> str | None:
+        """Why this scene must be mapped (None: its maps verify and it can be skipped)."""
+        rec = self.scenes.get(sid)
+        if rec is None:
+            return "new"
+        if rec.get("state") != "done":
+            return "failed before"
+        if (rec.get("bundle_sha256"), rec.get("options_sha256")) != (bundle_sha, options_sha):
+            return "model or options changed"
+        if not scene.is_file():
+            return "scene missing"
+        if rec.get("stat") != stat_key(scene):
+            if sha256_file(scene) != rec.get("sha256"):
+                return "scene changed"
+            rec["stat"] = stat_key(scene)
+        for role, out in (rec.get("outputs") or {}).items():
+            path = self.path.parent / out["file"]
+            if not path.is_file():
+                return f"{role} missing"
+            if sha256_file(path) != out["sha256"]:
+                return f"{role} changed or corrupt"
+        return None
+
+    def outputs(self, role: str, sids: Iterable[str]) -> dict[str, Path]:
+        """{scene id: its ``role`` output} of the done scenes that have one, in the order given."""
+        recs = {s: self.scenes.get(s) or {} for s in sids}
+        return {s: self.path.parent / r["outputs"][role]["file"] for s, r in recs.items()
+                if r.get("state") == "done" and role in (r.get("outputs") or {})}
+
+
+# --- the client side -------------------------------------------------------------------------------
+
+@contextmanager
+def dask_client(survey: SurveyOptions) -> Iterator[Any]:
+    """A Client on --scheduler, else on a local cluster of worker processes (loopback, no dashboard)."""
+    from distributed import Client, LocalCluster
+
+    if not log.isEnabledFor(logging.DEBUG):  # Dask's INFO lines (workers starting, closing) only with -v
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+    if survey.scheduler:
+        try:
+            client = Client(survey.scheduler, timeout="30s")
+        except OSError as exc:
+            raise AerialsegError(f"cannot reach the Dask scheduler ({exc})", survey.scheduler,
+                                 "start it (dask scheduler) or check the address") from None
+        with client:
+            yield client
+        return
+    with LocalCluster(n_workers=survey.workers, threads_per_worker=survey.threads_per_worker, processes=True,
+                      host="127.0.0.1", dashboard_address=None,
+                      silence_logs=logging.WARNING if log.isEnabledFor(logging.DEBUG) else logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@dataclass
+class SurveyPlan:
+    """What a run maps and what it skips (scene id -> path, and why each one is mapped)."""
+
+    scenes: dict[str, Path]
+    todo: dict[str, str]  # scene id -> reason
+    bundle_sha: str
+    options_sha: str
+
+
+def plan_survey(scenes: list[Path], model: Path, options: InferOptions, manifest: Manifest) -> SurveyPlan:
+    """Hash the bundle and options; each scene is skipped when its record and outputs verify."""
+    bundle_sha, options_sha = bundle_digest(model), options_digest(options)
+    ids = {scene_id(p): p for p in scenes}
+    todo = {sid: why for sid, p in ids.items() if (why := manifest.stale(sid, p, bundle_sha, options_sha))}
+    return SurveyPlan(ids, todo, bundle_sha, options_sha)
+
+
+def _failed(scene: Path, exc: BaseException) -> dict[str, Any]:
+    """The record of a task that failed after its retries (or whose worker kept dying)."""
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        message = "the workers mapping it died repeatedly (out of memory?)"
+        fix = "give workers more memory (docs/survey.md) or fewer threads per worker"
+    else:
+        message, fix = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", \
+            "rerun with -v; a rerun maps only the scenes not done"
+    return {"scene": str(scene), "state": "failed", "error": str(AerialsegError(message, scene, fix))}
+
+
+def _pixels(rec: dict[str, Any]) -> int:
+    return int(rec.get("width", 0)) * int(rec.get("height", 0))  # 0 for a failed scene
+
+
+def _weight(scene: Path) -> float:
+    """Megapixels of a scene for the progress bar (1 when unreadable: it fails in its task)."""
+    import rasterio
+
+    try:
+        with rasterio.open(scene) as ds:
+            return ds.width * ds.height / 1e6
+    except Exception:  # noqa: BLE001  (the task reports the error)
+        return 1.0
+
+
+def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, survey: SurveyOptions,
+               manifest: Manifest) -> dict[str, float]:
+    """Map the scenes to do (one task each) and record each as it completes; returns {mapped_mpx, seconds}."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    if not plan.todo:
+        return {"mapped_mpx": 0.0, "seconds": 0.0, "tasks_seconds": 0.0}
+    name = f"aerialseg-model-{plan.bundle_sha[:12]}-{options_digest(options)[:12]}"
+    weights = {sid: _weight(plan.scenes[sid]) for sid in plan.todo}
+    with dask_client(survey) as client, tqdm(total=round(sum(weights.values()), 2), unit="Mpx", desc="survey",
+                                             disable=None if survey.progress else True, dynamic_ncols=True) as bar:
+        client.register_plugin(ModelPlugin(str(model), options, name), name)
+        try:
+            submitted = time.perf_counter()
+            futures = {client.submit(scene_task, str(plan.scenes[sid]), sid, str(out), str(model), options, name,
+                                     key=f"map-{sid}-{plan.options_sha[:8]}", retries=survey.retries,
+                                     pure=False): sid for sid in plan.todo}
+            for sid, rec in _results(futures, plan):
+                manifest.scenes[sid] = rec
+                manifest.save()
+                bar.update(round(weights[sid], 2))
+                line = (f"{sid}: {rec['error']}" if rec["state"] != "done" else
+                        f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, {rec['worker']})")
+                bar.write(line) if survey.progress else log.debug(line)
+            tasks_seconds = time.perf_counter() - submitted  # first submit to last result (bench: Dask overhead)
+        finally:
+            client.unregister_worker_plugin(name)
+    mapped = sum(_pixels(manifest.scenes[sid]) for sid in plan.todo) / 1e6
+    return {"mapped_mpx": mapped, "seconds": time.perf_counter() - start, "tasks_seconds": tasks_seconds}
+
+
+def _results(futures: dict[Any, str], plan: SurveyPlan) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(scene id, record) as tasks finish; a task that failed after its retries becomes a 'failed' record."""
+    from distributed import as_completed
+
+    for future in as_completed(futures):
+        sid = futures[future]
+        try:
+            rec = future.result()
+        except Exception as exc:  # noqa: BLE001  (after Dask's retries: this scene fails, the rest go on)
+            rec = _failed(plan.scenes[sid], exc)
+        rec.update(bundle_sha256=plan.bundle_sha, options_sha256=plan.options_sha, mapped_because=plan.todo[sid])
+        yield sid, rec
+
+
+def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOptions,
+               survey: SurveyOptions) -> dict[str, Any]:
+    """Map every scene not yet done (on Dask), then write the survey products and survey_summary.json."""
+    from aerialseg.inference.scene import open_model
+
+    start = time.perf_counter()
+    options.check()
+    if options.format != "geotiff":
+        raise AerialsegError("infer-survey writes GeoTIFF maps only", fix="set infer.format to geotiff")
+    options.areas, options.progress = True, False
+    model, out = Path(model).absolute(), Path(survey.out).absolute()  # workers may have another cwd
+    paths = [p.absolute() for p in collect_scenes(scenes)]
+    with open_model(model) as bundle:  # a broken bundle is one line here, not one per scene on the workers
+        overlap = bundle.overlap if options.overlap is None else int(options.overlap)
+        if not 0 <= overlap < bundle.tile_size:
+            raise AerialsegError(f"overlap {overlap} px must be >= 0 and below the tile size {bundle.tile_size}",
+                                 fix="pass a smaller --overlap")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load(out / MANIFEST)
+    plan = plan_survey(paths, model, options, manifest)
+    manifest.save()
+    timing = map_survey(plan, model, out, options, survey, manifest)
+    states = {sid: (manifest.scenes.get(sid) or {}).get("state") for sid in plan.scenes}
+    failed = {sid: manifest.scenes[sid]["error"] for sid, st in states.items() if st != "done"}
+    summary = {
+        "scenes": len(plan.scenes), "mapped": len(plan.todo) - len(failed),
+        "skipped": len(plan.scenes) - len(plan.todo), "failed": len(failed), "errors": failed,
+        "mapped_mpx": round(timing["mapped_mpx"], 3), "map_seconds": round(timing["seconds"], 3),
+        "tasks_seconds": round(timing["tasks_seconds"], 3),
+        "mpx_per_s": round(timing["mapped_mpx"] / timing["seconds"], 4) if timing["seconds"] else None,
+        "workers": survey.scheduler or f"local {survey.workers} x {survey.threads_per_worker} threads",
+    }
+    outputs = {role: manifest.outputs(role, plan.scenes) for role in ("map", "vectors", "areas")}
+    summary["products"] = write_products(out, outputs, survey.mosaic)
+    summary["wall_seconds"] = round(time.perf_counter() - start, 3)
+    write_json(out / "survey_summary.json", summary)
+    return summary
