@@ -64,7 +64,7 @@ def test_init_makes_a_git_dvc_project_with_the_users_paths(tmp_path, survey):
     assert params["data"]["labels"] == labels.as_posix() and params["survey"]["scenes_dir"] == images.as_posix()
     assert 0.9 < params["data"]["gsd_m"] < 1.3  # from the GeoTIFFs, not the sample's 0.5
     assert "# AnyLabeling / labelme JSON files" in (proj / "params.yaml").read_text()
-    values = json.dumps(params)
+    values = json.dumps([params, yaml.safe_load((proj / "dvc.yaml").read_text())])
     assert "data/sample" not in values and "dubai" not in values  # no stage or key names a sample file
     assert _git_status() == before  # the tool's checkout is untouched
 
