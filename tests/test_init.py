@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from foreign_survey import make_survey  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["dvc.yaml", "params.yaml", "profiles/ci.yaml", "profiles/gpu.yaml"])
+@pytest.mark.parametrize("name", ["dvc.yaml", "params.yaml", *(f"profiles/{p.name}" for p in (REPO / "profiles").glob("*.yaml"))])
 def test_the_template_is_the_repositorys_own_pipeline(name):
-    assert (TEMPLATES / name).read_bytes() == (REPO / name).read_bytes(), "run python tools/sync_templates.py"
+    template = TEMPLATES / ("dvc.template.yaml" if name == "dvc.yaml" else name)
+    assert template.read_bytes() == (REPO / name).read_bytes(), "run python tools/sync_templates.py"
 
 
 def test_rendered_code_deps_are_the_installed_package_files():
-    rendered = yaml.safe_load(render_dvc_yaml((TEMPLATES / "dvc.yaml").read_text(), PACKAGE_ROOT))
+    rendered = yaml.safe_load(render_dvc_yaml((TEMPLATES / "dvc.template.yaml").read_text(), PACKAGE_ROOT))
     deps = [d for stage in rendered["stages"].values() for d in stage.get("deps", []) if "aerialseg" in d]
     assert deps and all(Path(d).is_absolute() and Path(d).exists() for d in deps)
 

@@ -136,7 +136,7 @@ def params_values(plan: InitPlan) -> dict[str, dict[str, object]]:
 def write_project(plan: InitPlan) -> None:
     """Templates, params with the survey's paths, ignore files; then git init, dvc init, dvc add."""
     project = plan.project
-    write_text(project / "dvc.yaml", render_dvc_yaml((TEMPLATES / "dvc.yaml").read_text(encoding="utf-8"),
+    write_text(project / "dvc.yaml", render_dvc_yaml((TEMPLATES / "dvc.template.yaml").read_text(encoding="utf-8"),
                                                      PACKAGE_ROOT))
     params = set_keys((TEMPLATES / "params.yaml").read_text(encoding="utf-8"), params_values(plan))
     write_text(project / "params.yaml", params)
