@@ -90,6 +90,7 @@ class LabelTable:
 def find_label_files(sources: Iterable[str | Path]) -> list[Path]:
     """JSON files from files, folders (every *.json inside, not recursive) and glob patterns."""
     files: list[Path] = []
+    seen: set[Path] = set()  # a set: a list lookup per file would be quadratic on thousands of files
     for source in sources:
         path = Path(source)
         if path.is_dir():
@@ -103,7 +104,7 @@ def find_label_files(sources: Iterable[str | Path]) -> list[Path]:
         if not found:
             raise AerialsegError("no AnyLabeling/labelme JSON files here", path,
                                  "point data.labels (or LABELS) at the folder holding the label JSON files")
-        files.extend(p for p in found if p not in files)
+        files.extend(p for p in found if not (p in seen or seen.add(p)))
     return files
 
 

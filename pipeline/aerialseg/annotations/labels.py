@@ -43,7 +43,7 @@ from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
-from aerialseg.core.safety import environment_error, refuse_inputs, temp_dir
+from aerialseg.core.safety import environment_error, file_identity, refuse_inputs, temp_dir
 from aerialseg.geo.raster import open_raster, valid_mask, write_class_geotiff
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def _check_outputs(items: Sequence[LabelFile], out_dir: Path, names: Sequence[st
     inputs = [p for item in items for p in (item.path, item.scene.path) if p is not None]
     outputs = [out_dir / name for name in names]
     refuse_inputs(outputs, inputs, "write the masks to another folder (--out / masks.out)")
+    _check_out_dir(items, out_dir)
     if overwrite:
         return
     for path in outputs:
@@ -311,3 +312,20 @@ def _check_unique_outputs(items: Sequence[LabelFile], out_dir: Path) -> None:
             raise AerialsegError(f"same file name as {seen[dest]}: both would write {dest}.*", item.path,
                                  "give the label files unique names (masks are named after them)")
         seen[dest] = item.path
+
+
+def _check_out_dir(items: Sequence[LabelFile], out_dir: Path) -> None:
+    """The output folder may not hold label files of this run: AnyLabeling / labelme would pair each mask
+    (named like the label file) with the JSON as its image."""
+    _, target = file_identity(out_dir)
+    if target is None:
+        return  # a new folder holds no label file
+    folders: dict[Path, tuple[int, int] | None] = {}
+    for item in items:
+        parent = item.path.parent
+        if parent not in folders:
+            folders[parent] = file_identity(parent)[1]
+        if folders[parent] == target:
+            raise AerialsegError(f"output folder holds the label files (e.g. {item.path.name}); the annotation tools "
+                                 "would take each mask for the image of the JSON beside it", out_dir,
+                                 "write the masks to a folder outside the labels folder (--out / masks.out)")
