@@ -5,6 +5,7 @@ Input problems print one line, ``error: <file>: <what> — fix: <how>``, and exi
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -26,9 +27,13 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read t
 
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+          trust_unverified: Annotated[bool, typer.Option(
+              "--trust-unverified", help="Run bundles without bundle.json (nothing verified).")] = False) -> None:
     """Turn AnyLabeling labels on drone orthophotos into models and full-scene maps."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if trust_unverified:
+        os.environ["AERIALSEG_TRUST_UNVERIFIED"] = "1"  # inference.bundle.TRUST_ENV (read where bundles open)
 
 
 # --- data path: labels -------------------------------------------------------------------
@@ -439,8 +444,6 @@ def serve_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Serve bundles to X-AnyLabeling (its Remote-Server model): pre-label images while you annotate."""
-    import os
-
     from aerialseg.core.config import load_params, section
     from aerialseg.inference.server import ServeOptions, read_api_key, serve
 
@@ -508,7 +511,6 @@ RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "tiles", "po
 def _quiet_libraries() -> None:
     """GDAL/rasterio and OpenCV chatter (warnings about the corrupt file we are about to refuse) stays off the
     terminal unless --verbose: the user sees aerialseg's one line."""
-    import os
     import warnings
 
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
@@ -524,8 +526,6 @@ class HeldStderr:
     traceback); a run that ends in a one-line user error drops them. Python's own stderr is not held."""
 
     def __init__(self) -> None:
-        import os
-
         self.saved = os.dup(2)
         self.python_stderr = sys.stderr
         self.buffer = os.memfd_create("aerialseg-stderr") if hasattr(os, "memfd_create") else None
@@ -545,8 +545,6 @@ class HeldStderr:
 
     def release(self, show: bool) -> None:
         """Restore file descriptor 2; write what the libraries said when ``show``."""
-        import os
-
         if self.buffer is None:
             return
         sys.stderr.flush()

@@ -49,6 +49,7 @@ from aerialseg.core.classes import IGNORE, colorize, colormap
 from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
+from aerialseg.core.limits import MAX_GRID_MEGAPIXELS, check_grid
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
 from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
@@ -79,6 +80,7 @@ class InferOptions:
     format: str = "geotiff"
     resample: bool = True
     gsd_tolerance: float = 1.5
+    max_grid_megapixels: float = MAX_GRID_MEGAPIXELS  # cap on the grid read at the training GSD (core.limits)
     min_area_px: float = 16.0
     simplify_px: float = 0.0
     vector_skip: list[str] = field(default_factory=lambda: ["background"])
@@ -104,6 +106,9 @@ class InferOptions:
             raise AerialsegError(f"unknown device '{self.device}'", fix="use auto, cpu or cuda")
         if self.batch < 1:
             raise AerialsegError(f"batch must be >= 1, got {self.batch}", fix="pass --batch 1 or more")
+        if not self.max_grid_megapixels > 0:
+            raise AerialsegError(f"infer.max_grid_megapixels must be > 0, got {self.max_grid_megapixels}",
+                                 "params.yaml", f"set it to e.g. {MAX_GRID_MEGAPIXELS:g}")
 
 
 @dataclass
@@ -437,6 +442,8 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
                                  *source)
         margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
+        check_grid(ds.width, ds.height, grid.scale, options.max_grid_megapixels * 1e6, scene,
+                   "infer.max_grid_megapixels (or pass --no-resample)")
         device = resolve_device(options.device)
         predict = Predictor.from_bundle(bundle, options.backend, device, options.tta)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
