@@ -33,6 +33,7 @@ from rasterio.enums import MaskFlags
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.limits import check_pixels
 from aerialseg.geo.raster import is_georeferenced, mask_profile, open_raster
 
 log = logging.getLogger(__name__)
@@ -363,10 +364,8 @@ def _check_pixels(raw: bytes, path: Path, what: str, max_pixels: int) -> None:
     size = image_header_size(raw)
     if size is None:
         raise ValueError("unknown image header")
-    if size[0] * size[1] > max_pixels:
-        raise AerialsegError(f"{what} is a {size[0]}x{size[1]} image ({size[0] * size[1] / 1e6:.0f} Mpx), above the "
-                             f"{max_pixels / 1e6:.0f} Mpx cap", path,
-                             "remove imageData and set imagePath to the image file, or raise masks.max_image_pixels")
+    check_pixels(size[0], size[1], max_pixels, path, f"{what} decoded", "masks.max_image_pixels",
+                 "remove imageData and set imagePath to the image file, or raise masks.max_image_pixels")
 
 
 def _decode_image_data(doc: dict[str, Any], path: Path, max_pixels: int = MAX_IMAGE_PIXELS

@@ -39,16 +39,19 @@ def _amount(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
-def check_size(amount: float, limit: float, path: str | Path | None, what: str, unit: str, knob: str) -> None:
-    """Raise TooLarge when ``amount`` exceeds ``limit`` (both in ``unit``: px, bytes or a count)."""
+def check_size(amount: float, limit: float, path: str | Path | None, what: str, unit: str, knob: str,
+               fix: str | None = None) -> None:
+    """Raise TooLarge when ``amount`` exceeds ``limit`` (both in ``unit``: px, bytes or a count); the fix names
+    ``knob`` unless given."""
     if amount > limit:
-        raise TooLarge(f"{what} is {_amount(amount, unit)}, above the limit of {_amount(limit, unit)}", path,
-                       f"raise {knob} if this is intended")
+        raise TooLarge(f"{what} is {_amount(amount, unit)}, above the cap of {_amount(limit, unit)}", path,
+                       fix or f"raise {knob} if this is intended")
 
 
-def check_pixels(width: int, height: int, limit: float, path: str | Path | None, what: str, knob: str) -> None:
+def check_pixels(width: int, height: int, limit: float, path: str | Path | None, what: str, knob: str,
+                 fix: str | None = None) -> None:
     """A decoded image of width x height pixels (from its header) must stay within ``limit`` pixels."""
-    check_size(int(width) * int(height), limit, path, f"{what} ({width}x{height} px)", "px", knob)
+    check_size(int(width) * int(height), limit, path, f"{what} ({width}x{height} px)", "px", knob, fix)
 
 
 def check_grid(width: int, height: int, scale: float, limit: float, path: str | Path | None, knob: str) -> None:

@@ -6,8 +6,8 @@
   (a truncated or corrupt image is 400 INVALID_IMAGE, never pixels of garbage).
 - ``read_body_within``: the body is read under a deadline (408 BODY_TIMEOUT) and a size cap (413), before the
   request takes an admission slot: a client trickling its body holds no slot.
-- ``ClientSlots``: at most ``per_client`` requests of one client address in flight (reading, queued or
-  running); more get 429, so one client cannot fill the queue.
+- ``ClientSlots``: at most ``per_client`` request bodies of one client address being read at once; more get
+  429, so one client cannot hold an unbounded number of slow uploads (each bounded in time and size).
 - ``cancel_on_disconnect``: a client that goes away has its queued work cancelled and its running work stopped
   at the next tile (the prediction checks the event), freeing its slot.
 - ``check_api_key``: a key must be non-blank printable ASCII (a header can carry nothing else), checked at start.
@@ -86,7 +86,8 @@ async def read_body_within(request: Request, limit: int, seconds: float) -> byte
 
 
 class ClientSlots:
-    """Requests in flight per client address; ``enter`` refuses (429) a client already at ``per_client``."""
+    """Requests per client address in one phase (body reads); ``enter`` refuses (429) one already at
+    ``per_client``."""
 
     def __init__(self, per_client: int):
         self.per_client, self.active = per_client, Counter()
@@ -95,7 +96,7 @@ class ClientSlots:
     def enter(self, client: str) -> None:
         with self.lock:
             if self.active[client] >= self.per_client:
-                raise ApiError(429, "TOO_MANY_REQUESTS", f"{self.active[client]} requests of this client are in "
+                raise ApiError(429, "TOO_MANY_REQUESTS", f"{self.active[client]} uploads of this client are in "
                                                          "progress; wait for one to finish")
             self.active[client] += 1
 

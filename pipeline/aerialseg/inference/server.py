@@ -83,7 +83,7 @@ class ServeOptions:
     workers: int = 1  # inference threads (each runs the whole model; torch already uses every core)
     timeout_s: float = 120.0  # per-request deadline -> 504
     body_timeout_s: float = 30.0  # the request body must arrive within this -> 408 (serve_limits)
-    per_client: int = 4  # requests of one client address in flight at once; more -> 429 (serve_limits)
+    per_client: int = 8  # request bodies one client address may send at once; more -> 429 (serve_limits)
     device: str = "auto"  # auto | cpu | cuda
     batch: int = 8  # tiles per forward pass
     conf_threshold: float = 0.0  # default when a request does not set it
@@ -442,7 +442,7 @@ def _retrieve(future: asyncio.Future) -> None:
 def create_app(models: dict[str, ServedModel], options: ServeOptions, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``models`` (already loaded)."""
     executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="aerialseg-predict")
-    gate, clients = Gate(options.queue), ClientSlots(options.per_client)
+    gate, readers = Gate(options.queue), ClientSlots(options.per_client)
     app = FastAPI(title="aerialseg serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -482,18 +482,16 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions, api_key: s
     async def predict(request: Request) -> dict[str, Any]:
         deadline = time.monotonic() + options.timeout_s
         client = client_of(request)
-        clients.enter(client)  # one client cannot fill the queue (429)
+        readers.enter(client)  # one client cannot open body reads without end (429)
         try:  # the body is read before the admission slot is taken, under its own deadline (408)
             body = await read_body_within(request, int(options.max_body_mb * 2**20), options.body_timeout_s)
-            gate.enter()
-        except BaseException:
-            clients.leave(client)
-            raise
+        finally:
+            readers.leave(client)
+        gate.enter()
         cancelled = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(executor, handle_predict, models, options, body,
                                                              deadline, cancelled)
         future.add_done_callback(gate.leave)
-        future.add_done_callback(lambda _: clients.leave(client))
         future.add_done_callback(_retrieve)
         del body
         watcher = asyncio.ensure_future(cancel_on_disconnect(request, future, cancelled))
