@@ -268,3 +268,22 @@ def test_rank_scenes_failing_half_way_leaves_no_crops(bundle, tmp_path, monkeypa
     assert len(calls) == 3
     assert not (out / "crops").exists() or not any((out / "crops").iterdir())
     assert not temp_leftovers(tmp_path)
+
+
+def test_infer_scene_never_replaces_the_map_of_a_same_named_scene(bundle, tmp_path, capsys):
+    """Every WebODM orthophoto is odm_orthophoto.tif: the default <out_dir>/<stem>_landcover.tif of the second
+    scene was the first scene's map, replaced silently."""
+    first = write_scene(tmp_path / "a" / "odm_orthophoto.tif", seed=1)
+    second = write_scene(tmp_path / "b" / "odm_orthophoto.tif", seed=2)
+    out = tmp_path / "maps"
+    out.mkdir()
+    code, err = run_cli(["infer-scene", first, "--model", bundle, "--out", out], capsys)
+    assert code == 0, err
+    before = snapshot(out)
+    code, err = run_cli(["infer-scene", second, "--model", bundle, "--out", out], capsys)
+    assert_one_line_error(code, err, "odm_orthophoto_landcover.tif", "another scene", "--out")
+    assert snapshot(out) == before and not temp_leftovers(tmp_path)
+    code, err = run_cli(["infer-scene", first, "--model", bundle, "--out", out], capsys)
+    assert code == 0, err  # the same scene updates its own map
+    code, err = run_cli(["infer-scene", second, "--model", bundle, "--out", out / "b_landcover.tif"], capsys)
+    assert code == 0, err

@@ -53,6 +53,7 @@ from aerialseg.core.limits import MAX_GRID_MEGAPIXELS, check_grid
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
 from aerialseg.geo.raster import is_georeferenced, open_raster, pixel_area_m2
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
+from aerialseg.inference.map_owner import check_owner, stamp
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
 from aerialseg.geo.windows import window_starts
 from aerialseg.inference.stitch import ReadRows, blend_scene
@@ -313,6 +314,7 @@ def check_outputs(paths: dict[str, Path], scene: Path, model: Path) -> None:
     """No output may be the scene or a file of the model bundle (also through links or letter case)."""
     model_files = [p for p in model.iterdir() if p.is_file()] if model.is_dir() else [model]
     refuse_inputs(paths.values(), [scene, *model_files], "pass another --out (the map must not replace an input)")
+    check_owner(paths["map"], scene)  # a map of another scene with the same file name is not replaced
     seen: dict[Path, str] = {}
     for role, path in paths.items():
         if path.absolute() in seen:
@@ -403,6 +405,7 @@ def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: di
 
     classes_tif = work / "classes.tif"
     if options.format == "geotiff":
+        stamp(classes_tif, scene)  # which scene the map is of (map_owner: same-name scenes never share a map)
         write_cog(classes_tif, tmp["map"], "mode", options.cog_blocksize)
     else:
         write_anylabeling(classes_tif, tmp["map"], scene, options)
