@@ -20,7 +20,9 @@ hole shapes, which a live session cannot keep).
 Safety: binds 127.0.0.1 unless told otherwise; with an API key (``Token`` header, constant-time compare)
 every route but /health needs it; the body is capped, the image size is read from its header and refused
 before any pixel is decoded; only PNG/JPEG/WEBP/BMP/TIFF are opened, from memory (images never touch the
-disk); at most ``queue`` requests are admitted at once (503 beyond); each request has a deadline (504).
+disk) through the CLI's validated reader (truncated -> 400); the body is read within a deadline (408) before
+a slot is taken; at most ``queue`` requests are admitted at once (503 beyond); each request has a deadline
+(504); a client that disconnects has its work cancelled (inference/serve_limits.py).
 """
 
 import asyncio
