@@ -34,7 +34,8 @@ def make_survey(folder: Path, count: int, side: int) -> None:
     image = np.full((side, side, 3), 120, np.uint8)
     for i in range(count):
         cv2.imwrite(str(folder / "images" / f"img_{i:05d}.png"), image)
-        shapes = [{"label": "building", "shape_type": "polygon", "points": [[1, 1], [side - 2, 1], [side // 2, side - 2]]},
+        triangle = [[1, 1], [side - 2, 1], [side // 2, side - 2]]
+        shapes = [{"label": "building", "shape_type": "polygon", "points": triangle},
                   {"label": "road", "shape_type": "rectangle", "points": [[0, 0], [side // 3, side // 3]]}]
         doc = {"version": "2.4.0", "flags": {}, "shapes": shapes, "imagePath": f"../images/img_{i:05d}.png",
                "imageData": None, "imageHeight": side, "imageWidth": side}

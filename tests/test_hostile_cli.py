@@ -287,3 +287,23 @@ def test_infer_scene_never_replaces_the_map_of_a_same_named_scene(bundle, tmp_pa
     assert code == 0, err  # the same scene updates its own map
     code, err = run_cli(["infer-scene", second, "--model", bundle, "--out", out / "b_landcover.tif"], capsys)
     assert code == 0, err
+
+
+def test_label_to_mask_refuses_a_scene_whose_mask_would_blow_up(tmp_path, capsys):
+    """A 9-byte-per-side PNG header can claim 100,000 x 100,000 px: its mask (10 GB) is refused from the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    side = 100_000
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "huge.png").write_bytes(png)
+    write_labels(tmp_path / "labels" / "huge.json", "../images/huge.png", width=side, height=side)
+    code, err = run_cli(["label-to-mask", tmp_path / "labels", "--out", tmp_path / "masks",
+                         "--allow-ungeoreferenced"], capsys)
+    assert_one_line_error(code, err, "huge.png", "100000x100000", "masks.max_scene_megapixels")
+    assert not (tmp_path / "masks").exists() and not temp_leftovers(tmp_path)

@@ -50,6 +50,7 @@ MAX_CIRCLE_RADIUS_PX = 20_000  # Pillow's ellipse arithmetic overflows beyond ~2
 CLASS_IDS: dict[str, int] = {**{name: i for i, name in enumerate(CLASS_NAMES)}, "ignore": IGNORE}
 PARAMS_FIX = "add it to classes.labels in params.yaml (e.g. `car: ignore`)"
 MAX_IMAGE_PIXELS = 150_000_000  # imageData / mask bitmaps above this are refused before decoding
+MAX_SCENE_PIXELS = 4_000_000_000  # an image file's mask (1 byte a pixel) above this is refused (header)
 ANYLABELING_FORMAT_VERSION = "2.4.0"  # the X-AnyLabeling file format written (labelme reads it too)
 
 
@@ -419,7 +420,7 @@ def _check_size(doc: dict[str, Any], path: Path, width: int, height: int, what: 
 
 
 def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> Scene:
+                  max_pixels: int = MAX_IMAGE_PIXELS, max_scene_pixels: float = MAX_SCENE_PIXELS) -> Scene:
     """Find and size the image of a label file; see the module docstring for the lookup order."""
     embedded = _decode_image_data(doc, path, max_pixels)
     image_file = find_image(doc, path, images_dir)
@@ -444,6 +445,8 @@ def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
                                      f"{image_file} is {ds.width}x{ds.height}", path,
                                      "re-save the JSON without imageData, or point imagePath at the right image")
             _check_size(doc, path, ds.width, ds.height, f"the image {image_file}")
+            check_pixels(ds.width, ds.height, max_scene_pixels, image_file, "the scene's mask",
+                         "masks.max_scene_megapixels")
             scene.width, scene.height, scene.path = ds.width, ds.height, image_file
             scene.needs_valid_mask = not all(MaskFlags.all_valid in f for f in ds.mask_flag_enums)
             if is_georeferenced(ds):

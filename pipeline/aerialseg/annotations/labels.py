@@ -36,9 +36,9 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, LabelTable, Scene, Shape, ShapeStats,
-                                               find_label_files, load_label_json, parse_shapes, resolve_scene,
-                                               unknown_labels, unknown_labels_error)
+from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, MAX_SCENE_PIXELS, LabelTable, Scene, Shape,
+                                               ShapeStats, find_label_files, load_label_json, parse_shapes,
+                                               resolve_scene, unknown_labels, unknown_labels_error)
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_intersecting, unpainted_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
 from aerialseg.core.errors import AerialsegError
@@ -179,7 +179,8 @@ def convert_file(item: LabelFile, out_dir: Path, options: MaskOptions, stage: Pa
 
 
 def read_label_files(files: Sequence[Path], table: LabelTable, images_dir: Path | None,
-                     max_pixels: int = MAX_IMAGE_PIXELS) -> list[LabelFile]:
+                     max_pixels: int = MAX_IMAGE_PIXELS, max_scene_pixels: float = MAX_SCENE_PIXELS
+                     ) -> list[LabelFile]:
     """Read and check every file; unknown labels of all files are reported together in one error."""
     items, unknown = [], {}
     for path in files:
@@ -188,7 +189,7 @@ def read_label_files(files: Sequence[Path], table: LabelTable, images_dir: Path 
             unknown[path] = missing
             continue
         shapes, stats = parse_shapes(doc, path, table)
-        items.append(LabelFile(path, resolve_scene(doc, path, images_dir, max_pixels), shapes, stats))
+        items.append(LabelFile(path, resolve_scene(doc, path, images_dir, max_pixels, max_scene_pixels), shapes, stats))
     if unknown:
         raise unknown_labels_error(unknown)
     return items
@@ -197,14 +198,15 @@ def read_label_files(files: Sequence[Path], table: LabelTable, images_dir: Path 
 def labels_to_masks(sources: Iterable[str | Path], out_dir: str | Path, table: LabelTable,
                     options: MaskOptions = MaskOptions(), images_dir: str | Path | None = None,
                     allow_ungeoreferenced: bool = False, overwrite: bool = False,
-                    max_pixels: int = MAX_IMAGE_PIXELS) -> list[Path]:
+                    max_pixels: int = MAX_IMAGE_PIXELS, max_scene_pixels: float = MAX_SCENE_PIXELS) -> list[Path]:
     """Convert every label file to a mask in out_dir and write out_dir/index.json; return the mask paths.
 
     Everything is checked (JSON, labels, images, sizes, shapes, outputs) before the first file is written;
     the run is staged beside out_dir and swapped in at the end (see the module docstring).
     """
     out_dir = Path(out_dir)
-    items = read_label_files(find_label_files(sources), table, Path(images_dir) if images_dir else None, max_pixels)
+    items = read_label_files(find_label_files(sources), table, Path(images_dir) if images_dir else None, max_pixels,
+                             max_scene_pixels)
     _check_unique_outputs(items, out_dir)
     if not allow_ungeoreferenced:
         _check_georeferenced(items)

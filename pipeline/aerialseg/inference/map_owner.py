@@ -24,9 +24,13 @@ def scene_key(scene: Path) -> str:
 
 
 def stamp(raster: Path, scene: Path) -> None:
-    """Tag a (plain GeoTIFF) raster with the scene it was made from; copies (COG) keep the tag."""
-    with rasterio.open(raster, "r+") as ds:
-        ds.update_tags(**{TAG: scene_key(scene)})
+    """Tag a (plain GeoTIFF) raster with the scene it was made from; copies (COG) keep the tag. A raster that
+    cannot be opened (e.g. cut short by a full disk) is left to the next step, whose error names the output."""
+    try:
+        with rasterio.open(raster, "r+") as ds:
+            ds.update_tags(**{TAG: scene_key(scene)})
+    except (RasterioError, TypeError):  # rasterio raises TypeError for a file it cannot recognise in r+ mode
+        return
 
 
 def check_owner(map_path: Path, scene: Path) -> None:

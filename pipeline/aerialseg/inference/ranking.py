@@ -411,7 +411,8 @@ def rank_scenes(scenes: list[Path], model: Path, options: RankOptions | None = N
             raise AerialsegError("exists and is not a folder", folder, "pass another --out (a folder)")
     with ExitStack() as stack:
         bundle = stack.enter_context(open_bundle(model))
-        plans = [plan_scene(Path(scene), bundle, options.max_grid_megapixels) for scene in scenes]  # every scene checked first
+        # every scene checked first (bands, grid size)
+        plans = [plan_scene(Path(scene), bundle, options.max_grid_megapixels) for scene in scenes]
         predict = tile_predictor(bundle, options.device)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
         bar = stack.enter_context(tqdm(total=sum(n for _, n in plans), unit="tile", desc="rank-scenes",
