@@ -5,7 +5,6 @@ Grows with each defect found: one test per defect, each one line of error naming
 no input or earlier output lost. Tiny toy model (tests/safety_helpers.py), small generated files.
 """
 
-import json
 import os
 import pathlib
 import shutil
