@@ -89,12 +89,17 @@ def test_zip_bundle_opens_and_cleans_up(trained, tmp_path):
     assert not root.exists()
 
 
-def test_zip_members_outside_the_bundle_are_ignored(trained, tmp_path):
+def test_zip_members_outside_the_bundle_are_ignored(trained, tmp_path, monkeypatch):
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.write(trained / "model.json", "nested/model.json")
         zf.write(trained / "model.safetensors", "model.safetensors")
         zf.writestr("../escape.txt", "x")
+    monkeypatch.setenv("AERIALSEG_TRUST_UNVERIFIED", "0")
+    with pytest.raises(AerialsegError, match="no bundle.json"):  # a .zip without its manifest: not verifiable
+        with open_bundle(archive):
+            pass
+    monkeypatch.setenv("AERIALSEG_TRUST_UNVERIFIED", "1")  # aerialseg --trust-unverified
     with open_bundle(archive) as bundle:
         assert sorted(p.name for p in bundle.root.iterdir()) == ["model.json", "model.safetensors"]
         assert bundle.manifest["model"]["name"] == TOY  # derived from model.json

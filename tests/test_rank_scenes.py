@@ -3,6 +3,7 @@ trained on; deterministic; CSV / GeoPackage / crops with pre-labels that label-t
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_ranking_is_deterministic_and_writes_csv_gpkg_crops(memorised, tmp_path)
 
     top = first.ranked[0]
     crop, label = Path(top.files["crop"]), Path(top.files["label"])
-    assert crop.name == f"{top.scene.stem}_r{top.row}_c{top.col}.tif" and label.suffix == ".json"
+    assert re.fullmatch(rf"{top.scene.stem}_[0-9a-f]{{8}}_r{top.row}_c{top.col}\.tif", crop.name)
+    assert label.suffix == ".json"
     with rasterio.open(crop) as ds, rasterio.open(top.scene) as src:
         assert (ds.width, ds.height) == (WINDOW, WINDOW) and ds.crs == src.crs
         assert ds.transform == src.window_transform(Window(top.col, top.row, WINDOW, WINDOW))

@@ -5,6 +5,7 @@ Input problems print one line, ``error: <file>: <what> — fix: <how>``, and exi
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -27,9 +28,13 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read t
 
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+          trust_unverified: Annotated[bool, typer.Option(
+              "--trust-unverified", help="Run bundles without bundle.json (nothing verified).")] = False) -> None:
     """Turn AnyLabeling labels on drone orthophotos into models and full-scene maps."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if trust_unverified:
+        os.environ["AERIALSEG_TRUST_UNVERIFIED"] = "1"  # inference.bundle.TRUST_ENV (read where bundles open)
 
 
 # --- data path: labels -------------------------------------------------------------------
@@ -445,8 +450,6 @@ def serve_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Serve bundles to X-AnyLabeling (its Remote-Server model): pre-label images while you annotate."""
-    import os
-
     from aerialseg.core.config import load_params, section
     from aerialseg.inference.server import ServeOptions, read_api_key, serve
 
@@ -504,8 +507,6 @@ def infer_survey_command(
         typer.echo(f"error: {line}", err=True)
     if done["failed"] or done["products"]["errors"]:
         raise typer.Exit(1)
-
-
 
 
 @app.command("init")

@@ -33,6 +33,7 @@ from rasterio.enums import MaskFlags
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.limits import check_pixels
 from aerialseg.geo.raster import is_georeferenced, mask_profile, open_raster
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ MAX_CIRCLE_RADIUS_PX = 20_000  # Pillow's ellipse arithmetic overflows beyond ~2
 CLASS_IDS: dict[str, int] = {**{name: i for i, name in enumerate(CLASS_NAMES)}, "ignore": IGNORE}
 PARAMS_FIX = "add it to classes.labels in params.yaml (e.g. `car: ignore`)"
 MAX_IMAGE_PIXELS = 150_000_000  # imageData / mask bitmaps above this are refused before decoding
+MAX_SCENE_PIXELS = 4_000_000_000  # an image file's mask (1 byte a pixel) above this is refused (header)
 ANYLABELING_FORMAT_VERSION = "2.4.0"  # the X-AnyLabeling file format written (labelme reads it too)
 
 
@@ -90,6 +92,7 @@ class LabelTable:
 def find_label_files(sources: Iterable[str | Path]) -> list[Path]:
     """JSON files from files, folders (every *.json inside, not recursive) and glob patterns."""
     files: list[Path] = []
+    seen: set[Path] = set()  # a set: a list lookup per file would be quadratic on thousands of files
     for source in sources:
         path = Path(source)
         if path.is_dir():
@@ -103,7 +106,7 @@ def find_label_files(sources: Iterable[str | Path]) -> list[Path]:
         if not found:
             raise AerialsegError("no AnyLabeling/labelme JSON files here", path,
                                  "point data.labels (or LABELS) at the folder holding the label JSON files")
-        files.extend(p for p in found if p not in files)
+        files.extend(p for p in found if not (p in seen or seen.add(p)))
     return files
 
 
@@ -362,10 +365,8 @@ def _check_pixels(raw: bytes, path: Path, what: str, max_pixels: int) -> None:
     size = image_header_size(raw)
     if size is None:
         raise ValueError("unknown image header")
-    if size[0] * size[1] > max_pixels:
-        raise AerialsegError(f"{what} is a {size[0]}x{size[1]} image ({size[0] * size[1] / 1e6:.0f} Mpx), above the "
-                             f"{max_pixels / 1e6:.0f} Mpx cap", path,
-                             "remove imageData and set imagePath to the image file, or raise masks.max_image_pixels")
+    check_pixels(size[0], size[1], max_pixels, path, f"{what} decoded", "masks.max_image_pixels",
+                 "remove imageData and set imagePath to the image file, or raise masks.max_image_pixels")
 
 
 def _decode_image_data(doc: dict[str, Any], path: Path, max_pixels: int = MAX_IMAGE_PIXELS
@@ -419,7 +420,7 @@ def _check_size(doc: dict[str, Any], path: Path, width: int, height: int, what: 
 
 
 def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> Scene:
+                  max_pixels: int = MAX_IMAGE_PIXELS, max_scene_pixels: float = MAX_SCENE_PIXELS) -> Scene:
     """Find and size the image of a label file; see the module docstring for the lookup order."""
     embedded = _decode_image_data(doc, path, max_pixels)
     image_file = find_image(doc, path, images_dir)
@@ -444,6 +445,8 @@ def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
                                      f"{image_file} is {ds.width}x{ds.height}", path,
                                      "re-save the JSON without imageData, or point imagePath at the right image")
             _check_size(doc, path, ds.width, ds.height, f"the image {image_file}")
+            check_pixels(ds.width, ds.height, max_scene_pixels, image_file, "the scene's mask",
+                         "masks.max_scene_megapixels")
             scene.width, scene.height, scene.path = ds.width, ds.height, image_file
             scene.needs_valid_mask = not all(MaskFlags.all_valid in f for f in ds.mask_flag_enums)
             if is_georeferenced(ds):

@@ -36,14 +36,14 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, LabelTable, Scene, Shape, ShapeStats,
-                                               find_label_files, load_label_json, parse_shapes, resolve_scene,
-                                               unknown_labels, unknown_labels_error)
+from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, MAX_SCENE_PIXELS, LabelTable, Scene, Shape,
+                                               ShapeStats, find_label_files, load_label_json, parse_shapes,
+                                               resolve_scene, unknown_labels, unknown_labels_error)
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_intersecting, unpainted_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_json
-from aerialseg.core.safety import environment_error, refuse_inputs, temp_dir
+from aerialseg.core.safety import environment_error, file_identity, refuse_inputs, temp_dir
 from aerialseg.geo.raster import open_raster, valid_mask, write_class_geotiff
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,8 @@ def convert_file(item: LabelFile, out_dir: Path, options: MaskOptions, stage: Pa
 
 
 def read_label_files(files: Sequence[Path], table: LabelTable, images_dir: Path | None,
-                     max_pixels: int = MAX_IMAGE_PIXELS) -> list[LabelFile]:
+                     max_pixels: int = MAX_IMAGE_PIXELS, max_scene_pixels: float = MAX_SCENE_PIXELS
+                     ) -> list[LabelFile]:
     """Read and check every file; unknown labels of all files are reported together in one error."""
     items, unknown = [], {}
     for path in files:
@@ -188,7 +189,7 @@ def read_label_files(files: Sequence[Path], table: LabelTable, images_dir: Path 
             unknown[path] = missing
             continue
         shapes, stats = parse_shapes(doc, path, table)
-        items.append(LabelFile(path, resolve_scene(doc, path, images_dir, max_pixels), shapes, stats))
+        items.append(LabelFile(path, resolve_scene(doc, path, images_dir, max_pixels, max_scene_pixels), shapes, stats))
     if unknown:
         raise unknown_labels_error(unknown)
     return items
@@ -197,14 +198,15 @@ def read_label_files(files: Sequence[Path], table: LabelTable, images_dir: Path 
 def labels_to_masks(sources: Iterable[str | Path], out_dir: str | Path, table: LabelTable,
                     options: MaskOptions = MaskOptions(), images_dir: str | Path | None = None,
                     allow_ungeoreferenced: bool = False, overwrite: bool = False,
-                    max_pixels: int = MAX_IMAGE_PIXELS) -> list[Path]:
+                    max_pixels: int = MAX_IMAGE_PIXELS, max_scene_pixels: float = MAX_SCENE_PIXELS) -> list[Path]:
     """Convert every label file to a mask in out_dir and write out_dir/index.json; return the mask paths.
 
     Everything is checked (JSON, labels, images, sizes, shapes, outputs) before the first file is written;
     the run is staged beside out_dir and swapped in at the end (see the module docstring).
     """
     out_dir = Path(out_dir)
-    items = read_label_files(find_label_files(sources), table, Path(images_dir) if images_dir else None, max_pixels)
+    items = read_label_files(find_label_files(sources), table, Path(images_dir) if images_dir else None, max_pixels,
+                             max_scene_pixels)
     _check_unique_outputs(items, out_dir)
     if not allow_ungeoreferenced:
         _check_georeferenced(items)
@@ -271,6 +273,7 @@ def _check_outputs(items: Sequence[LabelFile], out_dir: Path, names: Sequence[st
     inputs = [p for item in items for p in (item.path, item.scene.path) if p is not None]
     outputs = [out_dir / name for name in names]
     refuse_inputs(outputs, inputs, "write the masks to another folder (--out / masks.out)")
+    _check_out_dir(items, out_dir)
     if overwrite:
         return
     for path in outputs:
@@ -311,3 +314,20 @@ def _check_unique_outputs(items: Sequence[LabelFile], out_dir: Path) -> None:
             raise AerialsegError(f"same file name as {seen[dest]}: both would write {dest}.*", item.path,
                                  "give the label files unique names (masks are named after them)")
         seen[dest] = item.path
+
+
+def _check_out_dir(items: Sequence[LabelFile], out_dir: Path) -> None:
+    """The output folder may not hold label files of this run: AnyLabeling / labelme would pair each mask
+    (named like the label file) with the JSON as its image."""
+    _, target = file_identity(out_dir)
+    if target is None:
+        return  # a new folder holds no label file
+    folders: dict[Path, tuple[int, int] | None] = {}
+    for item in items:
+        parent = item.path.parent
+        if parent not in folders:
+            folders[parent] = file_identity(parent)[1]
+        if folders[parent] == target:
+            raise AerialsegError(f"output folder holds the label files (e.g. {item.path.name}); the annotation tools "
+                                 "would take each mask for the image of the JSON beside it", out_dir,
+                                 "write the masks to a folder outside the labels folder (--out / masks.out)")

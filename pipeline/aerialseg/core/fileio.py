@@ -1,6 +1,5 @@
 """Atomic writes: every output goes to a temp file beside it, then is renamed into place."""
 
-import glob
 import json
 import os
 import tempfile
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from aerialseg.core.errors import AerialsegError
+
+SIDECARS = (".aux.xml", ".aux", ".msk", ".ovr")  # files GDAL may write beside a temp raster
 
 
 @contextmanager
@@ -48,8 +49,8 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
-        for side in tmp_path.parent.glob(glob.escape(tmp_path.name) + ".*"):  # e.g. GDAL .aux.xml sidecars
-            side.unlink(missing_ok=True)
+        for suffix in SIDECARS:  # named, not globbed: a glob lists the whole folder on every write
+            tmp_path.with_name(tmp_path.name + suffix).unlink(missing_ok=True)
 
 
 def current_umask() -> int:

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,7 @@ STALE_AGE_S = 7 * 24 * 3600  # temp entries this old are stale whoever wrote the
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 RUN = secrets.token_hex(3)  # tells this process from an earlier one that had the same pid
 _TOKEN = re.compile(r"\.([0-9a-f]{6})-(\d+)-([0-9a-f]{6})\.")
+_FRESH: set[str] = set()  # work folders this run made (temp_dir): nothing stale in them, never swept
 
 
 # --- outputs that are inputs ------------------------------------------------------------------------
@@ -49,15 +51,65 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def file_identity(path: Path) -> tuple[Path | None, tuple[int, int] | None]:
+    """(resolved path, (st_dev, st_ino)) of a path, each None when it cannot be had (missing, symlink loop)."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # symlink loop
+        resolved = None
+    try:
+        info = path.stat()
+    except OSError:
+        return resolved, None
+    return resolved, (info.st_dev, info.st_ino)
+
+
+class _Identities:
+    """``file_identity`` for many paths, as strings: each folder is resolved once (a symlinked file, fully)."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> tuple[str | None, tuple[int, int] | None]:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            info = None
+        folder, name = os.path.split(path)
+        if (info is not None and stat.S_ISLNK(info.st_mode)) or name in ("", ".", ".."):
+            resolved, inode = file_identity(Path(path))
+            return (os.fspath(resolved) if resolved is not None else None), inode
+        if folder not in self.folders:
+            base = file_identity(Path(folder or "."))[0]
+            self.folders[folder] = os.fspath(base) if base is not None else None
+        base = self.folders[folder]
+        return (os.path.join(base, name) if base is not None else None,
+                (info.st_dev, info.st_ino) if info is not None else None)
+
+
 def refuse_inputs(outputs: Iterable[Path], inputs: Iterable[Path], fix: str) -> None:
-    """Raise when any output is (or resolves to) one of the inputs."""
-    inputs = [Path(p) for p in inputs if p is not None]
-    for out in outputs:
-        for src in inputs:
-            if same_file(out, src):
-                what = "is" if Path(out).absolute() == src.absolute() else "is the same file as"
-                raise AerialsegError(f"output {what} the input {src}; writing it would destroy the input",
-                                     out, fix)
+    """Raise when any output is (or resolves to) one of the inputs.
+
+    O(outputs + inputs): each path is looked at once (its folder resolved once); outputs are looked up in the
+    inputs' resolved-path and (device, inode) tables (``same_file`` for one pair).
+    """
+    identity = _Identities()
+    by_path: dict[str, str] = {}
+    by_inode: dict[tuple[int, int], str] = {}
+    for src in map(os.fspath, filter(None, inputs)):
+        resolved, inode = identity(src)
+        if resolved is not None:
+            by_path.setdefault(resolved, src)
+        if inode is not None:
+            by_inode.setdefault(inode, src)
+    for out in map(os.fspath, outputs):
+        resolved, inode = identity(out)
+        src = by_path.get(resolved) if resolved is not None else None
+        if src is None and inode is not None:
+            src = by_inode.get(inode)
+        if src is not None:
+            what = "is" if Path(out).absolute() == Path(src).absolute() else "is the same file as"
+            raise AerialsegError(f"output {what} the input {src}; writing it would destroy the input", out, fix)
 
 
 def backup_path(path: Path) -> Path:
@@ -106,7 +158,13 @@ def is_stale(path: Path, now: float | None = None) -> bool:
 
 
 def remove_stale(folder: str | Path) -> list[Path]:
-    """Delete the stale temp files and folders directly in folder; returns what was removed."""
+    """Delete the stale temp files and folders directly in folder; returns what was removed.
+
+    A work folder of this run (``temp_dir``) is skipped: a run writing thousands of files into it would
+    otherwise list it once per file (quadratic).
+    """
+    if os.fspath(folder) in _FRESH:
+        return []
     folder = Path(folder)
     removed = []
     try:
@@ -137,9 +195,11 @@ def temp_dir(parent: str | Path, name: str) -> Iterator[Path]:
         path = Path(tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent))
     except OSError as exc:
         raise (environment_error(exc, parent) or exc) from None
+    _FRESH.add(os.fspath(path))
     try:
         yield path
     finally:
+        _FRESH.discard(os.fspath(path))
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -199,10 +259,10 @@ def _temp_owner(path: Path) -> Path:
 def disk_full(folder: str | Path, spare: int = 1 << 20) -> bool:
     """True when the file system holding folder has less than ``spare`` bytes left for this user."""
     try:
-        stat = os.statvfs(folder)
+        info = os.statvfs(folder)
     except (OSError, AttributeError):
         return False
-    return stat.f_bavail * stat.f_frsize < spare
+    return info.f_bavail * info.f_frsize < spare
 
 
 def environment_error(exc: BaseException, path: str | Path | None = None) -> AerialsegError | None:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import Interleaving
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
 from aerialseg.core.errors import AerialsegError
@@ -57,15 +58,38 @@ def _check_trailer(path: Path, head: bytes) -> None:
     with open(path, "rb") as fh:
         fh.seek(max(0, size - 1024))
         tail = fh.read()
+    check_trailer(head, tail, path)
+
+
+def check_trailer(head: bytes, tail: bytes, path: str | Path) -> None:
+    """Refuse a PNG without its IEND chunk or a JPEG without its end marker (``head``: the first 16 bytes,
+    ``tail``: the last 1024)."""
     if head.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in tail[-12:]:
         raise AerialsegError("PNG is truncated (no IEND chunk at its end)", path, CORRUPT_FIX)
     if head.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in tail:
         raise AerialsegError("JPEG is truncated (no end-of-image marker)", path, CORRUPT_FIX)
 
 
-def _check_tiff_blocks(ds: rasterio.DatasetReader, path: Path) -> None:
+@contextmanager
+def open_encoded(raw: bytes, shown: str, drivers: list[str]) -> Iterator[rasterio.DatasetReader]:
+    """``open_raster`` for an image held in memory (serve's uploads): the same completeness checks (PNG/JPEG
+    end markers, TIFF blocks inside the data) before any pixel is read; ``shown`` names it in errors."""
+    check_trailer(raw[:16], raw[-1024:], shown)
+    with MemoryFile(raw) as memfile, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            ds = memfile.open(driver=drivers)
+        except RasterioError:
+            raise AerialsegError("not a readable image", shown, "send a PNG, JPEG, WEBP, BMP or TIFF image") from None
+        with ds:
+            if ds.driver == "GTiff":
+                _check_tiff_blocks(ds, shown, len(raw))
+            yield ds
+
+
+def _check_tiff_blocks(ds: rasterio.DatasetReader, path: str | Path, size: int | None = None) -> None:
     """Every image block of a TIFF must lie inside the file (GDAL's TIFF metadata: block offsets/sizes)."""
-    size = path.stat().st_size
+    size = Path(path).stat().st_size if size is None else size
     block_h, block_w = ds.block_shapes[0]
     rows, cols = -(-ds.height // block_h), -(-ds.width // block_w)
     bands = range(1, ds.count + 1) if ds.interleaving != Interleaving.pixel else (1,)

@@ -9,7 +9,10 @@ Layout (a directory, or a .zip holding the same files at its top level):
   training GSD, training data hash and metrics (copied from model.json extras), file checksums, and what
   each ONNX file is for (output, IR version, opset, parity report).
 
-A plain model directory without bundle.json still opens: its manifest is derived from model.json.
+A plain model directory without bundle.json still opens, with a warning that nothing in it is verified: its
+manifest is derived from model.json. A folder with an ONNX export but no bundle.json (a bundle whose manifest
+was deleted) and a .zip without one are refused unless the user trusts them (``aerialseg --trust-unverified``,
+which sets $AERIALSEG_TRUST_UNVERIFIED). A .zip's members are size-checked before extraction (core.limits).
 """
 
 import json
@@ -18,6 +21,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +34,8 @@ from torch import nn
 from aerialseg.core.classes import CLASS_NAMES, COLORS
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.scene import BandPolicy
-from aerialseg.core.safety import temp_dir
+from aerialseg.core.limits import check_zip
+from aerialseg.core.safety import environment_error, temp_dir
 from aerialseg.inference.bundle_check import verify_bundle
 from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 
@@ -53,9 +58,18 @@ def read_model_record(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AerialsegError("no model.json here", model_dir, "point at a directory written by `aerialseg train`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AerialsegError(f"model.json is not valid JSON (line {exc.lineno})", path, "re-save the model") from None
+    return _mapping(record, path, "re-save the model")
+
+
+def _mapping(data: Any, path: Path, fix: str) -> dict[str, Any]:
+    """A manifest's top level must be a JSON object (a list or a number is one clear error, not a traceback)."""
+    if not isinstance(data, dict):
+        kind = "null" if data is None else {list: "list", str: "string"}.get(type(data), type(data).__name__)
+        raise AerialsegError(f"{path.name} must be a mapping (a JSON object), got a {kind}", path, fix)
+    return data
 
 
 def class_table(count: int) -> list[dict[str, Any]]:
@@ -110,10 +124,11 @@ def manifest_for(model_dir: str | Path, overlap: int | None = None) -> dict[str,
     path = model_dir / MANIFEST
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise AerialsegError(f"bundle.json is not valid JSON (line {exc.lineno})", path,
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise AerialsegError(f"bundle.json is not valid JSON ({type(exc).__name__})", path,
                                  "rebuild it with `aerialseg bundle`") from None
+        return _mapping(manifest, path, "rebuild it with `aerialseg bundle`")
     return make_manifest(read_model_record(model_dir), overlap=overlap)
 
 
@@ -258,12 +273,34 @@ class Bundle:
         return load_model(self.root)[0]
 
 
+TRUST_ENV = "AERIALSEG_TRUST_UNVERIFIED"
+
+
+def trusted() -> bool:
+    """True when the user accepts bundles without bundle.json (``aerialseg --trust-unverified``)."""
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _unverified(root: Path, shown: Path, archive: bool) -> None:
+    """No bundle.json: a plain trained-model folder runs with a warning; a .zip or a folder holding an ONNX
+    export (a bundle whose manifest is gone) is refused unless trusted."""
+    looks_bundled = archive or any((root / name).is_file() for name in ONNX_FILES)
+    if looks_bundled and not trusted():
+        raise AerialsegError("bundle has no bundle.json: its files cannot be verified (deleted or replaced?)", shown,
+                             "rebuild it with `aerialseg bundle`, or pass `aerialseg --trust-unverified ...` "
+                             "to run it anyway")
+    log.warning("%s: no bundle.json: %s, its files are not verified against checksums", shown,
+                "trusted by --trust-unverified" if looks_bundled else "a plain trained-model folder")
+
+
 @contextmanager
 def open_bundle(path: str | Path, overlap: int | None = None) -> Iterator[Bundle]:
     """Open a bundle directory or .zip (extracted to a run-named temp folder removed on exit), verified:
     every file's size and SHA-256 as bundle.json lists them, and the manifest's and model.json's schemas."""
     path = Path(path)
     if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            _unverified(path, path, archive=False)
         bundle = Bundle(path, manifest_for(path, overlap=overlap))
         verify_bundle(path, bundle.manifest)
         yield bundle
@@ -273,11 +310,26 @@ def open_bundle(path: str | Path, overlap: int | None = None) -> Iterator[Bundle
     if not zipfile.is_zipfile(path):
         raise AerialsegError("not a bundle directory or .zip archive", path, "rebuild it with `aerialseg bundle --zip`")
     with temp_dir(tempfile.gettempdir(), "bundle") as root:
-        with zipfile.ZipFile(path) as zf:
-            names = {Path(n).name: n for n in zf.namelist() if Path(n).name in BUNDLE_FILES}
-            for name, member in names.items():  # only known flat names: no path traversal
-                with zf.open(member) as src, open(root / name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+        _extract(path, root)
+        if not (root / MANIFEST).is_file():
+            _unverified(root, path, archive=True)
         manifest = manifest_for(root, overlap=overlap)
         verify_bundle(root, manifest, source=path)
         yield Bundle(root, manifest)
+
+
+def _extract(path: Path, root: Path) -> None:
+    """Extract the bundle files of the archive (known flat names only: no path traversal), after checking
+    their count and uncompressed sizes against the caps and the free space (core.limits.check_zip)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {Path(i.filename).name: i for i in zf.infolist() if Path(i.filename).name in BUNDLE_FILES}
+            check_zip(path, zf, list(members.values()), root)
+            for name, member in members.items():
+                with zf.open(member) as src, open(root / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise AerialsegError(f"cannot unpack the archive ({type(exc).__name__})", path,
+                             "rebuild it with `aerialseg bundle --zip`") from None
+    except OSError as exc:
+        raise (environment_error(exc, path) or exc) from None

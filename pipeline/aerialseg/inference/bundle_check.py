@@ -219,6 +219,7 @@ def verify_bundle(root: Path, manifest: dict[str, Any], source: Path | str | Non
 
     has_manifest = (root / MANIFEST).is_file()
     if has_manifest:
+        _Checker(name(MANIFEST), REBUILD).mapping(manifest, "bundle.json")  # before any key is looked up
         verify_files(root, manifest, shown or "")
         validate_manifest(manifest, name(MANIFEST))
     if (root / CONFIG).is_file():

@@ -17,9 +17,11 @@ valid pixels are skipped. Ties are broken by scene order, then row, then column:
 deterministic.
 
 Outputs (``out``): ``rank.csv`` and ``rank.gpkg`` (the top-K window polygons with their scores, in the
-first georeferenced scene's CRS) and, per window, ``crops/<scene>_r<row>_c<col>.tif`` (the
-window's pixels, georeferenced) with an AnyLabeling pre-label ``.json`` beside it (an existing JSON is
-never overwritten: it may hold an annotator's work). Crops, not whole
+first georeferenced scene's CRS; paths in the CSV relative to ``out``) and, per window,
+``crops/<scene>_<hash>_r<row>_c<col>.tif`` (the window's pixels, georeferenced; ``hash``: 8 hex digits of the
+scene's resolved path, so two scenes named alike never share a crop) with an AnyLabeling pre-label ``.json``
+beside it (an existing JSON is never overwritten: it may hold an annotator's work). The crops are staged and
+moved in when all are written. Crops, not whole
 scenes: the point is to label those windows; a crop opens at once in X-AnyLabeling (whole orthophotos
 often exceed its image size limit); its JSON holds pre-labels only for the window (a whole-scene file
 would hold unreviewed polygons everywhere else); and label-to-mask turns the labelled crop into a
@@ -27,9 +29,11 @@ georeferenced mask that enters the pipeline as a scene of its own.
 """
 
 import csv
+import hashlib
 import io
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -48,7 +52,8 @@ from aerialseg.core.classes import IGNORE
 from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path, write_text
-from aerialseg.core.safety import refuse_inputs
+from aerialseg.core.limits import MAX_GRID_MEGAPIXELS, check_grid
+from aerialseg.core.safety import refuse_inputs, temp_dir
 from aerialseg.geo.raster import is_georeferenced, open_raster
 from aerialseg.geo.scene import SceneReader
 from aerialseg.geo.windows import window_starts
@@ -85,6 +90,7 @@ class RankOptions:
     device: str = "auto"
     batch: int = 8
     progress: bool = True
+    max_grid_megapixels: float = MAX_GRID_MEGAPIXELS  # cap on a scene's grid at the training GSD (core.limits)
 
     @classmethod
     def from_params(cls, section: dict[str, Any], **overrides: Any) -> "RankOptions":
@@ -184,11 +190,13 @@ def scan_scene(path: Path, bundle: Bundle, predict: Predict, options: RankOption
     return stats
 
 
-def plan_scene(path: Path, bundle: Bundle) -> tuple[float, int]:
-    """(model px per scene px, tiles) of a scene, after checking it opens and has the model's bands."""
+def plan_scene(path: Path, bundle: Bundle, max_grid_megapixels: float = MAX_GRID_MEGAPIXELS) -> tuple[float, int]:
+    """(model px per scene px, tiles) of a scene, after checking it opens, has the model's bands and its grid at
+    the training GSD is within the cap."""
     with open_raster(path) as ds:
         SceneReader(ds, path, bundle.band_policy)  # bands and bit depth the model can read
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, InferOptions(), path))
+        check_grid(ds.width, ds.height, grid.scale, max_grid_megapixels * 1e6, path, "rank.max_grid_megapixels")
         return grid.scale, len(window_starts(grid.model_height, bundle.tile_size, bundle.overlap)) * \
             len(window_starts(grid.model_width, bundle.tile_size, bundle.overlap))
 
@@ -234,13 +242,17 @@ def rank_windows(scenes: list[SceneWindows], weights: np.ndarray, options: RankO
 # --- outputs ---------------------------------------------------------------------------------
 
 def crop_name(window: RankedWindow) -> str:
-    """A window's file name: the same window keeps its name from run to run."""
-    return f"{window.scene.stem}_r{window.row}_c{window.col}"
+    """A window's file name: the same window keeps its name from run to run, and two scenes never share one
+    (a short hash of the scene's resolved path: every WebODM orthophoto is ``odm_orthophoto.tif``)."""
+    tag = hashlib.sha1(os.fsencode(window.scene.resolve())).hexdigest()[:8]
+    return f"{window.scene.stem}_{tag}_r{window.row}_c{window.col}"
 
 
 def write_crop(window: RankedWindow, bundle: Bundle, predict: Predict, dest_dir: Path, name: str,
-               options: RankOptions) -> dict[str, str]:
-    """The window's pixels as a georeferenced GeoTIFF + an AnyLabeling pre-label JSON beside it."""
+               options: RankOptions, stage: Path | None = None) -> dict[str, str]:
+    """The window's pixels as a georeferenced GeoTIFF + an AnyLabeling pre-label JSON beside it, written into
+    ``stage`` (default dest_dir; see ``write_crops``); returns their paths in dest_dir."""
+    stage = stage or dest_dir
     from aerialseg.annotations.anylabeling import anylabeling_document, dumps_label_json
     from aerialseg.annotations.polygonize import mask_to_shapes
 
@@ -257,7 +269,7 @@ def write_crop(window: RankedWindow, bundle: Bundle, predict: Predict, dest_dir:
     classes = predict_classes(channels, bundle, predict, options.batch)
     classes[~valid] = IGNORE
     image = dest_dir / f"{name}.tif"
-    with atomic_path(image) as tmp, warnings.catch_warnings():
+    with atomic_path(stage / image.name) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # a scene without georeference
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(pixels)
@@ -267,8 +279,22 @@ def write_crop(window: RankedWindow, bundle: Bundle, predict: Predict, dest_dir:
         log.warning("%s exists: kept as it is (delete it to get a fresh pre-label)", label)
     else:
         shapes = mask_to_shapes(classes, min_area_px=options.min_area_px)
-        write_text(label, dumps_label_json(anylabeling_document(shapes, image.name, window.width, window.height)))
+        write_text(stage / label.name,
+                   dumps_label_json(anylabeling_document(shapes, image.name, window.width, window.height)))
     return {"crop": str(image), "label": str(label)}
+
+
+def write_crops(ranked: list[RankedWindow], bundle: Bundle, predict: Predict, dest_dir: Path,
+                options: RankOptions) -> None:
+    """Every window's crop + pre-label, staged in a run-named folder and moved into dest_dir only when all are
+    written: a failure half-way leaves dest_dir as it was."""
+    with temp_dir(dest_dir.parent, dest_dir.name) as stage:
+        for window in ranked:
+            window.files = write_crop(window, bundle, predict, dest_dir, crop_name(window), options, stage)
+        dest_dir.mkdir(exist_ok=True)
+        for staged in sorted(stage.iterdir()):
+            os.replace(staged, dest_dir / staged.name)
+
 
 
 def predict_classes(pixels: np.ndarray, bundle: Bundle, predict: Predict, batch: int) -> np.ndarray:
@@ -292,14 +318,21 @@ def window_bounds(window: RankedWindow) -> tuple[Any, tuple[float, float, float,
 
 def write_csv(dest: Path, ranked: list[RankedWindow], bounds: list[tuple[float, ...] | None],
               class_names: tuple[str, ...]) -> Path:
+    """rank.csv; scene, crop and label paths relative to its folder (the folder can move, scenes with it)."""
+    base = dest.parent.resolve()
+
+    def rel(path: str | Path) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), base)).as_posix() if path else ""
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_FIELDS)
     for rank, (w, b) in enumerate(zip(ranked, bounds), start=1):
         world = [f"{v:.3f}" for v in b] if b else ["", "", "", ""]
-        writer.writerow([rank, w.scene.name, w.row, w.col, w.width, w.height, f"{w.score:.6f}",
+        writer.writerow([rank, rel(w.scene), w.row, w.col, w.width, w.height, f"{w.score:.6f}",
                          f"{w.mean_entropy:.6f}", f"{w.mean_margin:.6f}", f"{w.valid_fraction:.4f}",
-                         class_names[w.dominant_class], *world, w.files.get("crop", ""), w.files.get("label", "")])
+                         class_names[w.dominant_class], *world, rel(w.files.get("crop", "")),
+                         rel(w.files.get("label", ""))])
     return write_text(dest, buffer.getvalue())
 
 
@@ -373,9 +406,13 @@ def rank_scenes(scenes: list[Path], model: Path, options: RankOptions | None = N
         raise AerialsegError("a scene is given twice", fix="pass each scene once")
     start = time.perf_counter()
     out = Path(options.out)
+    for folder in (out, out / "crops"):  # before the scan, not after it
+        if folder.exists() and not folder.is_dir():
+            raise AerialsegError("exists and is not a folder", folder, "pass another --out (a folder)")
     with ExitStack() as stack:
         bundle = stack.enter_context(open_bundle(model))
-        plans = [plan_scene(Path(scene), bundle) for scene in scenes]  # every scene checked first
+        # every scene checked first (bands, grid size)
+        plans = [plan_scene(Path(scene), bundle, options.max_grid_megapixels) for scene in scenes]
         predict = tile_predictor(bundle, options.device)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
         bar = stack.enter_context(tqdm(total=sum(n for _, n in plans), unit="tile", desc="rank-scenes",
@@ -393,8 +430,7 @@ def rank_scenes(scenes: list[Path], model: Path, options: RankOptions | None = N
             outputs += [out / "crops" / f"{crop_name(w)}{suffix}" for w in ranked for suffix in (".tif", ".json")]
         refuse_inputs(outputs, [*map(Path, scenes), Path(model)], "pass another --out")
         if options.crops:
-            for window in ranked:
-                window.files = write_crop(window, bundle, predict, out / "crops", crop_name(window), options)
+            write_crops(ranked, bundle, predict, out / "crops", options)
         georef = [window_bounds(w) for w in ranked]
         outputs = {"csv": str(write_csv(out / "rank.csv", ranked, [b for _, b in georef], class_names)),
                    "gpkg": str(write_gpkg(out / "rank.gpkg", ranked, georef, class_names))}

@@ -50,11 +50,13 @@ from aerialseg.core.classes import IGNORE, colormap
 from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
+from aerialseg.core.limits import MAX_GRID_MEGAPIXELS, check_grid
 from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
 from aerialseg.core.timing import rate_text
 from aerialseg.geo.raster import RowWriter, is_georeferenced, open_raster, temp_profile
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
 from aerialseg.geo.style import qml_document, write_preview
+from aerialseg.inference.map_owner import check_owner, stamp
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
 from aerialseg.geo.windows import window_starts
 from aerialseg.inference.stitch import ReadRows, blend_scene
@@ -83,6 +85,7 @@ class InferOptions:
     format: str = "geotiff"
     resample: bool = True
     gsd_tolerance: float = 1.5
+    max_grid_megapixels: float = MAX_GRID_MEGAPIXELS  # cap on the grid read at the training GSD (core.limits)
     min_area_px: float = 16.0
     simplify_px: float = 0.0
     vector_skip: list[str] = field(default_factory=lambda: ["background"])
@@ -109,6 +112,9 @@ class InferOptions:
             raise AerialsegError(f"unknown device '{self.device}'", fix="use auto, cpu or cuda")
         if self.batch < 1:
             raise AerialsegError(f"batch must be >= 1, got {self.batch}", fix="pass --batch 1 or more")
+        if not self.max_grid_megapixels > 0:
+            raise AerialsegError(f"infer.max_grid_megapixels must be > 0, got {self.max_grid_megapixels}",
+                                 "params.yaml", f"set it to e.g. {MAX_GRID_MEGAPIXELS:g}")
 
 
 @dataclass
@@ -280,6 +286,7 @@ def check_outputs(paths: dict[str, Path], scene: Path, model: Path) -> None:
     """No output may be the scene or a file of the model bundle (also through links or letter case)."""
     model_files = [p for p in model.iterdir() if p.is_file()] if model.is_dir() else [model]
     refuse_inputs(paths.values(), [scene, *model_files], "pass another --out (the map must not replace an input)")
+    check_owner(paths["map"], scene)  # a map of another scene with the same file name is not replaced
     seen: dict[Path, str] = {}
     for role, path in paths.items():
         if path.absolute() in seen:
@@ -361,6 +368,7 @@ def _finish_outputs(ds: rasterio.DatasetReader, scene: Path, work: Path, tmp: di
 
     classes_tif = work / "classes.tif"
     if options.format == "geotiff":
+        stamp(classes_tif, scene)  # which scene the map is of (map_owner: same-name scenes never share a map)
         write_cog(classes_tif, tmp["map"], "mode", options.cog_blocksize)
     else:
         write_anylabeling(classes_tif, tmp["map"], scene, options)
@@ -401,6 +409,8 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
                                  *source)
         margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
+        check_grid(ds.width, ds.height, grid.scale, options.max_grid_megapixels * 1e6, scene,
+                   "infer.max_grid_megapixels (or pass --no-resample)")
         device = resolve_device(options.device)
         predict = Predictor.from_bundle(bundle, options.backend, device, options.tta, options.labelled_only)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])

@@ -20,7 +20,9 @@ hole shapes, which a live session cannot keep).
 Safety: binds 127.0.0.1 unless told otherwise; with an API key (``Token`` header, constant-time compare)
 every route but /health needs it; the body is capped, the image size is read from its header and refused
 before any pixel is decoded; only PNG/JPEG/WEBP/BMP/TIFF are opened, from memory (images never touch the
-disk); at most ``queue`` requests are admitted at once (503 beyond); each request has a deadline (504).
+disk) through the CLI's validated reader (truncated -> 400); the body is read within a deadline (408) before
+a slot is taken; at most ``queue`` requests are admitted at once (503 beyond); each request has a deadline
+(504); a client that disconnects has its work cancelled (inference/serve_limits.py).
 """
 
 import asyncio
@@ -29,8 +31,8 @@ import binascii
 import hmac
 import json
 import logging
+import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -46,8 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.io import MemoryFile
+from rasterio.errors import RasterioError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aerialseg.core.classes import IGNORE
@@ -57,6 +58,9 @@ from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.ranking import tile_predictor
 from aerialseg.geo.scene import SceneReader
+from aerialseg.core.limits import check_grid, check_pixels
+from aerialseg.inference.serve_limits import (ApiError, ClientSlots, cancel_on_disconnect, check_api_key,
+                                              client_of, decode_checked, read_body_within, too_large)
 from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
 from aerialseg.inference.stitch import Predict, blend_scene
 
@@ -80,6 +84,8 @@ class ServeOptions:
     queue: int = 16  # requests admitted at once (running + waiting); more -> 503
     workers: int = 1  # inference threads (each runs the whole model; torch already uses every core)
     timeout_s: float = 120.0  # per-request deadline -> 504
+    body_timeout_s: float = 30.0  # the request body must arrive within this -> 408 (serve_limits)
+    per_client: int = 8  # request bodies one client address may send at once; more -> 429 (serve_limits)
     device: str = "auto"  # auto | cpu | cuda
     batch: int = 8  # tiles per forward pass
     conf_threshold: float = 0.0  # default when a request does not set it
@@ -93,7 +99,8 @@ class ServeOptions:
 
     def check(self) -> None:
         positive = {"max_body_mb": self.max_body_mb, "max_megapixels": self.max_megapixels, "queue": self.queue,
-                    "workers": self.workers, "timeout_s": self.timeout_s, "batch": self.batch}
+                    "workers": self.workers, "timeout_s": self.timeout_s, "batch": self.batch,
+                    "body_timeout_s": self.body_timeout_s, "per_client": self.per_client}
         for name, value in positive.items():
             if not value > 0:
                 raise AerialsegError(f"serve.{name} must be > 0, got {value}", "params.yaml")
@@ -101,14 +108,6 @@ class ServeOptions:
             raise AerialsegError(f"port {self.port} is out of range", fix="pass --port 1-65535 (0 = any free port)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise AerialsegError(f"unknown device '{self.device}'", fix="use auto, cpu or cuda")
-
-
-class ApiError(Exception):
-    """An error answered as ``{"success": false, "error": {code, message}}`` with an HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -171,21 +170,13 @@ def decode_base64_image(image: str) -> bytes:
 @contextmanager
 def open_image(raw: bytes, options: ServeOptions) -> Iterator[rasterio.DatasetReader]:
     """Open encoded image bytes from memory; size caps are checked on the header, before decoding."""
-    with MemoryFile(raw) as memfile, warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        try:
-            ds = memfile.open(driver=IMAGE_DRIVERS)
-        except RasterioError:
-            raise ApiError(400, "INVALID_IMAGE", "not a PNG, JPEG, WEBP, BMP or TIFF image") from None
-        with ds:
-            pixels = ds.width * ds.height
-            if pixels > options.max_megapixels * 1e6:
-                raise ApiError(413, "IMAGE_TOO_LARGE", f"image is {ds.width}x{ds.height} px = {pixels / 1e6:.1f} MPix; "
-                                                       f"the limit is {options.max_megapixels:g} MPix")
-            if min(ds.width, ds.height) < options.min_side_px:
-                raise ApiError(422, "IMAGE_TOO_SMALL", f"image is {ds.width}x{ds.height} px; each side needs at "
-                                                       f"least {options.min_side_px} px")
-            yield ds
+    with decode_checked(raw, IMAGE_DRIVERS) as ds:  # the CLI's validated reader: truncated -> 400
+        too_large(check_pixels, ds.width, ds.height, options.max_megapixels * 1e6, "image", "image",
+                  "serve.max_megapixels")
+        if min(ds.width, ds.height) < options.min_side_px:
+            raise ApiError(422, "IMAGE_TOO_SMALL", f"image is {ds.width}x{ds.height} px; each side needs at "
+                                                   f"least {options.min_side_px} px")
+        yield ds
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -278,9 +269,7 @@ def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: 
         raise ApiError(422, "INVALID_IMAGE", str(exc).removeprefix("image: ")) from None
     scale = resample_scale(ds, model.bundle, InferOptions(), Path("image")) if is_georeferenced(ds) else 1.0
     grid = Grid(ds.height, ds.width, scale)
-    if grid.model_height * grid.model_width > max_pixels:
-        raise ApiError(413, "IMAGE_TOO_LARGE", f"at the training GSD the image is {grid.model_width}x"
-                                               f"{grid.model_height} px, above the limit of {max_pixels / 1e6:g} MPix")
+    too_large(check_grid, ds.width, ds.height, scale, max_pixels, "image", "serve.max_megapixels")
     try:
         pixels = make_reader(reader, grid)(0, grid.model_height)
         valid = reader.valid()
@@ -382,7 +371,7 @@ def class_filter(model: ServedModel, names: list[str] | None) -> set[int] | None
 
 
 def handle_predict(models: dict[str, ServedModel], options: ServeOptions, body: bytes,
-                   deadline: float) -> dict[str, Any]:
+                   deadline: float, cancelled: threading.Event | None = None) -> dict[str, Any]:
     """The whole /v1/predict work (runs in an inference thread): parse, decode, predict, polygonise."""
     request = parse_request(body)
     model = models.get(request.model)
@@ -395,6 +384,8 @@ def handle_predict(models: dict[str, ServedModel], options: ServeOptions, body: 
     del request
 
     def check_deadline(_: int = 0) -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise ApiError(499, "CLIENT_GONE", "the client disconnected")
         if time.monotonic() > deadline:
             raise ApiError(504, "TIMEOUT", f"prediction took longer than {options.timeout_s:g} s")
 
@@ -444,21 +435,6 @@ class Gate:
         self.active -= 1
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "BODY_TOO_LARGE", f"request body is {int(declared) / 2**20:.1f} MiB; "
-                                              f"the limit is {limit / 2**20:g} MiB")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds the limit of {limit / 2**20:g} MiB")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _retrieve(future: asyncio.Future) -> None:
     """Consume a finished future's exception (the request may have timed out and gone)."""
     if not future.cancelled():
@@ -468,7 +444,7 @@ def _retrieve(future: asyncio.Future) -> None:
 def create_app(models: dict[str, ServedModel], options: ServeOptions, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``models`` (already loaded)."""
     executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="aerialseg-predict")
-    gate = Gate(options.queue)
+    gate, readers = Gate(options.queue), ClientSlots(options.per_client)
     app = FastAPI(title="aerialseg serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -507,21 +483,31 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions, api_key: s
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
         deadline = time.monotonic() + options.timeout_s
+        client = client_of(request)
+        readers.enter(client)  # one client cannot open body reads without end (429)
+        try:  # the body is read before the admission slot is taken, under its own deadline (408)
+            body = await read_body_within(request, int(options.max_body_mb * 2**20), options.body_timeout_s)
+        finally:
+            readers.leave(client)
         gate.enter()
-        try:
-            body = await read_body(request, int(options.max_body_mb * 2**20))
-        except BaseException:
-            gate.leave()
-            raise
+        cancelled = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(executor, handle_predict, models, options, body,
-                                                             deadline)
+                                                             deadline, cancelled)
         future.add_done_callback(gate.leave)
         future.add_done_callback(_retrieve)
         del body
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request, future, cancelled))
         try:
             data = await asyncio.wait_for(asyncio.shield(future), timeout=max(deadline - time.monotonic(), 0) + 1)
         except TimeoutError:
+            cancelled.set()
             raise ApiError(504, "TIMEOUT", f"prediction took longer than {options.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            if future.cancelled():  # the client went away: its work is cancelled, there is no one to answer
+                raise ApiError(499, "CLIENT_GONE", "the client disconnected") from None
+            raise
+        finally:
+            watcher.cancel()
         return {"success": True, "data": data}
 
     app.add_middleware(TokenAuth, api_key=api_key)
@@ -541,8 +527,9 @@ def read_api_key(key_file: Path | None, environ: dict[str, str]) -> str | None:
                                  "give a readable UTF-8 text file holding the key") from None
         if not key:
             raise AerialsegError("the API key file is empty", key_file, "write the key into it")
-        return key
-    return environ.get(API_KEY_ENV, "").strip() or None
+        return check_api_key(key, str(key_file))
+    raw = environ.get(API_KEY_ENV, "")
+    return check_api_key(raw.strip(), f"${API_KEY_ENV}") if raw else None
 
 
 def serve(model_paths: list[Path], options: ServeOptions, api_key: str | None) -> None:

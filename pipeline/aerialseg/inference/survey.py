@@ -51,7 +51,7 @@ class SurveyOptions:
     scenes_dir: str = "data/sample/scenes"  # where the scenes are when none are given (DVC stage survey)
     scenes: list[str] = field(default_factory=lambda: ["dubai_tile4.tif"])  # names or globs in scenes_dir
     out: str = "outputs/survey"
-    workers: int = 2  # local cluster: worker processes (one per GPU on GPU machines)
+    workers: int = 1  # local cluster: worker processes (one per GPU on GPU machines)
     threads_per_worker: int = 1  # scenes a worker maps at once (they share its model)
     scheduler: str | None = None  # address of an existing Dask scheduler (then workers/threads are its own)
     retries: int = 2  # a scene's task is retried this often after an unexpected error

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aerialseg.annotations.anylabeling import MAX_IMAGE_PIXELS, LabelTable, class_id
+from aerialseg.annotations.anylabeling import MAX_IMAGE_PIXELS, MAX_SCENE_PIXELS, LabelTable, class_id
 from aerialseg.annotations.labels import labels_to_masks
 from aerialseg.annotations.rasterize import CONVENTIONS, MaskOptions
 from aerialseg.core.config import DEFAULT_PARAMS, section
@@ -48,10 +48,10 @@ def _whole_px(cfg: dict[str, Any], key: str, default: int, low: int) -> int:
     return int(value)
 
 
-def _max_pixels(value: Any) -> int:
+def _max_pixels(value: Any, key: str = "max_image_pixels") -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
-        raise AerialsegError(f"masks.max_image_pixels must be a positive number of pixels, got {value!r}",
-                             DEFAULT_PARAMS, f"set it to e.g. {MAX_IMAGE_PIXELS}")
+        raise AerialsegError(f"masks.{key} must be a positive number, got {value!r}", DEFAULT_PARAMS,
+                             f"set it to e.g. {MAX_IMAGE_PIXELS if key == 'max_image_pixels' else 4000}")
     return int(value)
 
 
@@ -66,4 +66,6 @@ def run(params: dict[str, Any], labels: Sequence[str | Path] | None = None, out:
     allow = bool(cfg.get("allow_ungeoreferenced", False)) if allow_ungeoreferenced is None else allow_ungeoreferenced
     return labels_to_masks(sources, out_dir, label_table(params), mask_options(params),
                            images or data.get("images"), allow, overwrite,
-                           _max_pixels(cfg.get("max_image_pixels", MAX_IMAGE_PIXELS)))
+                           _max_pixels(cfg.get("max_image_pixels", MAX_IMAGE_PIXELS)),
+                           _max_pixels(cfg.get("max_scene_megapixels", MAX_SCENE_PIXELS // 10**6),
+                                       "max_scene_megapixels") * 1e6)
