@@ -140,3 +140,18 @@ def test_weights_sum_to_one_in_2d():
     for (iy, r), (ix, c) in itertools.product(enumerate(rows), enumerate(cols)):
         total[r:r + tile, c:c + tile] += wy[iy][:, None] * wx[ix][None, :]
     np.testing.assert_allclose(total[:height, :width], 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, tile, expected", [((200, 180), 512, 224), ((256, 256), 512, 256),
+                                                   ((700, 300), 512, 512)])
+def test_a_scene_smaller_than_the_tile_is_not_padded_to_it(shape, tile, expected):
+    seen = []
+
+    def identity(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.shape[-1])
+        return batch.astype(np.float32)
+
+    image = np.random.default_rng(0).random((3, *shape)).astype(np.float32)
+    bands = [band.copy() for _, band in blend_scene(lambda r, n: image[:, r:r + n], *shape, identity, 3, tile, 64)]
+    assert set(seen) == {expected}  # a 256 px scene under a 512 px bundle: 1x its pixels, not 4x
+    np.testing.assert_allclose(np.concatenate(bands, axis=1), image, atol=1e-6)

@@ -24,6 +24,15 @@ def window_starts(length: int, size: int, overlap: int) -> list[int]:
     return starts
 
 
+def fit_tile(height: int, width: int, tile: int, overlap: int, multiple: int = 32) -> tuple[int, int]:
+    """(tile, overlap) for a scene: a scene smaller than the tile gets a tile of its own size (rounded up to
+    ``multiple``) instead of being padded to the full tile (a 256 px scene under a 512 px bundle: 4x the pixels)."""
+    side = -(-max(height, width) // multiple) * multiple
+    if side >= tile:
+        return tile, overlap
+    return side, overlap if overlap < side else side // 4
+
+
 def fresh_spans(starts: list[int], size: int) -> list[tuple[int, int]]:
     """Per window, the absolute [start, stop) not covered by the windows before it (they tile the axis)."""
     spans, covered = [], 0

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from aerialseg.geo.windows import window_starts
+from aerialseg.geo.windows import fit_tile, window_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
 ReadRows = Callable[[int, int], np.ndarray]
@@ -103,6 +103,7 @@ def blend_scene(read_rows: ReadRows, height: int, width: int, predict: Predict, 
     row exactly once. A yielded band is a view into the accumulator: use (or copy) it before asking for
     the next one. ``on_tiles(n)`` is called after each batch (progress bars).
     """
+    tile, overlap = fit_tile(height, width, tile, overlap)
     rows_at, cols_at = window_starts(height, tile, overlap), window_starts(width, tile, overlap)
     row_w = axis_weights(height, tile, rows_at, margin).astype(np.float32)
     col_w = axis_weights(width, tile, cols_at, margin).astype(np.float32)
