@@ -30,7 +30,17 @@ class ReferenceUnavailable(RuntimeError):
 
 
 def reference_venv(venv: Path = VENV) -> Path:
-    """The venv's python, building the venv first when it is missing or holds other versions."""
+    """The venv's python, building the venv first when it is missing or holds other versions (one builder at a
+    time: test workers running in parallel wait on a lock file beside the venv)."""
+    import fcntl
+
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.with_name(venv.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _built_venv(venv)
+
+
+def _built_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     stamp = venv / "aerialseg-pins.txt"
     if python.is_file() and stamp.is_file() and stamp.read_text() == "\n".join(PINS):
