@@ -187,6 +187,25 @@ def test_mixed_crs_mosaic_is_refused(tmp_path, scenes):
         write_vrt([scenes[0], other], tmp_path / "m.vrt")
 
 
+def test_a_survey_of_several_crss_gets_one_mosaic_per_crs(tmp_path, scenes):
+    from aerialseg.inference.mosaic import write_mosaics
+
+    other = tmp_path / "other.tif"
+    with rasterio.open(scenes[0]) as src:
+        with rasterio.open(other, "w", **{**src.profile, "crs": "EPSG:32639"}) as dst:
+            dst.write(src.read())
+    plain = tmp_path / "plain.tif"  # a map of a JPEG scene: no CRS, no place in a mosaic
+    with rasterio.open(scenes[1]) as src:
+        with rasterio.open(plain, "w", **{**src.profile, "crs": None}) as dst:
+            dst.write(src.read())
+    with rasterio.open(scenes[0]) as src:
+        tag = f"EPSG_{src.crs.to_epsg()}"
+    vrts = write_mosaics([scenes[0], scenes[1], other, plain], tmp_path)
+    assert sorted(p.name for p in vrts) == sorted([f"survey_{tag}.vrt", "survey_EPSG_32639.vrt"])
+    with rasterio.open(tmp_path / "survey_EPSG_32639.vrt") as vrt:
+        assert vrt.crs.to_epsg() == 32639
+
+
 def test_cli_exit_code_and_one_line_errors(bundle, cluster, scenes, tmp_path):
     from typer.testing import CliRunner
 

@@ -2,8 +2,9 @@
 
 The VRT is written as XML (no gdalbuildvrt needed): every map is a ComplexSource placed by its geotransform
 on one north-up grid, with the class colour table and nodata 255; sources are named relative to the VRT,
-so the folder can be moved or shared. Maps must share one CRS and pixel size (a survey in several UTM zones
-is refused with one line: map each zone into its own --out). GDAL reads the maps' own overviews through the
+so the folder can be moved or shared. One VRT holds maps of one CRS and pixel size: a survey of several
+(UTM zones, Web Mercator tiles beside lon/lat scenes) gets one survey_<CRS>.vrt per CRS, and its GeoPackage
+one layer per CRS; maps of plain images (no CRS) stay out of both. GDAL reads the maps' own overviews through the
 VRT's virtual overviews (OverviewList) when zoomed out (QGIS opens it as one layer).
 """
 
@@ -102,34 +103,76 @@ def write_vrt(maps: list[Path], dest: Path) -> Path:
     return write_text(dest, vrt_xml(maps, dest.parent))
 
 
+def _tag(crs: Any) -> str:
+    """A file-name-safe name of a CRS (EPSG_32639, or a short hash of its WKT)."""
+    import hashlib
+
+    epsg = crs.to_epsg() if crs else None
+    return f"EPSG_{epsg}" if epsg else "crs_" + hashlib.sha256(crs.to_wkt().encode()).hexdigest()[:8]
+
+
+def grid_groups(maps: Iterable[Path]) -> dict[str, list[Path]]:
+    """Georeferenced maps grouped by CRS and pixel size (one mosaic each); pixel-grid maps left out."""
+    groups: dict[tuple[str, float, float], list[Path]] = {}
+    for path in maps:
+        with rasterio.open(path) as ds:
+            if not ds.crs:
+                logging.getLogger(__name__).info("%s: not georeferenced, left out of the mosaic", path.name)
+                continue
+            groups.setdefault((_tag(ds.crs), round(ds.transform.a, 9), round(-ds.transform.e, 9)), []).append(path)
+    crs_count = {}
+    for tag, *_ in groups:
+        crs_count[tag] = crs_count.get(tag, 0) + 1
+    return {(tag if crs_count[tag] == 1 else f"{tag}_{xres:g}m"): paths for (tag, xres, _), paths in groups.items()}
+
+
+def write_mosaics(maps: list[Path], out: Path) -> list[Path]:
+    """survey.vrt over all maps of one CRS and pixel size; a survey of several CRSs (UTM zones, Web Mercator
+    and lon/lat scenes) gets survey_<CRS>.vrt per CRS instead, each opening as one layer in QGIS."""
+    groups = grid_groups(maps)
+    if not groups:
+        raise AerialsegError("no georeferenced scene maps to mosaic", out, "map GeoTIFF scenes for a mosaic")
+    if len(groups) == 1:
+        return [write_vrt(next(iter(groups.values())), out / "survey.vrt")]
+    return [write_vrt(paths, out / f"survey_{tag}.vrt") for tag, paths in sorted(groups.items())]
+
+
 def merge_vectors(gpkgs: Iterable[tuple[str, Path]], dest: Path) -> int:
-    """All scenes' polygons in one GeoPackage layer (+ a ``scene`` column), one scene in memory at a time;
-    returns the polygon count. All layers must share one CRS."""
+    """All scenes' polygons in one GeoPackage (+ a ``scene`` column), one scene in memory at a time: layer
+    ``landcover``, or ``landcover_<CRS>`` per CRS when the scenes have several; returns the polygon count.
+    Polygons of pixel-grid maps (no CRS) are left out."""
     import numpy as np
     from pyogrio.raw import read, write
 
-    count, crs = 0, None
+    count, layers = 0, {}
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # no "Created N records" per scene
+    scenes = [(sid, path, read(path)) for sid, path in gpkgs]  # one scene's polygons each
+    crss = list(dict.fromkeys(meta["crs"] for _, _, (meta, *_rest) in scenes if meta["crs"]))
     with atomic_path(dest) as tmp:
         tmp.unlink()
-        for sid, path in gpkgs:
-            meta, _, geometry, columns = read(path)
-            if crs is None:
-                crs = meta["crs"]
-            elif meta["crs"] != crs:
-                raise AerialsegError("polygons in different CRSs: one GeoPackage layer needs one CRS", path,
-                                     "map the scenes of each CRS into their own --out")
+        for sid, path, (meta, _, geometry, columns) in scenes:
+            if not meta["crs"]:
+                continue
+            layer = "landcover" if len(crss) == 1 else f"landcover_{_tag(rasterio.crs.CRS.from_user_input(meta['crs']))}"
+            layers[layer] = meta["crs"]
             if len(geometry) == 0:
                 continue
             names = [*meta["fields"], "scene"]
             values = [*columns, np.full(len(geometry), sid, dtype=object)]
-            write(tmp, geometry, values, names, layer="landcover", driver="GPKG", geometry_type="Polygon",
-                  crs=crs, append=tmp.exists())
+            write(tmp, geometry, values, names, layer=layer, driver="GPKG", geometry_type="Polygon",
+                  crs=meta["crs"], append=tmp.exists() and layer in _layers(tmp))
             count += len(geometry)
-        if not tmp.exists():
-            write(tmp, np.array([], dtype=object), [np.array([], dtype=np.int32)], ["class_id"], layer="landcover",
-                  driver="GPKG", geometry_type="Polygon", crs=crs)
+        for layer, crs in ({"landcover": None} if not layers else layers).items():
+            if not tmp.exists() or layer not in _layers(tmp):
+                write(tmp, np.array([], dtype=object), [np.array([], dtype=np.int32)], ["class_id"], layer=layer,
+                      driver="GPKG", geometry_type="Polygon", crs=crs, append=tmp.exists())
     return count
+
+
+def _layers(path: Path) -> set[str]:
+    from pyogrio import list_layers
+
+    return {str(name) for name, _ in list_layers(path)}
 
 
 def sum_areas(per_scene: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -168,7 +211,7 @@ def write_products(out: Path, outputs: dict[str, dict[str, Path]], with_mosaic: 
         merge_vectors(outputs["vectors"].items(), out / "survey_polygons.gpkg")
         return out / "survey_polygons.gpkg"
 
-    steps = {"mosaic": lambda: write_vrt(list(outputs["map"].values()), out / "survey.vrt"),
+    steps = {"mosaic": lambda: ", ".join(map(str, write_mosaics(list(outputs["map"].values()), out))),
              "vectors": vectors, "areas": areas}
     written: dict[str, Any] = {"errors": []}
     for role, step in steps.items():
