@@ -29,7 +29,8 @@ from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
 from aerialseg.inference.scene import InferOptions, infer_scene
-from aerialseg.inference.server import ServeOptions, hole_free_pieces, holes, model_ids, read_api_key, scored_shapes
+from aerialseg.inference.prelabel import scored_shapes
+from aerialseg.inference.server import ServeOptions, model_ids, read_api_key
 from aerialseg.models import create_model, save_model
 from aerialseg.stages.bundle import build_bundle
 from aerialseg.stages.masks import label_table
@@ -136,11 +137,14 @@ def test_health_is_open_and_models_need_the_key(server):
     health = httpx.get(f"{server}/health")
     assert health.status_code == 200 and health.json()["status"] == "healthy"
     assert health.json()["models_loaded"] == 1
-    for headers in ({}, {"Token": "wrong"}, {"Token": KEY + "x"}):
+    for headers, cause in (({}, "missing"), ({"Token": ""}, "missing"), ({"Token": "wrong"}, "wrong"),
+                           ({"Token": KEY + "x"}, "wrong")):
         response = httpx.get(f"{server}/v1/models", headers=headers)
         assert response.status_code == 401
-        assert response.json() == {"success": False, "error": {"code": "UNAUTHORIZED", "message": response.json()[
-            "error"]["message"]}}
+        error = response.json()["error"]
+        assert response.json() == {"success": False, "error": {"code": "UNAUTHORIZED", "message": error["message"]}}
+        assert error["message"].startswith(f"API key {cause}") and "Token" in error["message"]
+        assert "wrong" not in error["message"].removeprefix("API key wrong") and KEY not in error["message"]
     models = httpx.get(f"{server}/v1/models", headers={"Token": KEY}).json()
     assert models["success"] is True
     meta = models["data"]["bundle"]
@@ -177,6 +181,7 @@ def test_params_threshold_filter_and_simplify(server, image):
     label = everything[0]["label"]
     only = predict(server, raw, filter_classes=[label.upper()]).json()["data"]["shapes"]
     assert only and {s["label"] for s in only} == {label}
+    assert predict(server, raw, filter_classes=[]).json()["data"]["shapes"] == everything  # [] = every class
     coarse = predict(server, raw, epsilon_factor=0.01).json()["data"]["shapes"]
     assert sum(len(s["points"]) for s in coarse) < sum(len(s["points"]) for s in everything)
     big = predict(server, raw, min_area_px=200).json()["data"]["shapes"]
@@ -394,7 +399,7 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
 
 # --- pieces ------------------------------------------------------------------------------------
 
-def test_scored_shapes_cut_holes_and_paint_back_exactly():
+def test_scored_shapes_one_per_region_and_paint_back_exactly():
     rng = np.random.default_rng(0)
     classes = cv2.resize(rng.integers(0, 5, (12, 16), dtype=np.uint8), (160, 120), interpolation=cv2.INTER_NEAREST)
     classes[30:90, 40:120] = 1  # a road block around islands of other classes
@@ -407,31 +412,19 @@ def test_scored_shapes_cut_holes_and_paint_back_exactly():
     assert "background" not in {s["label"] for s in shapes}
     assert (paint(shapes, *classes.shape) == classes).all()
     assert (paint(shapes[::-1], *classes.shape) == classes).all()  # order does not matter
+    regions = sum(cv2.connectedComponents((classes == v).view(np.uint8), connectivity=4)[0] - 1 for v in range(1, 5))
+    assert len(shapes) == regions  # one shape per region, holes and all
     _, labels = cv2.connectedComponents((classes == 1).view(np.uint8), connectivity=4)
     road = labels == labels[35, 45]
-    pieces = [s for s in shapes if s["label"] == "road" and [40, 30] in s["points"]]
+    pieces = [s for s in shapes if s["label"] == "road" and [40, 30] in np.asarray(s["points"], int).tolist()]
     assert len(pieces) == 1 and pieces[0]["score"] == pytest.approx(confidence[road].mean(), abs=1e-4)
-    # thresholds drop whole regions; min area drops small ones; filter keeps classes
+    # thresholds drop whole regions; min area merges small ones; filter keeps classes
     kept = scored_shapes(classes, confidence, names, conf_threshold=0.5)
     assert all(s["score"] >= 0.5 for s in kept) and len(kept) < len(shapes)
     assert len(scored_shapes(classes, confidence, names, min_area_px=50)) < len(shapes)
     assert {s["label"] for s in scored_shapes(classes, confidence, names, keep={4})} == {"building"}
     coarse = scored_shapes(classes, confidence, names, epsilon_factor=0.02)
     assert sum(len(s["points"]) for s in coarse) < sum(len(s["points"]) for s in shapes)
-
-
-def test_hole_free_pieces_partition_a_region():
-    region = np.ones((30, 40), bool)
-    for y0, y1, x0, x1 in ((5, 9, 5, 8), (10, 11, 20, 21), (3, 25, 30, 35), (20, 22, 10, 12)):
-        region[y0:y1, x0:x1] = False
-    assert holes(region).sum() == (~region).sum()
-    pieces = list(hole_free_pieces(region, 100, 200))
-    covered = np.zeros((30, 40), int)
-    for piece, x, y in pieces:
-        assert not holes(piece).any()
-        covered[y - 200:y - 200 + piece.shape[0], x - 100:x - 100 + piece.shape[1]] += piece
-    assert (covered == region).all()  # every pixel in exactly one piece
-    assert len(pieces) <= 2 * 4
 
 
 def test_options_ids_and_api_key(tmp_path):
@@ -457,3 +450,21 @@ def test_cli_bad_model_is_one_line_exit_2(tmp_path):
                          timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_401_says_missing_or_wrong_and_the_log_names_it(caplog):
+    from fastapi.testclient import TestClient
+
+    from aerialseg.inference.server import create_app
+
+    client = TestClient(create_app({}, ServeOptions(), api_key=KEY))
+    with caplog.at_level("WARNING", logger="aerialseg.inference.server"):
+        missing = client.get("/v1/models")
+        wrong = client.get("/v1/models", headers={"Token": "guess-" + KEY[:3]})
+        right = client.get("/v1/models", headers={"Token": KEY})
+    assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
+    assert missing.json()["error"]["message"].startswith("API key missing")
+    assert wrong.json()["error"]["message"].startswith("API key wrong") and "guess" not in wrong.text
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("API key missing" in m and "/v1/models" in m for m in logged)
+    assert any("API key wrong" in m for m in logged) and not any("guess" in m or KEY in m for m in logged)
