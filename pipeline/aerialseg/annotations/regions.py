@@ -102,15 +102,23 @@ def polygons(regions: Regions, ids: Iterable[int], simplify_px: float = 0.0, eps
     wanted[0] = False
     if not wanted.any():
         return {}
+    traced = list(pixel_polygons(regions.labels, mask=wanted[regions.labels], connectivity=4))
+    exact = np.array([shape(geom) for geom, _ in traced], dtype=object)
+    shrunk = shapely.transform(shapely.buffer(exact, -SHRINK_PX, join_style="mitre"), lambda xy: xy + SHIFT_PX)
+    small = ((shapely.get_type_id(shrunk) == 3) & (shapely.get_num_interior_rings(shrunk) == 0)
+             & (shapely.get_num_coordinates(shrunk) <= 9))  # hole-free, <= 8 vertices: nothing to open or drop
     found: dict[int, list[list[list[float]]]] = {}
-    for geom, rid in pixel_polygons(regions.labels, mask=wanted[regions.labels], connectivity=4):
-        if progress is not None and len(found) % 256 == 0:
-            progress(len(found))
-        exact = shape(geom)
-        tolerance = simplify_px or min(epsilon_factor * exact.exterior.length, MAX_EPSILON_PX)
-        tools = tool_polygons(exact, tolerance)
+    for k, (_, rid) in enumerate(traced):
+        if progress is not None and k % 256 == 0:
+            progress(k)
+        tolerance = simplify_px or min(epsilon_factor * exact[k].exterior.length, MAX_EPSILON_PX)
+        if small[k]:
+            found[int(rid)] = [_points(_simplified(shrunk[k], tolerance) if tolerance > 0 else shrunk[k])]
+            continue
+        own = _own(regions, int(rid), exact[k])
+        tools = tool_polygons(exact[k], tolerance, own, shrunk[k])
         if tolerance <= 0 and len(tools) == 1:
-            tools = [_fewer_vertices(tools[0], _own(regions, int(rid), exact))]
+            tools = [_fewer_vertices(tools[0], own)]
         found[int(rid)] = [_points(p) for p in tools]
     return found
 
@@ -141,33 +149,32 @@ def _fewer_vertices(tool: Polygon, own: tuple[np.ndarray, int, int]) -> Polygon:
 def _reduce(cells: np.ndarray, clockwise: bool) -> np.ndarray:
     """Which vertices to keep: inner step corners go first, then vertices between collinear neighbours."""
     n = len(cells)
-    keep = np.ones(n, bool)
-    sign = -1 if clockwise else 1
-    i = 0
-    while i < n:
-        a, b, c = cells[i - 1], cells[i], cells[(i + 1) % n]
-        turn = (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0])
-        if np.abs(c - a).tolist() == [1, 1] and turn * sign < 0 and keep[i - 1] and keep[(i + 1) % n]:
-            keep[i] = False
-            i += 1
-        i += 1
-    order = list(np.flatnonzero(keep))
-    changed = True
-    while changed and len(order) > 4:
-        changed = False
-        out: list[int] = []
-        for k, idx in enumerate(order):
-            a, b, c = cells[out[-1] if out else order[-1]], cells[idx], cells[order[(k + 1) % len(order)]]
-            cross = (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0])
-            between = (b != a).any() and (b != c).any() and np.dot(b - a, c - b) > 0
-            if cross == 0 and between:
-                changed = True
-                continue
-            out.append(idx)
-        order = out
-    keep[:] = False
+    prev, nxt = np.roll(cells, 1, axis=0), np.roll(cells, -1, axis=0)
+    step = (np.abs(nxt - prev) == 1).all(axis=1) & (_turn(prev, cells, nxt) * (-1 if clockwise else 1) < 0)
+    index = np.arange(n)
+    last_kept = np.maximum.accumulate(np.where(step, -1, index))
+    drop = step & ((index - last_kept) % 2 == 1)  # never two neighbours: every other one of a run
+    if n > 1 and drop[0] and drop[-1]:
+        drop[-1] = False
+    order = np.flatnonzero(~drop)
+    for _ in range(3):
+        if len(order) <= 4:
+            break
+        a, b = cells[np.roll(order, 1)], cells[order]
+        c = cells[np.roll(order, -1)]
+        between = (_turn(a, b, c) == 0) & ((b - a) * (c - b)).sum(axis=1).__gt__(0) \
+            & (b != a).any(axis=1) & (b != c).any(axis=1)
+        if not between.any():
+            break
+        order = order[~between]
+    keep = np.zeros(n, bool)
     keep[order] = True
     return keep
+
+
+def _turn(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """z of (b - a) x (c - b) per row."""
+    return (b[:, 0] - a[:, 0]) * (c[:, 1] - b[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - b[:, 0])
 
 
 def _paint(points: np.ndarray, x0: int, y0: int, shape: tuple[int, int]) -> np.ndarray:
@@ -177,18 +184,24 @@ def _paint(points: np.ndarray, x0: int, y0: int, shape: tuple[int, int]) -> np.n
     return np.array(image, bool)
 
 
-def tool_polygons(pixel_polygon: Polygon, tolerance: float = 0.0) -> list[Polygon]:
+def tool_polygons(pixel_polygon: Polygon, tolerance: float = 0.0, own: tuple[np.ndarray, int, int] | None = None,
+                  shrunk: Polygon | None = None) -> list[Polygon]:
     """A region's pixel-edge polygon -> hole-free tool-coordinate polygon(s): one, unless a slit would split it.
-    ``tolerance`` > 0: Douglas-Peucker in tool coordinates, so kept vertices still sit on boundary pixels."""
-    tool = _shrunk(pixel_polygon)
+    ``own``: the region's pixels in its box (finds each slit's run of pixels without a geometry query).
+    ``tolerance`` > 0: Douglas-Peucker in tool coordinates, so kept vertices still sit on boundary pixels.
+    ``shrunk``: the polygon already in tool coordinates (computed for many regions at once)."""
+    tool = shrunk if shrunk is not None and shrunk.geom_type == "Polygon" else _shrunk(pixel_polygon)
     if tool is None:  # cannot happen for a 4-connected region; keep every part rather than fail
         parts = shapely.get_parts(translate(pixel_polygon.buffer(-SHRINK_PX, join_style="mitre"), SHIFT_PX, SHIFT_PX))
         return [Polygon(p.exterior) for p in parts if p.area > 0]
-    if tolerance > 0:
-        simple = tool.simplify(tolerance, preserve_topology=True)
-        tool = simple if simple.geom_type == "Polygon" and simple.area > 0 else tool
-    opened = _open_holes(tool)
-    return [Polygon(p.exterior) for p in shapely.get_parts(opened) if p.geom_type == "Polygon" and p.area > 0]
+    opened = _open_holes(tool, own)
+    parts = [Polygon(p.exterior) for p in shapely.get_parts(opened) if p.geom_type == "Polygon" and p.area > 0]
+    return [_simplified(p, tolerance) for p in parts] if tolerance > 0 else parts
+
+
+def _simplified(tool: Polygon, tolerance: float) -> Polygon:
+    simple = tool.simplify(tolerance, preserve_topology=True)
+    return simple if simple.geom_type == "Polygon" and simple.area > 0 and not simple.interiors else tool
 
 
 def _shrunk(pixel_polygon: Polygon) -> Polygon | None:
@@ -197,7 +210,7 @@ def _shrunk(pixel_polygon: Polygon) -> Polygon | None:
     return tool if tool.geom_type == "Polygon" and not tool.is_empty else None
 
 
-def _open_holes(tool: Polygon) -> Polygon:
+def _open_holes(tool: Polygon, own: tuple[np.ndarray, int, int] | None = None) -> Polygon:
     """Cut a slit from the top of each hole straight up to the first edge it meets (outline or another hole,
     which is higher and opened in turn): the holes join the outside, the polygon stays in one piece."""
     if not tool.interiors:
@@ -208,12 +221,27 @@ def _open_holes(tool: Polygon) -> Polygon:
         xy = np.asarray(ring.coords)
         y0 = xy[:, 1].min()
         x0 = xy[np.isclose(xy[:, 1], y0, atol=1e-6), 0].min()
-        for x in (np.floor(x0 + 0.7 + 1e-6) + 0.2, x0):  # the hole's first pixel column, else its top vertex
+        col, row = int(np.floor(x0 + 0.7 + 1e-6)), int(round(y0 + 0.7))  # the hole's top-left pixel
+        slit = _pixel_slit(own, col, row) if own is not None else None
+        for x in (col + 0.2, x0) if slit is None else ():  # geometry: its first column, else its top vertex
             slit = _slit(tool, x, y0, top)
             if slit is not None:
-                slits.append(slit)
                 break
+        if slit is not None:
+            slits.append(slit)
     return tool.difference(shapely.union_all(slits)) if slits else tool
+
+
+def _pixel_slit(own: tuple[np.ndarray, int, int], col: int, row: int) -> Polygon | None:
+    """The slit up column ``col`` from the hole pixel at ``row`` through the run of region pixels above it."""
+    mask, x0, y0 = own
+    c, r = col - x0, row - y0
+    if not (0 <= c < mask.shape[1] and 1 <= r < mask.shape[0]) or mask[r, c] or not mask[r - 1, c]:
+        return None
+    above = mask[:r, c][::-1]
+    run = int(np.argmin(above)) if not above.all() else len(above)  # region pixels straight above the hole
+    first = row - run  # top pixel row of the run
+    return box(col + 0.2 - SLIT_PX, first + 0.1 - 0.05, col + 0.2 + SLIT_PX, row - 0.7 + 0.05)
 
 
 def _slit(tool: Polygon, x: float, y0: float, top: float) -> Polygon | None:

@@ -55,7 +55,7 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.prelabel import scored_shapes
-from aerialseg.inference.ranking import tile_predictor
+from aerialseg.inference.runtime_choice import build_runtime
 from aerialseg.geo.scene import SceneReader
 from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
 from aerialseg.inference.stitch import Predict, blend_scene
@@ -199,6 +199,7 @@ class ServedModel:
     predict: Predict
     class_names: tuple[str, ...]
     batch: int = 8
+    runtime: dict[str, Any] | None = None  # which model runs: precision (int8 | fp32), backend, why
 
     @property
     def labels(self) -> list[str]:
@@ -208,8 +209,9 @@ class ServedModel:
     def metadata(self, options: ServeOptions) -> dict[str, Any]:
         """What /v1/models says about the model (X-AnyLabeling reads display_name and widgets)."""
         slider = 1 + round((min(max(options.epsilon_factor, 1e-4), 1e-2) - 1e-4) * 99 / (1e-2 - 1e-4))
+        precision = (self.runtime or {}).get("precision", "fp32")
         return {
-            "display_name": f"aerialseg {self.bundle.manifest['model']['name']} ({self.model_id})",
+            "display_name": f"aerialseg {self.bundle.manifest['model']['name']} ({self.model_id}, {precision})",
             "classes": self.labels,
             "batch_processing_mode": "default",
             "widgets": [{"name": "button_run", "value": None}, {"name": "input_conf", "value": None},
@@ -221,6 +223,7 @@ class ServedModel:
                        "min_area_px": options.min_area_px, "filter_classes": self.labels},
             "tile_size": self.bundle.tile_size,
             "gsd_m": self.bundle.gsd_m,
+            "runtime": self.runtime or {"precision": precision},
         }
 
 
@@ -245,10 +248,11 @@ def load_models(paths: list[Path], options: ServeOptions, stack: ExitStack) -> d
     for model_id, path in zip(model_ids(paths), paths):
         bundle = stack.enter_context(open_bundle(path))
         names = tuple(c["name"] for c in bundle.manifest["classes"])
-        models[model_id] = ServedModel(model_id, bundle, tile_predictor(bundle, options.device), names,
-                                       options.batch)
-        log.info("serve: model %s <- %s (%s, %d classes)", model_id, path, bundle.manifest["model"]["name"],
-                 len(names))
+        runtime = build_runtime(bundle, options.device)
+        models[model_id] = ServedModel(model_id, bundle, runtime.predict, names, options.batch,
+                                       {"precision": runtime.precision, **runtime.info})
+        log.info("serve: model %s <- %s (%s, %s, %d classes)", model_id, path, bundle.manifest["model"]["name"],
+                 runtime.precision, len(names))
     return models
 
 
