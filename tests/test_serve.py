@@ -150,6 +150,8 @@ def test_health_is_open_and_models_need_the_key(server):
     meta = models["data"]["bundle"]
     assert meta["classes"] == CLASSES and "pspnet_resnet18" in meta["display_name"]
     assert {"button_run", "edit_conf", "mask_fineness_slider"} <= {w["name"] for w in meta["widgets"]}
+    assert meta["runtime"]["precision"] == "fp32" and "fp32" in meta["display_name"]  # which model runs
+    assert meta["runtime"]["int8"] == "no model.int8.onnx in the bundle"
     info = httpx.get(f"{server}/v1/models/bundle/info", headers={"Token": KEY}).json()
     assert info["data"]["model_id"] == "bundle"
 
@@ -366,8 +368,35 @@ print(json.dumps({"models": models, "messages": messages, "shapes": [
 '''
 
 
-def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
+def canopy_png(folder: Path) -> Path:
+    """A real 256x256 crop of an OpenEarthMap tile (Houston, 0.5 m) that is 75 % tree canopy, as PNG."""
+    from conftest import shared_path
+
+    with rasterio.open(shared_path("openearthmap-samples", "images", "houston_16.tif")) as ds:
+        rgb = ds.read(window=((768, 1024), (256, 512))).transpose(1, 2, 0)
+    path = folder / "canopy.png"
+    path.write_bytes(png_bytes(rgb))
+    return path
+
+
+def usable(points: list[list[float]]) -> bool:
+    """>= 3 distinct vertices and a non-zero area (what labelme's and X-AnyLabeling's loaders need)."""
+    x, y = np.asarray(points, float).T
+    return len({tuple(p) for p in points}) >= 3 and abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) > 0
+
+
+@pytest.mark.parametrize("scene", ["dubai", "canopy"])
+def test_xanylabeling_remote_server_client(server, image, scene_map, bundle, scene, tmp_path):
+    """X-AnyLabeling's own RemoteServer client: shapes it keeps are usable, one per region, and what it saves
+    paints back to infer-scene's map through label-to-mask, labelme and X-AnyLabeling's mask export."""
     python = xanylabeling_python()
+    if scene == "canopy":
+        image = canopy_png(tmp_path)
+        out = tmp_path / "canopy.tif"
+        infer_scene(image, bundle, out, InferOptions(progress=False, preview=False, device="cpu",
+                                                     allow_ungeoreferenced=True))
+        with rasterio.open(out) as ds:
+            scene_map = ds.read(1)
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     epsilon = 0.0001  # the finest setting of X-AnyLabeling's mask fineness slider
@@ -380,14 +409,18 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
     shapes = out["shapes"]
     assert shapes and {s["label"] for s in shapes} <= set(CLASSES)
     assert all(s["shape_type"] == "polygon" and 0 <= s["score"] <= 1 for s in shapes)
+    assert all(usable(s["points"]) for s in shapes)  # after X-AnyLabeling's own Shape.add_point
+    regions = sum(cv2.connectedComponents((scene_map == v).view(np.uint8), connectivity=4)[0] - 1
+                  for v in range(1, len(CLASSES) + 1))
+    assert len(shapes) <= 1.2 * regions, (len(shapes), regions)
+    print(f"{scene}: X-AnyLabeling kept {len(shapes)} shapes for {regions} regions")
     # what X-AnyLabeling would save -> label-to-mask -> the same classes as infer-scene's map
     height, width = scene_map.shape
-    doc = {"version": "2.4.0", "flags": {}, "shapes": shapes, "imagePath": os.path.relpath(image, tmp_path),
-           "imageData": None, "imageHeight": height, "imageWidth": width}
     (tmp_path / "labels").mkdir()
-    label_file = tmp_path / "labels" / "dubai_crop.json"
-    doc["imagePath"] = os.path.relpath(image, label_file.parent)
-    label_file.write_text(json.dumps(doc))
+    label_file = tmp_path / "labels" / f"{scene}.json"
+    label_file.write_text(json.dumps({"version": "2.4.0", "flags": {}, "shapes": shapes,
+                                      "imagePath": os.path.relpath(image, label_file.parent), "imageData": None,
+                                      "imageHeight": height, "imageWidth": width}))
     params = load_params(REPO / "params.yaml")
     [mask_path] = labels_to_masks([label_file], tmp_path / "masks", label_table(params), MaskOptions())
     with rasterio.open(mask_path) as ds:
@@ -395,6 +428,16 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
     assert mask.shape == scene_map.shape
     agreement = (mask == scene_map).mean()
     assert agreement >= 0.99, agreement
+    try:  # the tools' own loaders and mask export on the saved file
+        import reference_tools
+
+        tools_python = reference_tools.reference_venv()
+    except reference_tools.ReferenceUnavailable:
+        return
+    classes = {"background": 0, **{name: i + 1 for i, name in enumerate(CLASSES)}}
+    for tool in ("labelme", "xanylabeling"):
+        [theirs] = reference_tools.reference_masks(tool, [label_file], classes, tmp_path, tools_python)
+        assert np.array_equal(theirs, mask), (tool, int((theirs != mask).sum()))
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -468,3 +511,25 @@ def test_401_says_missing_or_wrong_and_the_log_names_it(caplog):
     logged = [r.getMessage() for r in caplog.records]
     assert any("API key missing" in m and "/v1/models" in m for m in logged)
     assert any("API key wrong" in m for m in logged) and not any("guess" in m or KEY in m for m in logged)
+
+
+def test_int8_is_used_only_when_its_gate_passed(tmp_path):
+    from types import SimpleNamespace
+
+    from aerialseg.inference.runtime_choice import int8_candidate
+
+    bundle = SimpleNamespace(root=tmp_path)
+    assert int8_candidate(bundle) == (None, {"int8": "no model.int8.onnx in the bundle"})
+    (tmp_path / "model.int8.onnx").write_bytes(b"onnx")
+    assert int8_candidate(bundle)[0] is None and "quantize.json" in int8_candidate(bundle)[1]["int8"]
+    accuracy = {"fp32": {"mIoU": 0.55}, "int8": {"mIoU": 0.548}, "delta_miou_points": 0.2}
+    report = tmp_path / "quantize.json"
+    report.write_text(json.dumps({"accuracy": accuracy}))  # written before the gate field existed: passed
+    path, why = int8_candidate(bundle)
+    assert path == tmp_path / "model.int8.onnx" and why["gate"] == {"passed": True}
+    assert why["accuracy"] == {"delta_miou_points": 0.2, "miou_fp32": 0.55, "miou_int8": 0.548}
+    report.write_text(json.dumps({"accuracy": accuracy, "gate": {"passed": False, "max_delta_miou": 0.1}}))
+    path, why = int8_candidate(bundle)
+    assert path is None and why["int8"] == "accuracy gate failed" and why["gate"]["passed"] is False
+    report.write_text(json.dumps({"accuracy": accuracy, "gate": {"passed": True}}))
+    assert int8_candidate(bundle)[0] == tmp_path / "model.int8.onnx"
