@@ -1,14 +1,22 @@
-"""Benchmark `aerialseg serve` under a bounded load: latency, throughput, errors, memory over time.
+"""Benchmark `aerialseg serve`: per-request latency and time per phase, fp32 and int8; or a load test.
 
-    .venv/bin/python bench/bench_serve.py [--model BUNDLE] [--requests 200] [--concurrency 8] [--size 1024]
+    .venv/bin/python bench/bench_serve.py [--model BUNDLE] [--size 1024] [--requests 10]     # latency
+    .venv/bin/python bench/bench_serve.py --load [--requests 200] [--concurrency 8]          # load test
 
-The server is the real command (`python -m aerialseg.cli serve`, uvicorn, API key set) on a free loopback
-port; without ``--model`` it serves a seeded random-init ``--arch`` (default pspnet_resnet18, tile 256)
-bundle built in a temp folder. The client sends ``--requests`` POST /v1/predict calls, ``--concurrency``
-at a time, each a ``--size``² PNG cut from the embedded sample scenes (4 different images in turn), and
-times each call from send to parsed JSON. The server's resident memory (VmRSS from /proc) is sampled
-every 50 ms: the peak over the first and over the last quarter of the requests should match (no growth
-with the number of requests served). The queue is set above the concurrency: every request must succeed.
+Latency (default): for the fp32 bundle and its int8 twin, the real server (`python -m aerialseg.cli serve`,
+uvicorn, API key set) on a free loopback port answers ``--requests`` sequential POST /v1/predict calls of a
+``--size``² PNG cut from the embedded sample scenes (after one warm-up call): p50/p95 from send to parsed
+JSON. Then the same request runs in-process through serve's own functions, timed per phase (median of
+``--requests``): decode (JSON, base64, image header), read (pixel decoding + the scene reader), forward
+(the model's batches), stitch (tiling + blending around them), polygonise (the shape converter).
+Without ``--model`` the bundle is the default architecture (params.yaml model.name) with seeded RANDOM
+weights (no trained model in models/): the output says so; its polygon count is that of a random model.
+The int8 twin is made with `aerialseg quantize`'s own code (static QDQ, calibrated and gated on sample
+tiles) into a copy of the bundle; serve picks it up from model.int8.onnx + quantize.json.
+
+Load (``--load``): ``--requests`` calls, ``--concurrency`` at a time (random-init ``--arch``, default
+pspnet_resnet18, tile 256), with the server's resident memory sampled every 50 ms: the peak over the first
+and over the last quarter of the requests should match (no growth). Every request must succeed.
 Prints one JSON object (also written to reports/bench_serve.json with ``--write``).
 """
 
@@ -102,15 +110,24 @@ def one_request(client: httpx.Client, url: str, model: str, image: bytes) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="bundle to serve (default: a random-init --arch bundle)")
-    parser.add_argument("--arch", default="pspnet_resnet18")
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--model", type=Path, help="bundle to serve (default: a random-init bundle)")
+    parser.add_argument("--load", action="store_true", help="load test instead of latency + phases")
+    parser.add_argument("--arch", default=None, help="random-init architecture (default: params model.name; "
+                                                      "--load: pspnet_resnet18)")
+    parser.add_argument("--tile", type=int, default=None, help="tile size of the random-init bundle")
+    parser.add_argument("--requests", type=int, default=None, help="latency: 10, load: 200")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-int8", action="store_true", help="latency: skip the int8 twin")
     parser.add_argument("--write", action="store_true", help="also write reports/bench_serve.json")
     args = parser.parse_args()
+    if not args.load:
+        from bench_serve_latency import latency_main
+
+        return latency_main(args)
+    args.arch, args.tile = args.arch or "pspnet_resnet18", args.tile or 256
+    args.requests = args.requests or 200
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         folder = Path(tmp)

@@ -3,7 +3,6 @@
 import json
 import logging
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -258,28 +257,31 @@ def test_cli_infer_scene_writes_map(bundle, tmp_path, capsys, repo_root):
         assert (tmp_path / name).is_file(), name
 
 
-def test_anylabeling_format(bundle, tmp_path, monkeypatch):
-    try:
-        from aerialseg.annotations.polygonize import mask_to_shapes  # noqa: F401
-    except ImportError:  # the real converter is another stage's; stand in with a minimal one
-        from rasterio.features import shapes
+def test_anylabeling_format(bundle, tmp_path):
+    """--format anylabeling: the one converter's polygons, painting back to the GeoTIFF map (specks merged)."""
+    from aerialseg.annotations.anylabeling import parse_shapes
+    from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
+    from aerialseg.annotations.regions import find_regions
+    from aerialseg.core.classes import IGNORE
+    from aerialseg.stages.masks import label_table
+    from aerialseg.core.config import load_params
+    from conftest import REPO
 
-        def mask_to_shapes(mask, simplify_px, min_area_px):
-            names = ("background", "road", "water", "tree", "building")
-            return [{"label": names[int(v)], "points": [[float(x), float(y)] for x, y in g["coordinates"][0]],
-                     "group_id": None, "shape_type": "polygon", "flags": {}}
-                    for g, v in shapes(mask, mask=mask != 255) if v != 0]
-
-        monkeypatch.setitem(sys.modules, "aerialseg.annotations.polygonize",
-                            types.SimpleNamespace(mask_to_shapes=mask_to_shapes))
     pixels = _real_pixels(120, 160)
     scene = _write_scene(tmp_path / "scene.tif", pixels)
     result = infer_scene(scene, bundle, None, _opts(format="anylabeling"))
     label = json.loads(Path(result.outputs["map"]).read_text())
     assert Path(result.outputs["map"]) == tmp_path / "scene.json"
     assert label["imagePath"] == "scene.tif" and label["imageHeight"] == 120 and label["imageWidth"] == 160
-    assert label["shapes"] and all(s["label"] in ("road", "water", "tree", "building", "background")
-                                   for s in label["shapes"])
+    assert label["shapes"] and all(s["label"] in ("road", "water", "tree", "building") for s in label["shapes"])
+    geotiff = infer_scene(scene, bundle, tmp_path / "map.tif", _opts())
+    with rasterio.open(geotiff.outputs["map"]) as ds:
+        found = find_regions(ds.read(1), 16)
+    big = (found.pixels >= 16)[found.labels] & (found.mask != 0) & (found.mask != IGNORE)
+    assert len(label["shapes"]) == len({int(v) for v in np.unique(found.labels[big])})  # one per region
+    shapes, _ = parse_shapes(label, tmp_path / "scene.json", label_table(load_params(REPO / "params.yaml")))
+    painted = rasterize_shapes(shapes, 160, 120, MaskOptions())
+    assert np.array_equal(painted, np.where(big, found.mask, 0))
     with pytest.raises(AerialsegError, match="already exists"):
         infer_scene(scene, bundle, None, _opts(format="anylabeling"))
 

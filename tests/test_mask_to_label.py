@@ -95,11 +95,12 @@ def test_document_fields_order_and_labels(tmp_path):
     assert set(shape) == {"label", "points", "group_id", "description", "shape_type", "flags"}
     assert shape["shape_type"] == "polygon" and shape["group_id"] is None and shape["description"] == ""
     labels = [s["label"] for s in doc["shapes"]]
-    assert "__ignore__" in labels and labels.count("background") == 2  # only the hole (cut in two by the road)
-    big = [(s["label"], i) for i, s in enumerate(doc["shapes"]) if area(s["points"]) > 300]
-    order = [label for label, _ in sorted(big, key=lambda x: x[1])]
-    assert order == ["building", "water", "tree", "tree"]  # outer shapes before the shapes in their holes
-    assert labels.index("building") < min(i for i, lbl in enumerate(labels) if lbl == "background")
+    assert "__ignore__" in labels and "background" not in labels  # background is what no shape paints
+    regions = sum(cv2.connectedComponents((mask == v).view(np.uint8), connectivity=4)[0] - 1
+                  for v in np.unique(mask) if v != 0)
+    assert len(labels) == regions  # one shape per region: holes are opened, never cut into pieces
+    sizes = [area(s["points"]) for s in doc["shapes"]]
+    assert labels[0] == "building" and sizes[0] == max(sizes)  # largest region first
 
 
 def area(points: list[list[float]]) -> float:
@@ -107,25 +108,31 @@ def area(points: list[list[float]]) -> float:
     return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
 
 
-def test_polygons_run_through_pixel_centres_without_redundant_vertices():
+def test_polygons_hug_pixel_centres_and_are_never_degenerate():
     staircase = np.tril(np.ones((40, 40), np.uint8))
-    assert [s["points"] for s in mask_to_shapes(staircase)] == [[[0, 0], [0, 39], [39, 39]]]  # one diagonal edge
+    (stairs,) = mask_to_shapes(staircase)
+    assert len(stairs["points"]) <= 6  # the steps paint as one diagonal edge (int() of each vertex)
     block = np.zeros((20, 30), np.uint8)
     block[5:9, 10:25] = 4
     block[15, 3] = 2
     block[17, 7:9] = 1
-    shapes = {s["label"]: s["points"] for s in mask_to_shapes(block)}
-    assert shapes["building"] == [[10, 5], [10, 8], [24, 8], [24, 5]]
-    assert shapes["water"] == [[3, 15]] * 3 and sorted(map(tuple, shapes["road"])) == [(7, 17), (8, 17), (8, 17)]
-    assert all(isinstance(v, int) for pts in shapes.values() for p in pts for v in p)
+    shapes = {s["label"]: np.asarray(s["points"]) for s in mask_to_shapes(block)}
+    # every vertex truncates (and rounds) to a boundary pixel centre: the outline through those centres
+    assert sorted(map(tuple, np.unique(shapes["building"].astype(int), axis=0))) == [
+        (10, 5), (10, 8), (24, 5), (24, 8)]
+    assert {tuple(p) for p in shapes["water"].astype(int)} == {(3, 15)}  # one pixel: a 0.2 px square
+    assert {tuple(p) for p in np.round(shapes["road"]).astype(int)} == {(7, 17), (8, 17)}
+    for points in shapes.values():
+        assert len({tuple(p) for p in points}) >= 3 and area(points.tolist()) > 0
+        assert ((points - np.floor(points)) < 0.5).all()  # int() and round() agree
 
 
 def test_min_area_and_simplify(tmp_path):
     mask = nested_mask()
     assert "road" not in {s["label"] for s in mask_to_shapes(mask, min_area_px=50)[:3]}
-    pixel = {"label": "building", "points": [[90, 20]] * 3}
-    def has_pixel(shapes: list[dict]) -> bool:
-        return any(s["label"] == pixel["label"] and s["points"] == pixel["points"] for s in shapes)
+    def has_pixel(shapes: list[dict]) -> bool:  # the single building pixel at (90, 20)
+        return any(s["label"] == "building" and np.array_equal(np.unique(np.asarray(s["points"], int), axis=0),
+                                                               [[90, 20]]) for s in shapes)
     assert has_pixel(mask_to_shapes(mask)) and not has_pixel(mask_to_shapes(mask, min_area_px=2))
     part = dubai_part(2, 5)[1]
     exact, coarse = mask_to_shapes(part), mask_to_shapes(part, simplify_px=1.0)
@@ -197,12 +204,13 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys):
 def test_stage_takes_min_area_from_params_unless_given(tmp_path):
     cv2.imwrite(str(tmp_path / "m.png"), nested_mask())
     cv2.imwrite(str(tmp_path / "m.jpg"), np.zeros((90, 120, 3), np.uint8))
-    pixel = {"label": "building", "points": [[90, 20]] * 3}
+    pixel = {"label": "building", "pixels": [[90, 20]]}  # the single building pixel
 
     def labels(params: dict, **flags) -> list[dict]:
         [path] = mask_to_label.run(params, [tmp_path / "m.png"], tmp_path / "o", overwrite=True, backup=False,
                                    **flags)
-        return [{"label": s["label"], "points": s["points"]} for s in json.loads(path.read_text())["shapes"]]
+        return [{"label": s["label"], "pixels": np.unique(np.asarray(s["points"], int), axis=0).tolist()}
+                for s in json.loads(path.read_text())["shapes"]]
 
     assert pixel in labels({})
     assert pixel not in labels({"masks": {"min_area_px": 2}})

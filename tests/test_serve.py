@@ -29,7 +29,8 @@ from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
 from aerialseg.inference.scene import InferOptions, infer_scene
-from aerialseg.inference.server import ServeOptions, hole_free_pieces, holes, model_ids, read_api_key, scored_shapes
+from aerialseg.inference.prelabel import scored_shapes
+from aerialseg.inference.server import ServeOptions, model_ids, read_api_key
 from aerialseg.models import create_model, save_model
 from aerialseg.stages.bundle import build_bundle
 from aerialseg.stages.masks import label_table
@@ -136,16 +137,21 @@ def test_health_is_open_and_models_need_the_key(server):
     health = httpx.get(f"{server}/health")
     assert health.status_code == 200 and health.json()["status"] == "healthy"
     assert health.json()["models_loaded"] == 1
-    for headers in ({}, {"Token": "wrong"}, {"Token": KEY + "x"}):
+    for headers, cause in (({}, "missing"), ({"Token": ""}, "missing"), ({"Token": "wrong"}, "wrong"),
+                           ({"Token": KEY + "x"}, "wrong")):
         response = httpx.get(f"{server}/v1/models", headers=headers)
         assert response.status_code == 401
-        assert response.json() == {"success": False, "error": {"code": "UNAUTHORIZED", "message": response.json()[
-            "error"]["message"]}}
+        error = response.json()["error"]
+        assert response.json() == {"success": False, "error": {"code": "UNAUTHORIZED", "message": error["message"]}}
+        assert error["message"].startswith(f"API key {cause}") and "Token" in error["message"]
+        assert "wrong" not in error["message"].removeprefix("API key wrong") and KEY not in error["message"]
     models = httpx.get(f"{server}/v1/models", headers={"Token": KEY}).json()
     assert models["success"] is True
     meta = models["data"]["bundle"]
     assert meta["classes"] == CLASSES and "pspnet_resnet18" in meta["display_name"]
     assert {"button_run", "edit_conf", "mask_fineness_slider"} <= {w["name"] for w in meta["widgets"]}
+    assert meta["runtime"]["precision"] == "fp32" and "fp32" in meta["display_name"]  # which model runs
+    assert meta["runtime"]["int8"] == "no model.int8.onnx in the bundle"
     info = httpx.get(f"{server}/v1/models/bundle/info", headers={"Token": KEY}).json()
     assert info["data"]["model_id"] == "bundle"
 
@@ -177,6 +183,7 @@ def test_params_threshold_filter_and_simplify(server, image):
     label = everything[0]["label"]
     only = predict(server, raw, filter_classes=[label.upper()]).json()["data"]["shapes"]
     assert only and {s["label"] for s in only} == {label}
+    assert predict(server, raw, filter_classes=[]).json()["data"]["shapes"] == everything  # [] = every class
     coarse = predict(server, raw, epsilon_factor=0.01).json()["data"]["shapes"]
     assert sum(len(s["points"]) for s in coarse) < sum(len(s["points"]) for s in everything)
     big = predict(server, raw, min_area_px=200).json()["data"]["shapes"]
@@ -361,8 +368,35 @@ print(json.dumps({"models": models, "messages": messages, "shapes": [
 '''
 
 
-def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
+def canopy_png(folder: Path) -> Path:
+    """A real 256x256 crop of an OpenEarthMap tile (Houston, 0.5 m) that is 75 % tree canopy, as PNG."""
+    from conftest import shared_path
+
+    with rasterio.open(shared_path("openearthmap-samples", "images", "houston_16.tif")) as ds:
+        rgb = ds.read(window=((768, 1024), (256, 512))).transpose(1, 2, 0)
+    path = folder / "canopy.png"
+    path.write_bytes(png_bytes(rgb))
+    return path
+
+
+def usable(points: list[list[float]]) -> bool:
+    """>= 3 distinct vertices and a non-zero area (what labelme's and X-AnyLabeling's loaders need)."""
+    x, y = np.asarray(points, float).T
+    return len({tuple(p) for p in points}) >= 3 and abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) > 0
+
+
+@pytest.mark.parametrize("scene", ["dubai", "canopy"])
+def test_xanylabeling_remote_server_client(server, image, scene_map, bundle, scene, tmp_path):
+    """X-AnyLabeling's own RemoteServer client: shapes it keeps are usable, one per region, and what it saves
+    paints back to infer-scene's map through label-to-mask, labelme and X-AnyLabeling's mask export."""
     python = xanylabeling_python()
+    if scene == "canopy":
+        image = canopy_png(tmp_path)
+        out = tmp_path / "canopy.tif"
+        infer_scene(image, bundle, out, InferOptions(progress=False, preview=False, device="cpu",
+                                                     allow_ungeoreferenced=True))
+        with rasterio.open(out) as ds:
+            scene_map = ds.read(1)
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     epsilon = 0.0001  # the finest setting of X-AnyLabeling's mask fineness slider
@@ -375,14 +409,18 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
     shapes = out["shapes"]
     assert shapes and {s["label"] for s in shapes} <= set(CLASSES)
     assert all(s["shape_type"] == "polygon" and 0 <= s["score"] <= 1 for s in shapes)
+    assert all(usable(s["points"]) for s in shapes)  # after X-AnyLabeling's own Shape.add_point
+    regions = sum(cv2.connectedComponents((scene_map == v).view(np.uint8), connectivity=4)[0] - 1
+                  for v in range(1, len(CLASSES) + 1))
+    assert len(shapes) <= 1.2 * regions, (len(shapes), regions)
+    print(f"{scene}: X-AnyLabeling kept {len(shapes)} shapes for {regions} regions")
     # what X-AnyLabeling would save -> label-to-mask -> the same classes as infer-scene's map
     height, width = scene_map.shape
-    doc = {"version": "2.4.0", "flags": {}, "shapes": shapes, "imagePath": os.path.relpath(image, tmp_path),
-           "imageData": None, "imageHeight": height, "imageWidth": width}
     (tmp_path / "labels").mkdir()
-    label_file = tmp_path / "labels" / "dubai_crop.json"
-    doc["imagePath"] = os.path.relpath(image, label_file.parent)
-    label_file.write_text(json.dumps(doc))
+    label_file = tmp_path / "labels" / f"{scene}.json"
+    label_file.write_text(json.dumps({"version": "2.4.0", "flags": {}, "shapes": shapes,
+                                      "imagePath": os.path.relpath(image, label_file.parent), "imageData": None,
+                                      "imageHeight": height, "imageWidth": width}))
     params = load_params(REPO / "params.yaml")
     [mask_path] = labels_to_masks([label_file], tmp_path / "masks", label_table(params), MaskOptions())
     with rasterio.open(mask_path) as ds:
@@ -390,11 +428,21 @@ def test_xanylabeling_remote_server_client(server, image, scene_map, tmp_path):
     assert mask.shape == scene_map.shape
     agreement = (mask == scene_map).mean()
     assert agreement >= 0.99, agreement
+    try:  # the tools' own loaders and mask export on the saved file
+        import reference_tools
+
+        tools_python = reference_tools.reference_venv()
+    except reference_tools.ReferenceUnavailable:
+        return
+    classes = {"background": 0, **{name: i + 1 for i, name in enumerate(CLASSES)}}
+    for tool in ("labelme", "xanylabeling"):
+        [theirs] = reference_tools.reference_masks(tool, [label_file], classes, tmp_path, tools_python)
+        assert np.array_equal(theirs, mask), (tool, int((theirs != mask).sum()))
 
 
 # --- pieces ------------------------------------------------------------------------------------
 
-def test_scored_shapes_cut_holes_and_paint_back_exactly():
+def test_scored_shapes_one_per_region_and_paint_back_exactly():
     rng = np.random.default_rng(0)
     classes = cv2.resize(rng.integers(0, 5, (12, 16), dtype=np.uint8), (160, 120), interpolation=cv2.INTER_NEAREST)
     classes[30:90, 40:120] = 1  # a road block around islands of other classes
@@ -407,31 +455,19 @@ def test_scored_shapes_cut_holes_and_paint_back_exactly():
     assert "background" not in {s["label"] for s in shapes}
     assert (paint(shapes, *classes.shape) == classes).all()
     assert (paint(shapes[::-1], *classes.shape) == classes).all()  # order does not matter
+    regions = sum(cv2.connectedComponents((classes == v).view(np.uint8), connectivity=4)[0] - 1 for v in range(1, 5))
+    assert len(shapes) == regions  # one shape per region, holes and all
     _, labels = cv2.connectedComponents((classes == 1).view(np.uint8), connectivity=4)
     road = labels == labels[35, 45]
-    pieces = [s for s in shapes if s["label"] == "road" and [40, 30] in s["points"]]
+    pieces = [s for s in shapes if s["label"] == "road" and [40, 30] in np.asarray(s["points"], int).tolist()]
     assert len(pieces) == 1 and pieces[0]["score"] == pytest.approx(confidence[road].mean(), abs=1e-4)
-    # thresholds drop whole regions; min area drops small ones; filter keeps classes
+    # thresholds drop whole regions; min area merges small ones; filter keeps classes
     kept = scored_shapes(classes, confidence, names, conf_threshold=0.5)
     assert all(s["score"] >= 0.5 for s in kept) and len(kept) < len(shapes)
     assert len(scored_shapes(classes, confidence, names, min_area_px=50)) < len(shapes)
     assert {s["label"] for s in scored_shapes(classes, confidence, names, keep={4})} == {"building"}
     coarse = scored_shapes(classes, confidence, names, epsilon_factor=0.02)
     assert sum(len(s["points"]) for s in coarse) < sum(len(s["points"]) for s in shapes)
-
-
-def test_hole_free_pieces_partition_a_region():
-    region = np.ones((30, 40), bool)
-    for y0, y1, x0, x1 in ((5, 9, 5, 8), (10, 11, 20, 21), (3, 25, 30, 35), (20, 22, 10, 12)):
-        region[y0:y1, x0:x1] = False
-    assert holes(region).sum() == (~region).sum()
-    pieces = list(hole_free_pieces(region, 100, 200))
-    covered = np.zeros((30, 40), int)
-    for piece, x, y in pieces:
-        assert not holes(piece).any()
-        covered[y - 200:y - 200 + piece.shape[0], x - 100:x - 100 + piece.shape[1]] += piece
-    assert (covered == region).all()  # every pixel in exactly one piece
-    assert len(pieces) <= 2 * 4
 
 
 def test_options_ids_and_api_key(tmp_path):
@@ -457,3 +493,43 @@ def test_cli_bad_model_is_one_line_exit_2(tmp_path):
                          timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_401_says_missing_or_wrong_and_the_log_names_it(caplog):
+    from fastapi.testclient import TestClient
+
+    from aerialseg.inference.server import create_app
+
+    client = TestClient(create_app({}, ServeOptions(), api_key=KEY))
+    with caplog.at_level("WARNING", logger="aerialseg.inference.server"):
+        missing = client.get("/v1/models")
+        wrong = client.get("/v1/models", headers={"Token": "guess-" + KEY[:3]})
+        right = client.get("/v1/models", headers={"Token": KEY})
+    assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
+    assert missing.json()["error"]["message"].startswith("API key missing")
+    assert wrong.json()["error"]["message"].startswith("API key wrong") and "guess" not in wrong.text
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("API key missing" in m and "/v1/models" in m for m in logged)
+    assert any("API key wrong" in m for m in logged) and not any("guess" in m or KEY in m for m in logged)
+
+
+def test_int8_is_used_only_when_its_gate_passed(tmp_path):
+    from types import SimpleNamespace
+
+    from aerialseg.inference.runtime_choice import int8_candidate
+
+    bundle = SimpleNamespace(root=tmp_path)
+    assert int8_candidate(bundle) == (None, {"int8": "no model.int8.onnx in the bundle"})
+    (tmp_path / "model.int8.onnx").write_bytes(b"onnx")
+    assert int8_candidate(bundle)[0] is None and "quantize.json" in int8_candidate(bundle)[1]["int8"]
+    accuracy = {"fp32": {"mIoU": 0.55}, "int8": {"mIoU": 0.548}, "delta_miou_points": 0.2}
+    report = tmp_path / "quantize.json"
+    report.write_text(json.dumps({"accuracy": accuracy}))  # written before the gate field existed: passed
+    path, why = int8_candidate(bundle)
+    assert path == tmp_path / "model.int8.onnx" and why["gate"] == {"passed": True}
+    assert why["accuracy"] == {"delta_miou_points": 0.2, "miou_fp32": 0.55, "miou_int8": 0.548}
+    report.write_text(json.dumps({"accuracy": accuracy, "gate": {"passed": False, "max_delta_miou": 0.1}}))
+    path, why = int8_candidate(bundle)
+    assert path is None and why["int8"] == "accuracy gate failed" and why["gate"]["passed"] is False
+    report.write_text(json.dumps({"accuracy": accuracy, "gate": {"passed": True}}))
+    assert int8_candidate(bundle)[0] == tmp_path / "model.int8.onnx"

@@ -1,18 +1,14 @@
 """mask-to-label: a class mask (GeoTIFF or PNG of class ids) -> AnyLabeling JSON that paints back to it.
 
-The polygons follow the annotation tools' convention (vertices on pixel centres, boundary pixels painted),
-so the mask comes back exactly through label-to-mask AND through labelme's and X-AnyLabeling's own mask
-export (docs/labels.md):
-- Every 4-connected region of one class becomes one polygon: the outer boundary of its pixels traced through
-  their centres (OpenCV ``findContours``, straight runs reduced to their end points), so painting it gives the
-  region plus whatever fills its holes. 1- and 2-pixel regions repeat a vertex (the tools need 3 points).
-- Whatever fills a hole lies inside the enclosing polygon, so it has a smaller area: shapes are written largest
-  first, and since later shapes paint over earlier ones each pixel ends with its own region's class. (This
-  needs file order: keep ``masks.priority`` empty when reading these files back.)
-- Background regions that no polygon covers are left out (unlabelled pixels are background); ignore (255)
-  regions are written as label ``__ignore__`` so they stay ignore.
-- ``simplify_px`` > 0 simplifies each polygon (Douglas-Peucker) and ``min_area_px`` drops regions smaller than
-  that many pixels (they take the class of what surrounds them): both trade exactness for smaller files.
+The polygons come from the one converter, ``annotations.regions`` (also used by infer-scene ``--format
+anylabeling`` and serve): one polygon per 4-connected region, holes opened by a hair-thin slit, vertices
+0.1-0.3 px from the boundary pixels' centres. Each shape paints exactly its region through label-to-mask,
+labelme and X-AnyLabeling (docs/labels.md), in any order:
+- background (0) is not written (unlabelled pixels are background); ignore (255) regions are written as
+  label ``__ignore__`` so they stay ignore;
+- ``min_area_px`` merges regions smaller than that many pixels into the nearest larger region (they take its
+  class) and ``simplify_px`` > 0 simplifies each polygon (Douglas-Peucker): both trade exactness for smaller
+  files. Shapes are written largest region first.
 - The label file never replaces an input (the mask, the image) and never an existing label file (hand labels
   beside the image) unless ``--overwrite``; the replaced file is then kept as ``<name>.<UTC time>.bak``.
 """
@@ -21,15 +17,13 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from aerialseg.annotations.anylabeling import IMAGE_SUFFIXES, Shape, anylabeling_document, dumps_label_json
-from aerialseg.annotations.rasterize import rasterize_shapes
+from aerialseg.annotations.anylabeling import IMAGE_SUFFIXES, anylabeling_document, dumps_label_json
+from aerialseg.annotations.regions import find_regions, polygons
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_text
@@ -40,71 +34,23 @@ log = logging.getLogger(__name__)
 
 IGNORE_LABEL = "__ignore__"
 VALID_VALUES = (*range(len(CLASS_NAMES)), IGNORE)
+BACKGROUND = 0
 
 
 def label_name(value: int) -> str:
     return IGNORE_LABEL if value == IGNORE else CLASS_NAMES[value]
 
 
-@dataclass(frozen=True)
-class Region:
-    """One 4-connected region of a class: its outline through pixel centres."""
-
-    value: int
-    outline: np.ndarray  # (N, 2) int32 x, y of pixel centres, N >= 3
-    pixels: int  # pixel count of the region
-    area: float  # area enclosed by the outline (orders nested regions: inner ones are smaller)
-
-
-def regions(mask: np.ndarray) -> list[Region]:
-    """Every 4-connected region of every value of a uint8 mask."""
-    found = []
-    for value in np.flatnonzero(np.bincount(mask.ravel(), minlength=256)):
-        count, labels, stats, _ = cv2.connectedComponentsWithStats((mask == value).view(np.uint8), connectivity=4,
-                                                                   ltype=cv2.CV_32S)
-        for k in range(1, count):
-            x, y, w, h, pixels = (int(v) for v in stats[k])
-            own = (labels[y:y + h, x:x + w] == k).view(np.uint8)
-            contours, _ = cv2.findContours(own, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y))
-            outline = contours[0][:, 0, :]
-            found.append(Region(int(value), _at_least_3(outline), pixels, abs(cv2.contourArea(outline))))
-    return found
-
-
-def _at_least_3(outline: np.ndarray) -> np.ndarray:
-    """1- and 2-pixel regions: repeat the last vertex (the tools want polygons of 3 points or more)."""
-    return np.r_[outline, np.repeat(outline[-1:], 3 - len(outline), axis=0)] if len(outline) < 3 else outline
-
-
-def _covered(outlines: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """Pixels painted by any of the polygons."""
-    polys = [Shape(i, "", 1, "polygon", o.astype(np.float64)) for i, o in enumerate(outlines)]
-    return rasterize_shapes(polys, shape[1], shape[0]) > 0
-
-
-def _simplified(outline: np.ndarray, simplify_px: float) -> np.ndarray:
-    if simplify_px <= 0:
-        return outline
-    return _at_least_3(cv2.approxPolyDP(outline.reshape(-1, 1, 2), simplify_px, True)[:, 0, :])
-
-
 def mask_to_shapes(mask: np.ndarray, simplify_px: float = 0.0, min_area_px: float = 0.0) -> list[dict[str, Any]]:
-    """AnyLabeling polygon shapes (in painting order) that paint back to `mask` (see the module docstring).
-
-    mask: (H, W) classes 0..4 and 255 (ignore).
-    """
+    """AnyLabeling polygon shapes, largest region first, that paint back to `mask` (after merging regions under
+    ``min_area_px``; see the module docstring). mask: (H, W) classes 0..4 and 255 (ignore)."""
     check_class_values(mask)
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    found = [r for r in regions(mask) if r.pixels >= min_area_px]
-    labelled = [r for r in found if r.value != 0]
-    covered = _covered([r.outline for r in labelled], mask.shape)
-    holes = [r for r in found if r.value == 0 and covered[r.outline[0, 1], r.outline[0, 0]]]
-    shapes = []
-    for region in sorted(labelled + holes, key=lambda r: -r.area):
-        points = _simplified(region.outline, simplify_px).tolist()
-        shapes.append({"label": label_name(region.value), "points": points, "group_id": None, "description": "",
-                       "shape_type": "polygon", "flags": {}})
-    return shapes
+    found = find_regions(mask, min_area_px)
+    ids = [i for i in np.argsort(-found.pixels, kind="stable")
+           if i and found.values[i] != BACKGROUND and found.pixels[i] >= min_area_px]
+    outlines = polygons(found, ids, simplify_px)
+    return [{"label": label_name(int(found.values[i])), "points": points, "group_id": None, "description": "",
+             "shape_type": "polygon", "flags": {}} for i in ids for points in outlines.get(i, [])]
 
 
 def check_class_values(mask: np.ndarray, path: str | Path | None = None) -> None:

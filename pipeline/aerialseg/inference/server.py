@@ -9,13 +9,13 @@ Protocol (as X-AnyLabeling's ``remote_server`` model type and X-AnyLabeling-Serv
 
 Predictions: the bundle's model over the whole uploaded image (read by the one ``SceneReader``) with
 infer-scene's seam-free stitcher (``aerialseg.inference.stitch.blend_scene``), so an image of any size is
-tiled; nodata/alpha pixels are left unlabelled. Each 4-connected region of one class becomes polygons
-through its boundary pixel centres, mask-to-label's convention (they paint back to exactly its pixels
-in label-to-mask, labelme and X-AnyLabeling); ``score`` is the region's mean confidence (max probability).
-AnyLabeling polygons have no holes, and X-AnyLabeling may reorder shapes, so a region with holes is cut
-between two pixel columns into hole-free pieces: every shape covers exactly its own pixels, in any
-order, and background is never returned (mask-to-label instead relies on file order and background
-hole shapes, which a live session cannot keep).
+tiled; nodata/alpha pixels are left unlabelled. The map becomes polygons through the one converter that
+mask-to-label and infer-scene use (``aerialseg.inference.prelabel`` -> ``aerialseg.annotations.regions``):
+one polygon per 4-connected region, holes opened rather than cut, never degenerate, painting back exactly
+its pixels in label-to-mask, labelme and X-AnyLabeling in any order; regions under ``min_area_px`` are
+merged into their surroundings; ``score`` is the region's mean confidence (max probability); background
+is never returned. ``filter_classes`` absent or empty = every class (X-AnyLabeling sends [] when all are
+ticked).
 
 Safety: binds 127.0.0.1 unless told otherwise; with an API key (``Token`` header, constant-time compare)
 every route but /health needs it; the body is capped, the image size is read from its header and refused
@@ -41,7 +41,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import rasterio
 from fastapi import FastAPI, Request
@@ -56,7 +55,8 @@ from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
-from aerialseg.inference.ranking import tile_predictor
+from aerialseg.inference.prelabel import scored_shapes
+from aerialseg.inference.runtime_choice import build_runtime
 from aerialseg.geo.scene import SceneReader
 from aerialseg.core.limits import check_grid, check_pixels
 from aerialseg.inference.serve_limits import (ApiError, ClientSlots, cancel_on_disconnect, check_api_key,
@@ -190,6 +190,7 @@ class ServedModel:
     predict: Predict
     class_names: tuple[str, ...]
     batch: int = 8
+    runtime: dict[str, Any] | None = None  # which model runs: precision (int8 | fp32), backend, why
 
     @property
     def labels(self) -> list[str]:
@@ -199,8 +200,9 @@ class ServedModel:
     def metadata(self, options: ServeOptions) -> dict[str, Any]:
         """What /v1/models says about the model (X-AnyLabeling reads display_name and widgets)."""
         slider = 1 + round((min(max(options.epsilon_factor, 1e-4), 1e-2) - 1e-4) * 99 / (1e-2 - 1e-4))
+        precision = (self.runtime or {}).get("precision", "fp32")
         return {
-            "display_name": f"aerialseg {self.bundle.manifest['model']['name']} ({self.model_id})",
+            "display_name": f"aerialseg {self.bundle.manifest['model']['name']} ({self.model_id}, {precision})",
             "classes": self.labels,
             "batch_processing_mode": "default",
             "widgets": [{"name": "button_run", "value": None}, {"name": "input_conf", "value": None},
@@ -212,6 +214,7 @@ class ServedModel:
                        "min_area_px": options.min_area_px, "filter_classes": self.labels},
             "tile_size": self.bundle.tile_size,
             "gsd_m": self.bundle.gsd_m,
+            "runtime": self.runtime or {"precision": precision},
         }
 
 
@@ -236,10 +239,11 @@ def load_models(paths: list[Path], options: ServeOptions, stack: ExitStack) -> d
     for model_id, path in zip(model_ids(paths), paths):
         bundle = stack.enter_context(open_bundle(path))
         names = tuple(c["name"] for c in bundle.manifest["classes"])
-        models[model_id] = ServedModel(model_id, bundle, tile_predictor(bundle, options.device), names,
-                                       options.batch)
-        log.info("serve: model %s <- %s (%s, %d classes)", model_id, path, bundle.manifest["model"]["name"],
-                 len(names))
+        runtime = build_runtime(bundle, options.device)
+        models[model_id] = ServedModel(model_id, bundle, runtime.predict, names, options.batch,
+                                       {"precision": runtime.precision, **runtime.info})
+        log.info("serve: model %s <- %s (%s, %s, %d classes)", model_id, path, bundle.manifest["model"]["name"],
+                 runtime.precision, len(names))
     return models
 
 
@@ -284,83 +288,9 @@ def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: 
     return classes, confidence
 
 
-# --- class map -> hole-free scored polygons ----------------------------------------------------
-
-def holes(own: np.ndarray) -> np.ndarray:
-    """Pixels inside a region's outer outline that are not its own (what painting the outline would add)."""
-    contours, _ = cv2.findContours(own.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    filled = np.zeros(own.shape, np.uint8)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    return (filled > 0) & ~own
-
-
-def hole_free_pieces(own: np.ndarray, x: int, y: int) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Split a 4-connected region (bool crop at column ``x``, row ``y``) into hole-free 4-connected pieces.
-
-    A region with holes is cut between two pixel columns through its middle hole (by x): each side is
-    open on that hole, so every piece has fewer holes; the pieces partition the region's pixels.
-    """
-    enclosed = holes(own)
-    if not enclosed.any():
-        yield own, x, y
-        return
-    count, _, stats, centroids = cv2.connectedComponentsWithStats(enclosed.view(np.uint8), connectivity=4)
-    middle = 1 + int(np.argsort(centroids[1:, 0], kind="stable")[(count - 1) // 2])
-    cut = int(stats[middle, cv2.CC_STAT_LEFT] + stats[middle, cv2.CC_STAT_WIDTH] // 2)
-    for side, offset in ((own[:, :cut], 0), (own[:, cut:], cut)):
-        n, parts, part_stats, _ = cv2.connectedComponentsWithStats(side.astype(np.uint8), connectivity=4)
-        for k in range(1, n):
-            px, py, pw, ph = (int(v) for v in part_stats[k, :4])
-            yield from hole_free_pieces(parts[py:py + ph, px:px + pw] == k, x + offset + px, y + py)
-
-
-def outline(own: np.ndarray, x: int, y: int, epsilon_factor: float = 0.0) -> list[list[int]]:
-    """The outer outline of a hole-free piece through its boundary pixel centres (mask-to-label's convention:
-    it paints back to exactly the piece), simplified by ``epsilon_factor`` x its length (X-AnyLabeling's rule)."""
-    contours, _ = cv2.findContours(own.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y))
-    points = contours[0]
-    if epsilon_factor > 0:
-        points = cv2.approxPolyDP(points, epsilon_factor * cv2.arcLength(points, True), True)
-    points = points[:, 0, :]
-    if len(points) < 3:  # 1- and 2-pixel pieces: the tools want 3 points or more
-        points = np.r_[points, np.repeat(points[-1:], 3 - len(points), axis=0)]
-    return points.tolist()
-
-
-def scored_shapes(classes: np.ndarray, confidence: np.ndarray, class_names: tuple[str, ...],
-                  conf_threshold: float = 0.0, epsilon_factor: float = 0.0, min_area_px: float = 0.0,
-                  keep: set[int] | None = None, on_region: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """X-AnyLabeling shapes of a class map: one or more hole-free polygons per 4-connected region, score = the
-    region's mean confidence; background, ignore, regions below ``conf_threshold`` or ``min_area_px`` and
-    classes not in ``keep`` (None = all) are left out. Largest regions first. ``on_region(n)`` is called as
-    regions are done (deadline checks)."""
-    found, done = [], 0
-    for value in np.flatnonzero(np.bincount(classes.ravel(), minlength=256)):
-        if value in (BACKGROUND, IGNORE) or (keep is not None and value not in keep):
-            continue
-        count, labels, stats, _ = cv2.connectedComponentsWithStats((classes == value).view(np.uint8),
-                                                                   connectivity=4, ltype=cv2.CV_32S)
-        area = stats[:, cv2.CC_STAT_AREA]
-        score = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=count) / np.maximum(area, 1)
-        wanted = (area >= max(min_area_px, 1)) & (score >= conf_threshold)
-        wanted[0] = False  # label 0: the pixels of other classes
-        for k in np.flatnonzero(wanted):
-            if on_region is not None and done % 256 == 0:
-                on_region(done)
-            done += 1
-            x, y, w, h = (int(v) for v in stats[k, :4])
-            for piece, px, py in hole_free_pieces(labels[y:y + h, x:x + w] == k, x, y):
-                found.append((-int(area[k]), int(value), int(k), {
-                    "label": class_names[value], "shape_type": "polygon",
-                    "points": outline(piece, px, py, epsilon_factor), "score": round(float(score[k]), 4),
-                    "group_id": None, "description": "", "difficult": False, "flags": {}, "attributes": {}}))
-    found.sort(key=lambda item: item[:3])
-    return [shape for *_, shape in found]
-
-
 def class_filter(model: ServedModel, names: list[str] | None) -> set[int] | None:
-    """filter_classes (names, case-insensitive) -> class ids; unknown names -> 422."""
-    if names is None:
+    """filter_classes (names, case-insensitive) -> class ids; None or [] = every class; unknown names -> 422."""
+    if not names:
         return None
     lookup = {n.lower(): i for i, n in enumerate(model.class_names)}
     unknown = [n for n in names if n.strip().lower() not in lookup]
@@ -414,7 +344,12 @@ class TokenAuth:
         if self.key is not None and scope["type"] == "http" and scope["path"] != "/health":
             token = next((value for name, value in scope["headers"] if name == TOKEN_HEADER), b"")
             if not hmac.compare_digest(token, self.key):
-                await error_response(401, "UNAUTHORIZED", "invalid or missing API key (header 'Token')")(
+                cause = "wrong" if token.strip() else "missing"
+                client = scope.get("client") or ("?", 0)
+                log.warning("serve: 401 for %s %s from %s: API key %s (header 'Token')", scope.get("method", ""),
+                            scope["path"], client[0], cause)
+                await error_response(401, "UNAUTHORIZED", f"API key {cause}: send the server's key in the header "
+                                                          f"'Token' (X-AnyLabeling: Remote-Server settings, api_key)")(
                     scope, receive, send)
                 return
         await self.app(scope, receive, send)
