@@ -31,6 +31,12 @@ __pycache__/
 ci-artifacts/
 reports/**/samples.npz
 """
+SEEDS_README = """# Multi-seed comparison of this survey's models
+
+`aerialseg run-seeds` (then `aerialseg compare`) writes compare.json, compare.md and compare.png here: the
+model trained with several seeds, mean ± std and paired tests. The report shows them once they were made from
+this survey's data (their data_fingerprint); until then its section says "not run for this data".
+"""
 DVCIGNORE = """__pycache__
 *.pyc
 *.aux.xml
@@ -142,6 +148,7 @@ def write_project(plan: InitPlan) -> None:
     write_text(project / "params.yaml", params)
     shutil.copytree(TEMPLATES / "profiles", project / "profiles")
     write_text(project / ".gitignore", GITIGNORE)
+    write_text(project / "reports" / "seeds" / "README.md", SEEDS_README)  # the report stage's dependency
     write_text(project / ".dvcignore", DVCIGNORE)
     if not (project / ".git").exists():
         _run(["git", "init", "-q"], project)
