@@ -94,7 +94,7 @@ def not_labelled_note(metrics: dict[str, Any]) -> list[str]:
     them = "it" if len(left_out) == 1 else "them"
     every = metrics.get("mIoU_all_classes")
     versus = (f"over every class present in truth or map, mIoU would be {fmt(every)}" if every != metrics.get("mIoU")
-              else f"the map predicts none of {them} (infer.labelled_only), so {them} would not lower it either")
+              else f"the map never predicts {them} (infer.labelled_only), so counting {them} would not lower it")
     return [f"**Not labelled: {', '.join(left_out)}** — no labelled pixels in the training data, so the model "
             f"cannot learn {them}: left out of mIoU and the other macro means ({versus})."]
 
