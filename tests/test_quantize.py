@@ -378,8 +378,10 @@ def test_bench_models_quick(tmp_path, capsys):
         bench.main(["--quick", "--models", "nope", "--out", str(tmp_path / "x.json")])
 
 
-def test_disabled_quantize_writes_only_its_record_and_the_table_says_not_run(tmp_path):
+def test_disabled_quantize_writes_only_its_record_and_the_table_says_not_run(tmp_path, monkeypatch):
     from aerialseg.stages import compression, quantize
+
+    monkeypatch.setattr(compression, "data_fingerprint", lambda params: "this-data")  # no data stages here
 
     table = {"entries": [{"backbone": "default", "model_dir": str(tmp_path / "none")}],
              "out_json": str(tmp_path / "c.json"), "out_md": str(tmp_path / "c.md")}
@@ -388,3 +390,4 @@ def test_disabled_quantize_writes_only_its_record_and_the_table_says_not_run(tmp
     assert record["enabled"] is False and sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["quantize.json"]
     compression.run(params)
     assert "not run" in (tmp_path / "c.md").read_text() and "quantize.enabled is false" in (tmp_path / "c.md").read_text()
+    assert json.loads((tmp_path / "c.json").read_text())["data_fingerprint"] == "this-data"  # the report shows it

@@ -236,9 +236,11 @@ def compression_table(entries: Sequence[dict[str, Any]], calibration: Sequence[n
     return result
 
 
-def disabled_table(table: TableConfig, reason: str) -> dict[str, Any]:
-    """The table's files when compression is switched off: they say so (the report embeds the .md)."""
-    result = {"enabled": False, "reason": reason, "rows": [], "out_json": table.out_json, "out_md": table.out_md}
+def disabled_table(table: TableConfig, reason: str, data_fingerprint: str | None = None) -> dict[str, Any]:
+    """The table's files when compression is switched off: they say so (the report embeds the .md, a
+    statement about this run's data, hence its fingerprint)."""
+    result = {"data_fingerprint": data_fingerprint, "enabled": False, "reason": reason, "rows": [],
+              "out_json": table.out_json, "out_md": table.out_md}
     write_json(table.out_json, result)
     write_text(table.out_md, f"# Compression: not run\n\n{reason}.\n")
     return result

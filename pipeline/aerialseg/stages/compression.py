@@ -16,7 +16,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     config = QuantizeConfig.from_params(section(params, "quantize"))
     table = typed_section(TableConfig, "quantize.table", config.table)
     if not config.enabled:
-        return disabled_table(table, DISABLED_REASON)
+        return disabled_table(table, DISABLED_REASON, data_fingerprint(params))
     if not table.entries:
         raise AerialsegError("quantize.table.entries is empty", DEFAULT_PARAMS,
                              "list {backbone, model_dir, pruned_dir} entries")
