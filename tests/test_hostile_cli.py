@@ -124,6 +124,22 @@ def test_infer_scene_refuses_a_grid_blown_up_by_resampling(bundle, tmp_path, cap
     assert snapshot(tmp_path) == before and not temp_leftovers(tmp_path)
 
 
+def test_infer_survey_applies_the_same_grid_cap(bundle, tmp_path):
+    """infer-survey's task maps through infer-scene's own body (it used a copy without the cap): the coarse
+    scene fails with the cap's one-line error, the good one is mapped. Run in-process (the toy model is
+    registered only here), as a Dask worker runs it."""
+    from aerialseg.inference.scene import InferOptions
+    from aerialseg.inference.survey import scene_task
+
+    good, coarse = write_scene(tmp_path / "good.tif"), coarse_scene(tmp_path / "coarse.tif")
+    options = InferOptions(areas=True, progress=False)
+    failed = scene_task(str(coarse), "coarse", str(tmp_path), str(bundle), options, "test-model")
+    assert failed["state"] == "failed" and "infer.max_grid_megapixels" in failed["error"], failed
+    assert "coarse.tif" in failed["error"] and not list(tmp_path.glob("coarse_landcover*"))
+    done = scene_task(str(good), "good", str(tmp_path), str(bundle), options, "test-model")
+    assert done["state"] == "done" and (tmp_path / "good_landcover.tif").is_file(), done
+
+
 def test_rank_scenes_refuses_a_grid_blown_up_by_resampling(bundle, tmp_path, capsys):
     good, coarse = write_scene(tmp_path / "good.tif"), coarse_scene(tmp_path / "coarse.tif")
     code, err = run_cli(["rank-scenes", good, coarse, "--model", bundle, "--out", tmp_path / "rank"], capsys)

@@ -33,7 +33,7 @@ from aerialseg.compression.quantize import (
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json, write_text
-from aerialseg.models import count_parameters, get_spec
+from aerialseg.models import ModelSpec, count_parameters, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def quantized_by_stage(model_dir: Path, search: Sequence[Path]) -> tuple[Path, d
     return None
 
 
-def int8_for_table(model_dir: Path, tile: int, fp32_path: Path, calibration: Sequence[np.ndarray],
+def int8_for_table(model_dir: Path, spec: ModelSpec, tile: int, fp32_path: Path, calibration: Sequence[np.ndarray],
                    config: QuantizeConfig, search: Sequence[Path], tmp: Path) -> Int8Source:
     """The quantize stage's int8 model of ``model_dir`` at ``tile`` px, or one quantized here for the table."""
     found = quantized_by_stage(model_dir, search)
@@ -81,7 +81,6 @@ def int8_for_table(model_dir: Path, tile: int, fp32_path: Path, calibration: Seq
         return Int8Source(found[0], "quantize stage", read_gate(found[1]))
     log.warning("%s: no int8 model from the quantize stage at %d px; quantizing it for the table", model_dir, tile)
     path = Path(tmp) / INT8_NAME
-    spec = get_spec(load_model_dir(model_dir)[1]["name"])
     quantize_static_int8(fp32_path, path, TileCalibrationReader(calibration[: config.calibration_tiles], spec,
                                                                 tile), config)
     return Int8Source(path, f"built for the table at {tile}px")
@@ -112,7 +111,7 @@ def table_rows_for(model_dir: Path, backbone: str, calibration: Sequence[np.ndar
     with tempfile.TemporaryDirectory(prefix="aerialseg-table-") as tmp:
         fp32_path = Path(tmp) / "model.fp32.onnx"
         export_fp32(model, meta, fp32_path, tile, config)
-        int8 = int8_for_table(model_dir, tile, fp32_path, calibration, config, search, Path(tmp))
+        int8 = int8_for_table(model_dir, spec, tile, fp32_path, calibration, config, search, Path(tmp))
         for quantized, path in ((False, fp32_path), (True, int8.path)):
             scores, _ = onnx_scores(session(path, threads), val_images, val_masks, spec,
                                     f"{backbone} {'P' if pruned else '-'}{'Q' if quantized else '-'}")

@@ -144,13 +144,16 @@ def merge_vectors(gpkgs: Iterable[tuple[str, Path]], dest: Path) -> int:
     import numpy as np
     from pyogrio.raw import read, write
 
+    from pyogrio import read_info
+
     count, layers = 0, {}
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # no "Created N records" per scene
-    scenes = [(sid, path, read(path)) for sid, path in gpkgs]  # one scene's polygons each
-    crss = list(dict.fromkeys(meta["crs"] for _, _, (meta, *_rest) in scenes if meta["crs"]))
+    gpkgs = list(gpkgs)
+    crss = list(dict.fromkeys(c for c in (read_info(path)["crs"] for _, path in gpkgs) if c))  # headers only
     with atomic_path(dest) as tmp:
         tmp.unlink()
-        for sid, path, (meta, _, geometry, columns) in scenes:
+        for sid, path in gpkgs:
+            meta, _, geometry, columns = read(path)
             if not meta["crs"]:
                 continue
             layer = "landcover" if len(crss) == 1 else f"landcover_{_tag(rasterio.crs.CRS.from_user_input(meta['crs']))}"

@@ -395,8 +395,23 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
     options.check()
     scene, out, model = Path(scene), (Path(out) if out is not None else None), Path(model)
     start = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds, \
-            open_model(model) as bundle:
+    with open_model(model) as bundle:
+        device = resolve_device(options.device)
+        predict = Predictor.from_bundle(bundle, options.backend, device, options.tta, options.labelled_only)
+        mapped = map_with(scene, model, bundle, predict, out, options, options.progress)
+    seconds = time.perf_counter() - start
+    width, height = mapped["width"], mapped["height"]
+    result = InferResult({k: str(v) for k, v in mapped["outputs"].items()}, width, height, mapped["tiles"], seconds,
+                         width * height / 1e6 / max(seconds, 1e-9), mapped["scale"], options.backend, device.type)
+    log.debug(result.summary())  # the CLI prints it
+    return result
+
+
+def map_with(scene: Path, model: Path, bundle: Any, predict: Any, out: Path | None, options: InferOptions,
+             progress: bool) -> dict[str, Any]:
+    """infer-scene's checks, stitching and outputs for one scene with a loaded model (infer-scene, infer-survey);
+    returns {outputs, width, height, tiles, scale}."""
+    with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds:
         paths = output_paths(scene, out, options)
         check_outputs(paths, scene, model)
         reader = SceneReader(ds, scene, bundle.band_policy)
@@ -411,8 +426,6 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
         grid = Grid(ds.height, ds.width, resample_scale(ds, bundle, options, scene))
         check_grid(ds.width, ds.height, grid.scale, options.max_grid_megapixels * 1e6, scene,
                    "infer.max_grid_megapixels (or pass --no-resample)")
-        device = resolve_device(options.device)
-        predict = Predictor.from_bundle(bundle, options.backend, device, options.tta, options.labelled_only)
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
         main = paths["map"]
         if options.format == "anylabeling" and options.overwrite:
@@ -424,11 +437,6 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
             counts, n_tiles = predict_scene(
                 reader, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
                 work / "classes.tif", work / "confidence.tif" if options.confidence else None,
-                options.cog_blocksize, options.progress)
+                options.cog_blocksize, progress)
             _finish_outputs(ds, scene, work, tmp, counts, options, class_names)
-    width, height = ds.width, ds.height
-    seconds = time.perf_counter() - start
-    result = InferResult({k: str(v) for k, v in paths.items()}, width, height, n_tiles, seconds,
-                         width * height / 1e6 / max(seconds, 1e-9), grid.scale, options.backend, device.type)
-    log.debug(result.summary())  # the CLI prints it
-    return result
+        return {"outputs": paths, "width": ds.width, "height": ds.height, "tiles": n_tiles, "scale": grid.scale}

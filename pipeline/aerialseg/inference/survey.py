@@ -32,7 +32,7 @@ from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import sha256_file, write_json
 from aerialseg.inference.mosaic import write_products
-from aerialseg.inference.scene import InferOptions
+from aerialseg.inference.scene import InferOptions, map_with
 
 log = logging.getLogger(__name__)
 
@@ -166,37 +166,6 @@ def _plugin(name: str, model: str, options: InferOptions) -> ModelPlugin:
     return plugin
 
 
-def map_scene(scene: Path, model: Path, bundle: Any, predict: Any, main: Path,
-              options: InferOptions) -> dict[str, Any]:
-    """infer-scene's steps for one scene with an already loaded model; returns {outputs, width, height, tiles}."""
-    import rasterio
-
-    from aerialseg.geo.raster import open_raster
-    from aerialseg.geo.scene import SceneReader
-    from aerialseg.inference import scene as infer
-    from aerialseg.core.safety import temp_dir
-    from aerialseg.core.fileio import atomic_path
-
-    with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds:
-        paths = infer.output_paths(scene, main, options)
-        infer.check_outputs(paths, scene, model)
-        reader = SceneReader(ds, scene, bundle.band_policy)
-        infer.check_scene(reader, scene, options)
-        overlap = bundle.overlap if options.overlap is None else int(options.overlap)
-        margin = overlap // 4 if options.margin_px is None else int(options.margin_px)
-        grid = infer.Grid(ds.height, ds.width, infer.resample_scale(ds, bundle, options, scene))
-        class_names = tuple(c["name"] for c in bundle.manifest["classes"])
-        with ExitStack() as stack:
-            work = stack.enter_context(temp_dir(main.parent, "infer-work"))
-            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in reversed(paths.items())}
-            counts, tiles = infer.predict_scene(
-                reader, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
-                work / "classes.tif", work / "confidence.tif" if options.confidence else None,
-                options.cog_blocksize, progress=False)
-            infer._finish_outputs(ds, scene, work, tmp, counts, options, class_names)
-        return {"outputs": paths, "width": ds.width, "height": ds.height, "tiles": tiles}
-
-
 def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions, plugin: str) -> dict[str, Any]:
     """One scene on a Dask worker -> its manifest record. User errors come back as state 'failed'; anything
     else raises, so Dask retries the task."""
@@ -221,7 +190,7 @@ def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions
             forward[0] += time.perf_counter() - t0
             return probs
 
-        done = map_scene(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", options)
+        done = map_with(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", options, False)
         if stat_key(path) != before:
             raise AerialsegError("scene changed while it was mapped", path, "run infer-survey again")
     except AerialsegError as exc:
