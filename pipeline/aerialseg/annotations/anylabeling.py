@@ -32,7 +32,7 @@ import numpy as np
 from rasterio.enums import MaskFlags
 
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
-from aerialseg.core.errors import AerialsegError
+from aerialseg.core.errors import ConfigError, InputError
 from aerialseg.core.limits import check_pixels
 from aerialseg.geo.raster import is_georeferenced, mask_profile, open_raster
 
@@ -68,8 +68,8 @@ def class_id(name: Any, where: str) -> int:
         return CLASS_IDS[key]
     if key.isdigit() and int(key) in CLASS_IDS.values():
         return int(key)
-    raise AerialsegError(f"{where}: unknown class '{name}'", "params.yaml",
-                         f"use one of {', '.join(CLASS_IDS)}")
+    raise ConfigError(f"{where}: unknown class '{name}'", "params.yaml",
+                      f"use one of {', '.join(CLASS_IDS)}")
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,10 @@ def find_label_files(sources: Iterable[str | Path]) -> list[Path]:
         elif glob.has_magic(str(source)):
             found = sorted(Path(p) for p in glob.glob(str(source)) if Path(p).is_file())
         else:
-            raise AerialsegError("labels not found", path, "pass a JSON file, a folder of them, or a glob")
+            raise InputError("labels not found", path, "pass a JSON file, a folder of them, or a glob")
         if not found:
-            raise AerialsegError("no AnyLabeling/labelme JSON files here", path,
-                                 "point data.labels (or LABELS) at the folder holding the label JSON files")
+            raise InputError("no AnyLabeling/labelme JSON files here", path,
+                             "point data.labels (or LABELS) at the folder holding the label JSON files")
         files.extend(p for p in found if not (p in seen or seen.add(p)))
     return files
 
@@ -131,24 +131,24 @@ def load_label_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_bytes().decode("utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise AerialsegError(f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}); "
-                             "the file is truncated or corrupt", path,
-                             "re-save it from AnyLabeling or restore it from a backup") from None
+        raise InputError(f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}); "
+                         "the file is truncated or corrupt", path,
+                         "re-save it from AnyLabeling or restore it from a backup") from None
     except UnicodeDecodeError:
-        raise AerialsegError("not UTF-8 text", path, "re-save it from AnyLabeling") from None
+        raise InputError("not UTF-8 text", path, "re-save it from AnyLabeling") from None
     except RecursionError:
-        raise AerialsegError("JSON nested too deeply to be a label file", path,
-                             "re-save it from AnyLabeling or restore it from a backup") from None
+        raise InputError("JSON nested too deeply to be a label file", path,
+                         "re-save it from AnyLabeling or restore it from a backup") from None
     except IsADirectoryError:
-        raise AerialsegError("is a folder, a label file was expected", path, "pass the JSON files") from None
+        raise InputError("is a folder, a label file was expected", path, "pass the JSON files") from None
     except OSError as exc:
-        raise AerialsegError(f"cannot read ({exc.strerror})", path, "check the file permissions") from None
+        raise InputError(f"cannot read ({exc.strerror})", path, "check the file permissions") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
-        raise AerialsegError("not an AnyLabeling/labelme label file (no 'shapes' list)", path,
-                             "pass the JSON files AnyLabeling saved next to the images")
+        raise InputError("not an AnyLabeling/labelme label file (no 'shapes' list)", path,
+                         "pass the JSON files AnyLabeling saved next to the images")
     for i, shape in enumerate(doc["shapes"]):
         if not isinstance(shape, dict) or "label" not in shape:
-            raise AerialsegError(f"shape {i} has no 'label'", path, f"fix or delete shape {i} in AnyLabeling")
+            raise InputError(f"shape {i} has no 'label'", path, f"fix or delete shape {i} in AnyLabeling")
     return doc
 
 
@@ -157,18 +157,18 @@ def unknown_labels(doc: dict[str, Any], table: LabelTable) -> Counter[str]:
     return Counter(str(s["label"]).strip() for s in doc["shapes"] if table.lookup(s["label"]) is None)
 
 
-def unknown_labels_error(unknown: dict[Path, Counter[str]]) -> AerialsegError:
+def unknown_labels_error(unknown: dict[Path, Counter[str]]) -> InputError:
     """One error listing every unknown label of every file (a single file is named once, as the error's file)."""
     def counts(c: Counter[str]) -> str:
         return ", ".join(f"'{lbl}' ({n}x)" for lbl, n in c.most_common())
 
     if len(unknown) == 1:
         (path, found), = unknown.items()
-        return AerialsegError(f"unknown label(s) {counts(found)}", path,
-                              "map each one to a class (or to ignore) under classes.labels in params.yaml")
-    parts = "; ".join(f"{p}: {counts(c)}" for p, c in unknown.items())
-    return AerialsegError(f"unknown label(s) — {parts}", f"{len(unknown)} files",
+        return InputError(f"unknown label(s) {counts(found)}", path,
                           "map each one to a class (or to ignore) under classes.labels in params.yaml")
+    parts = "; ".join(f"{p}: {counts(c)}" for p, c in unknown.items())
+    return InputError(f"unknown label(s) — {parts}", f"{len(unknown)} files",
+                      "map each one to a class (or to ignore) under classes.labels in params.yaml")
 
 
 # --- shapes --------------------------------------------------------------------------------------
@@ -210,20 +210,20 @@ def _points(shape: dict[str, Any], path: Path, index: int) -> np.ndarray:
     raw = shape.get("points")
     name = f"shape {index} ('{shape['label']}')"
     if not isinstance(raw, list) or not raw:
-        raise AerialsegError(f"{name} has no points", path, f"delete shape {index} in AnyLabeling or redraw it")
+        raise InputError(f"{name} has no points", path, f"delete shape {index} in AnyLabeling or redraw it")
     try:
         pts = np.asarray([p[:2] for p in raw], dtype=np.float64)
     except (TypeError, ValueError, IndexError):
         pts = np.zeros((0, 0))
     if pts.ndim != 2 or pts.shape[1] != 2:
-        raise AerialsegError(f"{name}: points must be [x, y] number pairs", path,
-                             f"redraw shape {index} in AnyLabeling")
+        raise InputError(f"{name}: points must be [x, y] number pairs", path,
+                         f"redraw shape {index} in AnyLabeling")
     if not np.isfinite(pts).all():
-        raise AerialsegError(f"{name} has NaN or infinite coordinates", path,
-                             f"delete or redraw shape {index} in AnyLabeling")
+        raise InputError(f"{name} has NaN or infinite coordinates", path,
+                         f"delete or redraw shape {index} in AnyLabeling")
     if np.abs(pts).max() > MAX_COORD:
-        raise AerialsegError(f"{name} has absurdly large coordinates (|v| up to {np.abs(pts).max():.3g} px)", path,
-                             f"delete or redraw shape {index} in AnyLabeling")
+        raise InputError(f"{name} has absurdly large coordinates (|v| up to {np.abs(pts).max():.3g} px)", path,
+                         f"delete or redraw shape {index} in AnyLabeling")
     return pts
 
 
@@ -237,8 +237,8 @@ def _bitmap(shape: dict[str, Any], path: Path, index: int, max_pixels: int = MAX
     except (binascii.Error, ValueError, TypeError, cv2.error):
         bitmap = None
     if bitmap is None:
-        raise AerialsegError(f"shape {index} is a mask shape without a readable base64 PNG 'mask'", path,
-                             f"redraw shape {index} in labelme")
+        raise InputError(f"shape {index} is a mask shape without a readable base64 PNG 'mask'", path,
+                         f"redraw shape {index} in labelme")
     return bitmap > 0
 
 
@@ -250,28 +250,28 @@ def parse_shape(raw: dict[str, Any], index: int, cls_id: int, path: Path, stats:
         stats.skipped += 1
         return None
     if kind not in PAINTED_TYPES:
-        raise AerialsegError(f"shape {index} has unsupported shape_type '{kind}'", path,
-                             f"convert shape {index} to a polygon in AnyLabeling")
+        raise InputError(f"shape {index} has unsupported shape_type '{kind}'", path,
+                         f"convert shape {index} to a polygon in AnyLabeling")
     pts = _points(raw, path, index)
     allowed = POINT_COUNTS.get(kind)
     if allowed and len(pts) not in allowed:
-        raise AerialsegError(f"shape {index} is a {kind} with {len(pts)} points, expected "
-                             f"{' or '.join(map(str, allowed))}", path, f"redraw shape {index} in AnyLabeling")
+        raise InputError(f"shape {index} is a {kind} with {len(pts)} points, expected "
+                         f"{' or '.join(map(str, allowed))}", path, f"redraw shape {index} in AnyLabeling")
     if kind == "circle" and np.hypot(*(pts[1] - pts[0])) > MAX_CIRCLE_RADIUS_PX:
-        raise AerialsegError(f"shape {index} is a circle of radius {np.hypot(*(pts[1] - pts[0])):.0f} px, more than "
-                             f"{MAX_CIRCLE_RADIUS_PX}", path, f"redraw shape {index} as a polygon")
+        raise InputError(f"shape {index} is a circle of radius {np.hypot(*(pts[1] - pts[0])):.0f} px, more than "
+                         f"{MAX_CIRCLE_RADIUS_PX}", path, f"redraw shape {index} as a polygon")
     bitmap = _bitmap(raw, path, index) if kind == "mask" else None
     return Shape(index, str(raw["label"]), cls_id, kind, pts, bitmap)
 
 
 def parse_shapes(doc: dict[str, Any], path: Path, table: LabelTable) -> tuple[list[Shape], ShapeStats]:
-    """Every shape of a label file with its class, in file order; bad shapes raise AerialsegError."""
+    """Every shape of a label file with its class, in file order; bad shapes raise InputError."""
     stats = ShapeStats()
     shapes = []
     for i, raw in enumerate(doc["shapes"]):
         cls_id = table.lookup(raw["label"])
         if cls_id is None:
-            raise AerialsegError(f"shape {i} has unknown label '{raw['label']}'", path, PARAMS_FIX)
+            raise InputError(f"shape {i} has unknown label '{raw['label']}'", path, PARAMS_FIX)
         shape = parse_shape(raw, i, cls_id, path, stats)
         if shape is not None:
             shapes.append(shape)
@@ -381,8 +381,8 @@ def _decode_image_data(doc: dict[str, Any], path: Path, max_pixels: int = MAX_IM
     except (binascii.Error, ValueError, TypeError, cv2.error):
         image = None
     if image is None:
-        raise AerialsegError("imageData is not a readable base64 PNG/JPEG/WEBP image", path,
-                             "re-save the JSON from AnyLabeling (or remove imageData and set imagePath)")
+        raise InputError("imageData is not a readable base64 PNG/JPEG/WEBP image", path,
+                         "re-save the JSON from AnyLabeling (or remove imageData and set imagePath)")
     return raw, image
 
 
@@ -412,11 +412,11 @@ def _check_size(doc: dict[str, Any], path: Path, width: int, height: int, what: 
     for key, value in (("imageWidth", w), ("imageHeight", h)):
         if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
             shown = f'"{value}" (text)' if isinstance(value, str) else repr(value)
-            raise AerialsegError(f"{key} is {shown}, expected a whole number of pixels", path,
-                                 "re-save it from AnyLabeling (or fix the number by hand)")
+            raise InputError(f"{key} is {shown}, expected a whole number of pixels", path,
+                             "re-save it from AnyLabeling (or fix the number by hand)")
     if (int(w), int(h)) != (width, height):
-        raise AerialsegError(f"imageWidth x imageHeight in the JSON is {w}x{h} but {what} is {width}x{height}",
-                             path, "the labels were drawn on another image: fix imagePath or re-label")
+        raise InputError(f"imageWidth x imageHeight in the JSON is {w}x{h} but {what} is {width}x{height}",
+                         path, "the labels were drawn on another image: fix imagePath or re-label")
 
 
 def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
@@ -426,9 +426,9 @@ def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
     image_file = find_image(doc, path, images_dir)
     if embedded is None and image_file is None:
         looked = f"{path.parent}" + (f" and {images_dir}" if images_dir else "")
-        raise AerialsegError(f"image not found (imagePath '{doc.get('imagePath')}', looked in {looked}) "
-                             "and no imageData", path,
-                             "put the image next to the JSON, fix imagePath, or pass --images DIR (data.images)")
+        raise InputError(f"image not found (imagePath '{doc.get('imagePath')}', looked in {looked}) "
+                         "and no imageData", path,
+                         "put the image next to the JSON, fix imagePath, or pass --images DIR (data.images)")
     scene = Scene(0, 0)
     if embedded is not None:
         raw, image = embedded
@@ -441,9 +441,9 @@ def resolve_scene(doc: dict[str, Any], path: Path, images_dir: Path | None,
     if image_file is not None:
         with open_raster(image_file) as ds:
             if embedded is not None and (ds.width, ds.height) != (scene.width, scene.height):
-                raise AerialsegError(f"embedded imageData is {scene.width}x{scene.height} but the image file "
-                                     f"{image_file} is {ds.width}x{ds.height}", path,
-                                     "re-save the JSON without imageData, or point imagePath at the right image")
+                raise InputError(f"embedded imageData is {scene.width}x{scene.height} but the image file "
+                                 f"{image_file} is {ds.width}x{ds.height}", path,
+                                 "re-save the JSON without imageData, or point imagePath at the right image")
             _check_size(doc, path, ds.width, ds.height, f"the image {image_file}")
             check_pixels(ds.width, ds.height, max_scene_pixels, image_file, "the scene's mask",
                          "masks.max_scene_megapixels")

@@ -41,7 +41,7 @@ from aerialseg.annotations.anylabeling import (MAX_IMAGE_PIXELS, MAX_SCENE_PIXEL
                                                resolve_scene, unknown_labels, unknown_labels_error)
 from aerialseg.annotations.rasterize import MaskOptions, rasterize_shapes, self_intersecting, unpainted_shapes
 from aerialseg.core.classes import CLASS_NAMES, IGNORE, colormap
-from aerialseg.core.errors import AerialsegError
+from aerialseg.core.errors import AerialsegError, InputError
 from aerialseg.core.fileio import atomic_path, write_json
 from aerialseg.core.safety import environment_error, file_identity, refuse_inputs, temp_dir
 from aerialseg.geo.raster import open_raster, valid_mask, write_class_geotiff
@@ -83,13 +83,13 @@ def apply_valid_mask(mask: np.ndarray, scene: Scene, rows_per_read: int = 1024,
                 try:
                     valid = valid_mask(ds, win)
                 except RasterioError as exc:
-                    raise AerialsegError(f"cannot read pixel data ({str(exc).splitlines()[0][:100]})", scene.path,
-                                         "re-export the scene; the file is corrupt or truncated") from None
+                    raise InputError(f"cannot read pixel data ({str(exc).splitlines()[0][:100]})", scene.path,
+                                     "re-export the scene; the file is corrupt or truncated") from None
                 mask[row:row + win.height][~valid] = IGNORE
                 valid_pixels += int(valid.sum())
     if valid_pixels == 0:
-        raise AerialsegError("scene holds no valid pixel (nodata or alpha = 0 everywhere)", scene.path or label_path,
-                             "check the scene's nodata value (gdalinfo) or point imagePath at the right image")
+        raise InputError("scene holds no valid pixel (nodata or alpha = 0 everywhere)", scene.path or label_path,
+                         "check the scene's nodata value (gdalinfo) or point imagePath at the right image")
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -262,9 +262,9 @@ def _check_georeferenced(items: Sequence[LabelFile]) -> None:
     for item in items:
         scene = item.scene
         if scene.path is not None and scene.profile is None and scene.path.suffix.lower() in TIFF_SUFFIXES:
-            raise AerialsegError("TIFF scene is not georeferenced (no CRS or geotransform)", scene.path,
-                                 "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
-                                 "--allow-ungeoreferenced (masks.allow_ungeoreferenced) for a plain PNG mask")
+            raise InputError("TIFF scene is not georeferenced (no CRS or geotransform)", scene.path,
+                             "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
+                             "--allow-ungeoreferenced (masks.allow_ungeoreferenced) for a plain PNG mask")
 
 
 def _check_outputs(items: Sequence[LabelFile], out_dir: Path, names: Sequence[str], previous: set[str],

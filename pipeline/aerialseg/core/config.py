@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from aerialseg.core.errors import AerialsegError, set_params_file
+from aerialseg.core.errors import ConfigError, set_params_file
 
 PARAMS_YAML = Path("params.yaml")
 T = TypeVar("T")
@@ -31,28 +31,28 @@ def load_params(path: str | Path = PARAMS_YAML, required: tuple[str, ...] = ()) 
     if fallback:
         path = REPO_PARAMS  # outside the repository: the defaults of the checkout (paths stay cwd-relative)
     if path.is_dir():
-        raise AerialsegError("is a folder, a params YAML file was expected", path, "pass --params FILE.yaml")
+        raise ConfigError("is a folder, a params YAML file was expected", path, "pass --params FILE.yaml")
     if not path.is_file():
-        raise AerialsegError("params file not found", path, "run from the repository root or pass --params")
+        raise ConfigError("params file not found", path, "run from the repository root or pass --params")
     set_params_file(path)
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise AerialsegError(f"not valid YAML{where}", path, "fix the YAML syntax") from None
+        raise ConfigError(f"not valid YAML{where}", path, "fix the YAML syntax") from None
     except UnicodeDecodeError:
-        raise AerialsegError("not a UTF-8 YAML file", path, "pass the params.yaml file (--params)") from None
+        raise ConfigError("not a UTF-8 YAML file", path, "pass the params.yaml file (--params)") from None
     except RecursionError:
-        raise AerialsegError("YAML nested too deeply", path, "pass the params.yaml file (--params)") from None
+        raise ConfigError("YAML nested too deeply", path, "pass the params.yaml file (--params)") from None
     if not isinstance(params, dict):
-        raise AerialsegError("top level must be a mapping of sections", path)
+        raise ConfigError("top level must be a mapping of sections", path)
     base = path.resolve().parent
     if not fallback and base != Path.cwd().resolve():
         params = relative_to(params, base)
     missing = [s for s in required if s not in params]
     if missing:
-        raise AerialsegError(f"missing section(s) {', '.join(missing)}", path, "add them (see the README)")
+        raise ConfigError(f"missing section(s) {', '.join(missing)}", path, "add them (see the README)")
     return params
 
 
@@ -108,7 +108,7 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     """One stage's section (an empty dict when absent); unknown keys of an untyped section are an error."""
     value = params.get(name) or {}
     if not isinstance(value, dict):
-        raise AerialsegError(f"section '{name}' must be a mapping", DEFAULT_PARAMS)
+        raise ConfigError(f"section '{name}' must be a mapping", DEFAULT_PARAMS)
     if name in SECTION_KEYS:
         check_keys(name, value, SECTION_KEYS[name])
     return value
@@ -118,8 +118,8 @@ def check_keys(name: str, values: dict[str, Any], allowed: Any) -> None:
     """Unknown keys in a section are an error: a typo must not pass silently."""
     unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise AerialsegError(f"unknown {name} key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
-                             f"use only: {', '.join(allowed)}")
+        raise ConfigError(f"unknown {name} key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
+                          f"use only: {', '.join(allowed)}")
 
 
 def typed_section(cls: type[T], name: str, values: dict[str, Any], **overrides: Any) -> T:
@@ -151,11 +151,11 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
             path = REPO_PARAMS.parent / path
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in profiles_dir.glob("*.yaml"))) or "none"
-        raise AerialsegError("profile not found", path, f"name one of: {known}, or give a YAML file")
+        raise ConfigError("profile not found", path, f"name one of: {known}, or give a YAML file")
     try:
         profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
-        raise AerialsegError("not valid YAML", path, "fix the YAML syntax") from None
+        raise ConfigError("not valid YAML", path, "fix the YAML syntax") from None
     if not isinstance(profile, dict):
-        raise AerialsegError("a profile must be a mapping of params sections", path)
+        raise ConfigError("a profile must be a mapping of params sections", path)
     return path, profile

@@ -23,3 +23,15 @@ class AerialsegError(Exception):
         if fix:
             parts.append(f"fix: {fix}")
         super().__init__(" — ".join(parts))
+
+
+class ConfigError(AerialsegError):
+    """params.yaml or a profile is wrong: a bad section, an unknown key, a value out of range."""
+
+
+class InputError(AerialsegError):
+    """A user's input file is unreadable or invalid: a label file, a scene, a mask, a bundle."""
+
+
+class MissingStageOutput(AerialsegError):
+    """An earlier stage's output is missing: the fix names the stage (or `dvc repro`) to run first."""

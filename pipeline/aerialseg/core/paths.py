@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from aerialseg.core.config import section
-from aerialseg.core.errors import AerialsegError
+from aerialseg.core.errors import MissingStageOutput
 from aerialseg.core.fileio import fingerprint
 
 MANIFEST_NAME = "manifest.json"
@@ -38,7 +38,7 @@ def data_stage_outputs(params: dict[str, Any]) -> tuple[Path, Path]:
     manifest, split = tiles_manifest(params), split_file(params)
     for path, stage in ((manifest, "tiles"), (split, "split")):
         if not path.is_file():
-            raise AerialsegError(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
+            raise MissingStageOutput(f"{stage} output missing", path, f"run `aerialseg {stage}` (or dvc repro) first")
     return manifest, split
 
 
