@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 QUANT_TYPES = {"QInt8": QuantType.QInt8, "QUInt8": QuantType.QUInt8}
 # Entropy is left out: quantize_static cannot pass it more histogram bins than quantized bins (128/128),
 # so in ONNX Runtime 1.31 it returns exactly the MinMax ranges.
-CALIBRATION_METHODS = {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile}
+CALIBRATION_METHODS = {"MinMax": CalibrationMethod.MinMax, "Percentile": CalibrationMethod.Percentile,
+                       "Entropy": CalibrationMethod.Entropy}
+KEEP_FP32_CHOICES = ("first_conv", "last_conv")  # quantize.keep_fp32: convolutions left in fp32
 # Normalisation layers stay fp32: with per-channel weights ONNX Runtime 1.31 quantizes their 1-D scale on
 # axis 1, which breaks GroupNorm/InstanceNorm graphs (DAS-Net) at run time and gains nothing in speed.
 FP32_OP_TYPES = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
@@ -79,8 +81,9 @@ class QuantizeConfig:
     activation_type: str = "QUInt8"
     weight_type: str = "QInt8"
     reduce_range: bool = False              # True only for x86 CPUs without VNNI
-    calibrate_method: str = "MinMax"        # MinMax | Percentile (99.999th)
+    calibrate_method: str = "MinMax"        # MinMax | Percentile (99.999th) | Entropy
     preprocess: bool = True                 # onnxruntime quant_pre_process before quantizing
+    keep_fp32: list[str] = field(default_factory=list)  # first_conv / last_conv: left unquantized
     max_delta_miou: float = 1.0             # points: fail when fp32 mIoU - int8 mIoU exceeds this
     max_abs_diff: float = 1e-3              # fp32 export parity: max |logit difference| allowed
     threads: int = 2                        # CPU threads for the latency figures
@@ -102,6 +105,10 @@ class QuantizeConfig:
                                     ("calibrate_method", self.calibrate_method, CALIBRATION_METHODS)):
             if value not in allowed:
                 raise AerialsegError(f"quantize.{key} '{value}' is not one of {', '.join(allowed)}", "params.yaml")
+        unknown = sorted(set(self.keep_fp32) - set(KEEP_FP32_CHOICES))
+        if unknown:
+            raise AerialsegError(f"quantize.keep_fp32 names {', '.join(unknown)}", "params.yaml",
+                                 f"use a list of: {', '.join(KEEP_FP32_CHOICES)}")
         if self.calibration_tiles < 1 or self.latency_runs < 1:
             raise AerialsegError("quantize.calibration_tiles and quantize.latency_runs must be >= 1", "params.yaml")
 
@@ -186,9 +193,19 @@ def quantize_static_int8(fp32_path: str | Path, int8_path: str | Path, reader: C
                     op_types_to_quantize=STATIC_OP_TYPES, per_channel=config.per_channel,
                     reduce_range=config.reduce_range, activation_type=QUANT_TYPES[config.activation_type],
                     weight_type=QUANT_TYPES[config.weight_type],
-                    calibrate_method=CALIBRATION_METHODS[config.calibrate_method])
+                    calibrate_method=CALIBRATION_METHODS[config.calibrate_method],
+                    nodes_to_exclude=fp32_nodes(source, config.keep_fp32))
             copy_metadata(fp32_path, out, {"aerialseg_quantization": json.dumps(quantization_record(config))})
     return int8_path
+
+
+def fp32_nodes(path: str | Path, keep: Sequence[str]) -> list[str]:
+    """Names of the convolutions ``keep`` leaves in fp32: the graph's first and/or last Conv node."""
+    if not keep:
+        return []
+    convs = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Conv"]
+    picked = {convs[0]} if convs and "first_conv" in keep else set()
+    return sorted(picked | ({convs[-1]} if convs and "last_conv" in keep else set()))
 
 
 class _CountOrtWarnings(logging.Filter):
@@ -244,6 +261,7 @@ def quantization_record(config: QuantizeConfig) -> dict[str, Any]:
             "activation_type": config.activation_type, "weight_type": config.weight_type,
             "reduce_range": config.reduce_range, "calibrate_method": config.calibrate_method,
             "calibration_tiles": config.calibration_tiles, "preprocess": config.preprocess,
+            "keep_fp32": list(config.keep_fp32),
             "fp32_op_types": sorted(FP32_OP_TYPES), "onnxruntime": ort.__version__}
 
 
