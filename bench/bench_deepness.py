@@ -8,7 +8,7 @@ Per batch of ``--batch`` tiles of ``--tile``² px on the CPU (interleaved runs, 
   onnx`` does (it needs logits: it applies softmax, blends overlapping tiles and averages TTA flips itself);
 - ``model.deepness.onnx``: probabilities inside the graph, as exp(x - max) / sum over the classes;
 - ``Softmax node``: the same graph ending in one ONNX Softmax(axis=1) node, the alternative not taken.
-``--ort-python``: a Python with another onnxruntime (e.g. the 1.17.0 venv tests/test_deepness.py builds)
+``--ort-python``: a Python with another onnxruntime (e.g. the 1.17.0 venv tests/inference/test_deepness.py builds)
 also times the two probability graphs, as QGIS Deepness would run them.
 """
 

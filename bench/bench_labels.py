@@ -6,7 +6,7 @@ Writes a 28-megapixel RGB GeoTIFF (deflate, tiled, nodata 0 in one corner so the
 window by window) and an AnyLabeling JSON with N shapes (star-shaped polygons of 6-40 vertices, some
 rectangles, circles and road centre lines, overlapping), then times each phase of label-to-mask and the whole
 conversion. In the same run it times labelme's own ``shape_to_mask`` over the same shapes (from the
-reference-tools venv of tests/reference_tools.py, built on first use) and prints the ratio
+reference-tools venv of tests/helpers/reference_tools.py, built on first use) and prints the ratio
 aerialseg / labelme (<= 1.0: label-to-mask is no slower than labelme).
 """
 

@@ -153,3 +153,33 @@ def test_no_new_module_grows_past_the_line_budget():
     assert not over, f"modules over {MAX_MODULE_LINES} lines (split them): {over}"
     stale = [name for name in OVER_BUDGET if sizes.get(name, 0) <= MAX_MODULE_LINES]
     assert not stale, f"now within the budget, remove from OVER_BUDGET: {stale}"
+
+
+TESTS = REPO / "tests"
+TEST_DIRS_BEYOND_THE_PACKAGE = {"cli", "bench", "helpers"}  # the CLI as users run it, bench/ scripts, shared code
+
+
+def test_tests_mirror_the_package():
+    """tests/<layer>/test_*.py beside pipeline/aerialseg/<layer>/: a module's tests are where its layer is."""
+    layers = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    misplaced = [p.relative_to(TESTS).as_posix() for p in TESTS.rglob("test_*.py")
+                 if p.parent != TESTS and p.parent.name not in layers | TEST_DIRS_BEYOND_THE_PACKAGE]
+    loose = [p.name for p in TESTS.glob("test_*.py") if p.name != "test_architecture.py"]
+    assert not misplaced and not loose, f"put tests under tests/<layer>/: {misplaced + loose}"
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and builders live in tests/helpers (or conftest.py), never in a test module."""
+    import re
+
+    names = {p.stem for p in TESTS.rglob("test_*.py")}
+    pattern = re.compile(r"^\s*(?:from|import)\s+(test_\w+)", re.M)
+    wrong = {p.relative_to(TESTS).as_posix(): found for p in TESTS.rglob("*.py")
+             if (found := sorted(set(pattern.findall(p.read_text(encoding="utf-8"))) & names))}
+    assert not wrong, f"move what they share into tests/helpers: {wrong}"
+
+
+def test_test_module_names_are_unique():
+    """pytest imports test modules by file name (no __init__.py under tests/): two of one name would clash."""
+    stems = [p.stem for p in TESTS.rglob("test_*.py")]
+    assert len(stems) == len(set(stems)), sorted({s for s in stems if stems.count(s) > 1})

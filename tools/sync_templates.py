@@ -1,6 +1,6 @@
 """Copy the repository's pipeline (dvc.yaml as dvc.template.yaml, params.yaml, profiles/*.yaml) into the package's
 templates, which
-`aerialseg init` gives every survey project; tests/test_init.py fails while they differ.
+`aerialseg init` gives every survey project; tests/stages/test_init.py fails while they differ.
 
 Usage: python tools/sync_templates.py   (tools/code_deps.py --write runs it too)
 """

@@ -9,7 +9,7 @@ mask-to-label, infer-scene ``--format anylabeling``, rank-scenes' pre-labels and
 - Simplification: Douglas-Peucker (shapely, topology kept) of the tool-coordinate polygon (so kept vertices
   stay on boundary pixels) with tolerance ``simplify_px``, or ``epsilon_factor`` x its outline length
   (X-AnyLabeling's rule) capped at 1 px: on a real canopy tile 1 px keeps ~40 % of the vertices and moves
-  ~2 % of the labelled pixels (tests/test_regions.py). Without simplification, vertices the painting does
+  ~2 % of the labelled pixels (tests/annotations/test_regions.py). Without simplification, vertices the painting does
   not need (inner corners of 1-px steps, points on a straight line) are dropped when the result still
   paints exactly.
 - Tool coordinates: the tools paint a polygon through int(x), int(y) of its vertices, boundary pixels

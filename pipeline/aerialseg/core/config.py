@@ -86,7 +86,7 @@ def relative_to(params: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 # The keys of the sections that no dataclass types (typed sections check theirs in typed_section): a key
-# not listed here is a typo, refused when any stage reads the section. tests/test_params_sections.py checks
+# not listed here is a typo, refused when any stage reads the section. tests/core/test_config_sections.py checks
 # that params.yaml and these agree.
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("labels", "images", "gsd_m"),
