@@ -101,6 +101,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "bundle": ("out", "tile_size", "overlap", "gsd_m", "onnx", "zip"),
     "export": ("opset", "max_abs_diff", "parity_tiles"),
     "evaluate": ("model", "split", "out", "samples", "bf1_tolerance_px", "device", "backend", "tta"),
+    "model": ("name", "kwargs"),
+    "stats": ("runs_dir", "models", "seeds", "epochs", "split", "metrics", "primary", "baseline", "out"),
 }
 
 

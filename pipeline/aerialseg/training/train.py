@@ -50,7 +50,7 @@ from aerialseg.training.losses import LossFn, build_loss, distillation_kl
 from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import (ModelSpec, count_parameters, create_model, get_spec, load_model, load_state,
                               pad_to_multiple, save_model)
-from aerialseg.core.config import DEFAULT_PARAMS
+from aerialseg.core.config import DEFAULT_PARAMS, check_keys
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ class TrainConfig:
         error (typos must not pass silently); ``train.out`` is the stage's output path, not a knob."""
         train = {k: v for k, v in train.items() if k != "out"}
         known = {f.name for f in cls.__dataclass_fields__.values()} - {"model", "model_kwargs"}
-        unknown = sorted(set(train) - known)
-        if unknown:
-            raise AerialsegError(f"unknown train key(s) {', '.join(unknown)}", DEFAULT_PARAMS,
-                                 f"use only: {', '.join(sorted(known))}")
+        check_keys("train", train, sorted(known))
         cfg = cls(model=str(model.get("name", DEFAULT_MODEL)), model_kwargs=dict(model.get("kwargs") or {}),
                   **train)
         cfg.alpha = float(distil.get("alpha", cfg.alpha))
