@@ -59,7 +59,8 @@ def test_blocks_stitch_into_infer_scenes_outputs_byte_for_byte(bundle, scenes, t
     scene = tmp_path / "scene.tif"
     with rasterio.open(scenes[0]) as src:
         t = src.transform
-        with rasterio.open(scene, "w", **{**src.profile, "transform": Affine(pixel_m, 0, t.c, 0, -pixel_m, t.f)}) as dst:
+        profile = {**src.profile, "transform": Affine(pixel_m, 0, t.c, 0, -pixel_m, t.f)}
+        with rasterio.open(scene, "w", **profile) as dst:
             dst.write(src.read())
     options = _opts(confidence=True, vectors=True, areas=True, batch=3)
     ref = infer_scene(scene, bundle, tmp_path / "ref" / "map.tif", options)

@@ -96,10 +96,12 @@ def _run(scene: str, body: Callable[[Path, dict[str, Any]], dict[str, Any]]) -> 
 
 
 def _timed_model(plugin: str, model: str, options: InferOptions) -> tuple[ModelPlugin, Any, Any, list[float]]:
-    """(holder, bundle, predict, [forward seconds]): the worker's model, its forward time summed (bench)."""
+    """(holder, bundle, predict, [forward seconds, load seconds]): the worker's model (loaded on its first task),
+    its forward time summed (bench: Dask's overhead and the task's own work as shares of it)."""
     holder = _plugin(plugin, model, options)
+    t0 = time.perf_counter()
     bundle, predict = holder.loaded()
-    forward = [0.0]
+    forward = [0.0, time.perf_counter() - t0]
 
     def timed(tiles: Any) -> Any:
         t0 = time.perf_counter()
@@ -129,7 +131,8 @@ def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions
         holder, bundle, timed, forward = _timed_model(plugin, model, options)
         done = map_with(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", options, False)
         _unchanged(path, before)
-        return {**_outputs(done), "model_loads": holder.loads, "forward_seconds": round(forward[0], 3)}
+        return {**_outputs(done), "model_loads": holder.loads, "forward_seconds": round(forward[0], 3),
+                "load_seconds": round(forward[1], 3)}
 
     return _run(scene, body)
 
@@ -145,7 +148,8 @@ def block_task(scene: str, sid: str, rows: tuple[int, int], folder: str, out: st
         done = map_block(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", rows, Path(folder),
                          options)
         _unchanged(path, before)
-        return {**done, "stat": before, "model_loads": holder.loads, "forward_seconds": round(forward[0], 3)}
+        return {**done, "stat": before, "model_loads": holder.loads, "forward_seconds": round(forward[0], 3),
+                "load_seconds": round(forward[1], 3)}
 
     return _run(scene, body)
 
@@ -165,11 +169,12 @@ def assemble_task(scene: str, sid: str, folder: str, out: str, model: str, optio
         if any(b["stat"] != before for b in blocks):
             raise AerialsegError("scene changed while it was mapped", path, "run infer-survey again")
         record.update(stat=before, sha256=sha256_file(path))
-        holder, bundle, _, _ = _timed_model(plugin, model, options)
+        holder, bundle, _, loaded = _timed_model(plugin, model, options)
         done = assemble(path, Path(model), bundle, Path(out) / f"{sid}_landcover.tif", blocks, Path(folder), options)
         _unchanged(path, before)
         return {**_outputs(done), "model_loads": max(b["model_loads"] for b in blocks),
                 "forward_seconds": round(sum(b["forward_seconds"] for b in blocks), 3),
+                "load_seconds": round(loaded[1] + sum(b["load_seconds"] for b in blocks), 3),
                 "blocks": [{"rows": b["rows"], "worker": b["worker"], "seconds": b["seconds"], "tiles": b["tiles"]}
                            for b in blocks]}
 
