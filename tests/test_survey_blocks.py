@@ -92,3 +92,18 @@ def test_survey_maps_a_blocked_scene_as_infer_scene_does(bundle, cluster, scenes
     whole = run_survey(scenes[:1], bundle, options, _survey(cluster, tmp_path / "whole", block_rows=0))
     assert whole["mapped"] == 1 and _maps(tmp_path / "whole") == {k: v for k, v in _maps(tmp_path / "s").items()
                                                                   if k.startswith(scenes[0].stem)}
+
+
+def test_a_band_that_fails_fails_its_scene_alone(bundle, cluster, scenes, tmp_path):
+    """A scene that is nodata everywhere, split into bands: each band refuses it; the scene fails with the one-line
+    error, the good scene is mapped, no band folder or temp file is left."""
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(scenes[0]) as src:
+        with rasterio.open(empty, "w", **{**src.profile, "nodata": 0}) as dst:
+            dst.write(src.read() * 0)
+    out = tmp_path / "s"
+    summary = run_survey([empty, scenes[1]], bundle, _opts(), _survey(cluster, out, block_rows=100))
+    assert (summary["mapped"], summary["failed"]) == (1, 1)
+    (error,) = summary["errors"].values()
+    assert "empty.tif" in error and "no valid pixel" in error and "fix:" in error and "\n" not in error
+    assert not list(out.glob("empty-*")) and not [p for p in out.iterdir() if p.name.startswith(".aerialseg-tmp-")]

@@ -36,8 +36,6 @@ from aerialseg.geo.windows import fit_tile, window_starts
 from aerialseg.inference.scene import (Grid, InferOptions, class_writers, open_scene, predict_scene,
                                        resample_scale, write_outputs)
 
-log = logging.getLogger(__name__)
-
 
 def cut_rows(height: int, width: int, scale: float, tile: int, overlap: int, block_rows: int) -> list[tuple[int, int]]:
     """Scene-row ranges [y0, y1) of the blocks: ceil(height / block_rows) bands of about equal height, each cut
