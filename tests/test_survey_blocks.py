@@ -107,3 +107,39 @@ def test_a_band_that_fails_fails_its_scene_alone(bundle, cluster, scenes, tmp_pa
     (error,) = summary["errors"].values()
     assert "empty.tif" in error and "no valid pixel" in error and "fix:" in error and "\n" not in error
     assert not list(out.glob("empty-*")) and not [p for p in out.iterdir() if p.name.startswith(".aerialseg-tmp-")]
+
+
+def test_a_killed_workers_band_is_rerun_and_the_map_is_the_same(bundle, cluster, tmp_path):
+    """SIGKILL the worker while it maps a band: Dask reruns that band elsewhere; the map equals infer-scene's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    from test_survey import SAMPLE
+
+    scene = SAMPLE / "dubai_tile1.tif"
+    options, out, result = _opts(), tmp_path / "killed", {}
+    runner = threading.Thread(target=lambda: result.update(run_survey([scene], bundle, options,
+                                                                      _survey(cluster, out, block_rows=200))))
+    killed = None
+    with Client(cluster.scheduler_address) as client:
+        runner.start()
+        deadline = time.monotonic() + 60
+        while killed is None and time.monotonic() < deadline:
+            busy = client.run(lambda dask_worker: [str(ts.key) for ts in dask_worker.state.executing])
+            addr = next((a for a, keys in busy.items() if any(k.startswith("block-") for k in keys)), None)
+            if addr:
+                os.kill(client.run(os.getpid, workers=[addr])[addr], signal.SIGKILL)
+                killed = addr
+            time.sleep(0.05)
+        runner.join(180)
+    assert killed, "no band task was seen running"
+    assert (result["mapped"], result["failed"]) == (1, 0)
+    rec = json.loads((out / "survey.json").read_text())["scenes"][scene_id(scene)]
+    assert len(rec["blocks"]) > 1 and killed not in {b["worker"] for b in rec["blocks"]}
+    ref = infer_scene(scene, bundle, tmp_path / "ref.tif", options)
+    assert (out / f"{scene_id(scene)}_landcover.tif").read_bytes() == Path(ref.outputs["map"]).read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".aerialseg-tmp-")]
