@@ -162,7 +162,8 @@ def assemble_task(scene: str, sid: str, folder: str, out: str, model: str, optio
 
     failed = next((b for b in blocks if b["state"] != "done"), None)
     if failed is not None:
-        return {**failed, "seconds": sum(b["seconds"] for b in blocks), "blocks": len(blocks)}
+        return {**failed, "seconds": round(sum(b["seconds"] for b in blocks), 3),
+                "blocks": [{"rows": b.get("rows"), "worker": b["worker"], "error": b["error"]} for b in blocks]}
 
     def body(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         before = stat_key(path)
