@@ -151,7 +151,7 @@ def block_task(scene: str, sid: str, rows: tuple[int, int], folder: str, out: st
         return {**done, "stat": before, "model_loads": holder.loads, "forward_seconds": round(forward[0], 3),
                 "load_seconds": round(forward[1], 3)}
 
-    return _run(scene, body)
+    return {**_run(scene, body), "rows": list(rows)}
 
 
 def assemble_task(scene: str, sid: str, folder: str, out: str, model: str, options: InferOptions, plugin: str,
@@ -163,7 +163,7 @@ def assemble_task(scene: str, sid: str, folder: str, out: str, model: str, optio
     failed = next((b for b in blocks if b["state"] != "done"), None)
     if failed is not None:
         return {**failed, "seconds": round(sum(b["seconds"] for b in blocks), 3),
-                "blocks": [{"rows": b.get("rows"), "worker": b["worker"], "error": b["error"]} for b in blocks]}
+                "blocks": [{"rows": b["rows"], "worker": b["worker"], "error": b["error"]} for b in blocks]}
 
     def body(path: Path, record: dict[str, Any]) -> dict[str, Any]:
         before = stat_key(path)
