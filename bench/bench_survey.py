@@ -1,7 +1,8 @@
 """Benchmark infer-survey on local Dask clusters: throughput with 1 and 2 workers, Dask's overhead per task
-as a share of the model's forward time, peak memory per worker.
+as a share of the model's forward time, peak memory per worker, and the cost of splitting a scene into blocks.
 
     .venv/bin/python bench/bench_survey.py [--size 4096] [--scenes 4] [--workers 1,2] [--model NAME]
+                                           [--block-rows 2048]
 
 Scenes: ``--scenes`` square GeoTIFFs of ``--size`` px cut from the embedded sample's real pixels (tiled,
 deflate, EPSG:32640, 0.5 m, side by side). Model: ``--model`` (default unet_efficientnet_lite0) with random
@@ -17,7 +18,14 @@ task each) into a fresh folder. Printed per run:
   <= 2 % on 4096^2 scenes). Idle tails (fewer tasks left than workers) count here too: use scenes = a
   multiple of the workers. The run's fixed costs (connecting, registering the model plugin, building the
   VRT) are in "map s" but not here;
+- in-task other / fwd: (task s - forward s - model load s) / forward s, what a task does besides the model
+  (reading, blending, writing the COG, hashing the scene and outputs): infer-scene's own work, not Dask's (the
+  model load, once per worker on its first task, is left out: a fixed cost per worker, not per task);
 - peak RSS per worker: VmHWM of each worker process (fresh per run).
+
+Blocks (``--block-rows``, 0 = skip): the first scene mapped on a fresh 1-worker cluster with ``survey.block_rows``
+= 0 (one task) and = ``--block-rows`` (bands + the task that assembles them); printed: tiles predicted, forward
+and map seconds of each, their ratios, and whether the two maps are the same bytes.
 """
 
 import argparse
@@ -79,29 +87,56 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def run(scenes: list[Path], bundle: Path, workers: int, work: Path) -> dict:
-    """Map all scenes on a fresh local cluster of ``workers`` single-thread worker processes."""
+def survey(scenes: list[Path], bundle: Path, workers: int, work: Path,
+           block_rows: int = 0) -> tuple[dict, list, dict, Path]:
+    """Map the scenes on a fresh local cluster of ``workers`` single-thread worker processes; returns
+    (summary, done records, {worker: peak RSS MB}, out folder)."""
     from distributed import Client, LocalCluster
 
     from aerialseg.inference.scene import InferOptions
     from aerialseg.inference.survey import SurveyOptions, run_survey
 
-    out = Path(tempfile.mkdtemp(prefix=f"survey_w{workers}_", dir=work))
+    out = Path(tempfile.mkdtemp(prefix=f"survey_w{workers}_b{block_rows}_", dir=work))
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
         options = InferOptions(backend="onnx", device="cpu", preview=False, progress=False)
         summary = run_survey(scenes, bundle, options, SurveyOptions(out=str(out), scheduler=cluster.scheduler_address,
-                                                                    progress=False))
+                                                                    progress=False, block_rows=block_rows))
         peaks = client.run(vm_hwm_mb)
     records = [r for r in json.loads((out / "survey.json").read_text())["scenes"].values() if r["state"] == "done"]
+    return summary, records, peaks, out
+
+
+def run(scenes: list[Path], bundle: Path, workers: int, work: Path) -> dict:
+    """Throughput, Dask's overhead per task and peak RSS with ``workers`` workers (one task per scene)."""
+    summary, records, peaks, _ = survey(scenes, bundle, workers, work)
     tasks = sum(r["seconds"] for r in records)
     forward = sum(r["forward_seconds"] for r in records)
+    loads = sum(r.get("load_seconds", 0.0) for r in records)
     overhead = (workers * summary["tasks_seconds"] - tasks) / len(records)
     return {"workers": workers, "scenes": len(records), "mpx": summary["mapped_mpx"],
             "mpx_per_s": summary["mpx_per_s"], "map_s": summary["map_seconds"],
             "task_s": tasks / len(records), "forward_s": forward / len(records),
             "overhead_s": overhead, "overhead_share": overhead / (forward / len(records)),
+            "in_task_share": (tasks - forward - loads) / forward,
             "peak_rss_mb": sorted(round(v) for v in peaks.values()), "failed": summary["failed"]}
+
+
+def blocks_cost(scene: Path, bundle: Path, work: Path, block_rows: int) -> None:
+    """One scene mapped whole and in bands of ``block_rows`` rows on a 1-worker cluster: tiles, times, same bytes."""
+    rows = []
+    for rows_per_block in (0, block_rows):
+        summary, records, peaks, out = survey([scene], bundle, 1, work, rows_per_block)
+        rec = records[0]
+        rows.append((rows_per_block, len(rec.get("blocks", [])) or 1, rec["tiles"], rec["forward_seconds"],
+                     summary["map_seconds"], max(peaks.values()), next(out.glob("*_landcover.tif")).read_bytes()))
+    print(f"\nblocks: one {scene.name} on 1 worker, whole vs bands of {block_rows} rows")
+    print(f"{'block_rows':>10} {'blocks':>6} {'tiles':>6} {'fwd s':>7} {'map s':>7} {'peak RSS MB':>11}")
+    for r in rows:
+        print(f"{r[0]:>10} {r[1]:>6} {r[2]:>6} {r[3]:>7.1f} {r[4]:>7.1f} {r[5]:>11.0f}")
+    (_, _, t0, f0, m0, _, map0), (_, _, t1, f1, m1, _, map1) = rows
+    print(f"blocked / whole: tiles x{t1 / t0:.3f}, forward x{f1 / f0:.3f}, map wall x{m1 / m0:.3f}; "
+          f"maps {'identical' if map0 == map1 else 'DIFFERENT'}")
 
 
 def main() -> None:
@@ -110,7 +145,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=4)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--model", default="unet_efficientnet_lite0")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/aerialseg-bench/survey"))
+    parser.add_argument("--block-rows", type=int, default=2048, help="blocks' cost on the first scene (0: skip)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "aerialseg-bench" / "survey")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO / "pipeline"))
@@ -120,12 +156,14 @@ def main() -> None:
     print(f"{args.scenes} scenes of {args.size}^2 px, model {args.model} (random weights, ONNX Runtime CPU), "
           f"{os.cpu_count()} CPUs")
     print(f"{'workers':>7} {'Mpx/s':>7} {'map s':>7} {'task s':>7} {'fwd s':>7} {'dask ovh/task':>14} "
-          f"{'of fwd':>7}  peak RSS/worker MB")
+          f"{'of fwd':>7} {'in-task other/fwd':>17}  peak RSS/worker MB")
     for workers in (int(w) for w in args.workers.split(",")):
         r = run(scenes, bundle, workers, args.work)
         print(f"{r['workers']:>7} {r['mpx_per_s']:>7.3f} {r['map_s']:>7.1f} {r['task_s']:>7.2f} {r['forward_s']:>7.2f} "
-              f"{r['overhead_s']:>13.3f}s {100 * r['overhead_share']:>6.1f}%  {r['peak_rss_mb']}"
-              + (f"  ({r['failed']} failed)" if r["failed"] else ""))
+              f"{r['overhead_s']:>13.3f}s {100 * r['overhead_share']:>6.2f}% {100 * r['in_task_share']:>16.1f}%  "
+              f"{r['peak_rss_mb']}" + (f"  ({r['failed']} failed)" if r["failed"] else ""), flush=True)
+    if args.block_rows:
+        blocks_cost(scenes[0], bundle, args.work, args.block_rows)
     print(f"total bench time {time.perf_counter() - start:.0f} s")
 
 

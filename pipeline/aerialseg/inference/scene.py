@@ -51,20 +51,20 @@ from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import atomic_path
 from aerialseg.core.limits import MAX_GRID_MEGAPIXELS, check_grid
-from aerialseg.core.safety import backup_path, refuse_inputs, temp_dir, tempfiles_in
+from aerialseg.core.safety import backup_path, temp_dir, tempfiles_in
 from aerialseg.core.timing import rate_text
 from aerialseg.geo.raster import RowWriter, is_georeferenced, open_raster, temp_profile
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
 from aerialseg.geo.style import qml_document, write_preview
-from aerialseg.inference.map_owner import check_owner, stamp
+from aerialseg.inference.map_owner import stamp
 from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
+from aerialseg.inference.scene_checks import check_outputs, check_scene, output_paths  # noqa: F401 (API)
 from aerialseg.geo.windows import window_starts
 from aerialseg.inference.stitch import ReadRows, blend_scene
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("geotiff", "anylabeling")
-PLAIN_IMAGES = ("JPEG", "PNG")  # GDAL drivers of plain photos: mapped on their pixel grid without --allow-...
 EMIT_ROWS = 128  # rows classified at a time (bounds argmax temporaries)
 
 
@@ -215,31 +215,55 @@ def emit_rows(band: np.ndarray, band_top: int, row_index: np.ndarray | None, col
         yield start, classes, conf
 
 
+def class_writers(stack: ExitStack, ds: rasterio.DatasetReader, class_path: Path, confidence_path: Path | None,
+                  blocksize: int, rows: tuple[int, int] | None = None) -> list[RowWriter]:
+    """Row writers of the class (+ confidence) stripe GeoTIFFs on the scene's grid (``rows``: a band of it)."""
+    profiles = [temp_profile(ds, IGNORE, blocksize), temp_profile(ds, 0, blocksize)]
+    if rows is not None:
+        window = Window(0, rows[0], ds.width, rows[1] - rows[0])
+        profiles = [{**p, "height": window.height, "transform": ds.window_transform(window)} for p in profiles]
+    cls_dst = stack.enter_context(rasterio.open(class_path, "w", **profiles[0]))
+    cls_dst.write_colormap(1, colormap())  # before any pixel: TIFF tags are fixed once data is written
+    cls_dst.set_band_description(1, "landcover class")
+    writers = [RowWriter(cls_dst, blocksize)]
+    if confidence_path is not None:
+        writers.append(RowWriter(stack.enter_context(rasterio.open(confidence_path, "w", **profiles[1])), blocksize))
+    return writers
+
+
 def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarray],
                   classes: int, tile: int, overlap: int, margin: int, batch: int, grid: Grid, class_path: Path,
-                  confidence_path: Path | None = None, blocksize: int = 512,
-                  progress: bool = True) -> tuple[np.ndarray, int]:
-    """Blend tiles over the scene into a class GeoTIFF (+ confidence); returns (pixel counts per value, tiles)."""
+                  confidence_path: Path | None = None, blocksize: int = 512, progress: bool = True,
+                  rows: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+    """Blend tiles over the scene into a class GeoTIFF (+ confidence); returns (pixel counts per value, tiles).
+
+    ``rows=(y0, y1)``: only those scene rows (a survey block), with the whole scene's tiles and sums."""
     ds = reader.ds
     mh, mw = grid.model_height, grid.model_width
     row_index = None if grid.scale == 1.0 else grid.model_index(ds.height, mh)
     col_index = None if grid.scale == 1.0 else grid.model_index(ds.width, mw)
+    y0, y1 = rows or (0, ds.height)
+    model_rows = (y0, y1) if row_index is None else (int(row_index[y0]), int(row_index[y1 - 1]) + 1)
     n_tiles = len(window_starts(mh, tile, overlap)) * len(window_starts(mw, tile, overlap))
-    counts = np.zeros(256, dtype=np.int64)
+    counts, done = np.zeros(256, dtype=np.int64), [0]
     with ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        cls_dst = stack.enter_context(rasterio.open(class_path, "w", **temp_profile(ds, IGNORE, blocksize)))
-        cls_dst.write_colormap(1, colormap())  # before any pixel: TIFF tags are fixed once data is written
-        cls_dst.set_band_description(1, "landcover class")
-        writers = [RowWriter(cls_dst, blocksize)]
-        if confidence_path is not None:
-            conf_dst = stack.enter_context(rasterio.open(confidence_path, "w", **temp_profile(ds, 0, blocksize)))
-            writers.append(RowWriter(conf_dst, blocksize))
+        writers = class_writers(stack, ds, class_path, confidence_path, blocksize, rows)
         bar = stack.enter_context(tqdm(total=n_tiles, unit="tile", desc="infer", disable=None if progress else True,
                                        dynamic_ncols=True))
+
+        def on_tiles(n: int) -> None:
+            done[0] += n
+            bar.update(n)
+
         for top, band in blend_scene(make_reader(reader, grid), mh, mw, predict, classes, tile, overlap,
-                                     margin, batch, on_tiles=bar.update):
+                                     margin, batch, on_tiles, model_rows):
             for row, cls, conf in emit_rows(band, top, row_index, col_index, confidence_path is not None):
+                if row < y0 or row + cls.shape[0] > y1:  # a block on a resampled grid: its own rows only
+                    a, b = max(row, y0) - row, min(row + cls.shape[0], y1) - row
+                    row, cls, conf = row + a, cls[a:b], None if conf is None else conf[a:b]
+                    if not cls.shape[0]:
+                        continue
                 invalid = ~reader.valid(Window(0, row, ds.width, cls.shape[0]))
                 cls[invalid] = IGNORE
                 counts += np.bincount(cls.ravel(), minlength=256)
@@ -249,69 +273,10 @@ def predict_scene(reader: SceneReader, predict: Callable[[np.ndarray], np.ndarra
                     writers[1].write(conf)
         for writer in writers:
             writer.close()
-    return counts, n_tiles
+    return counts, done[0]
 
 
 # --- outputs ---------------------------------------------------------------------------------
-
-def output_paths(scene: Path, out: Path | None, options: InferOptions) -> dict[str, Path]:
-    """Every file this run will write, keyed by role (map, style, confidence, vectors, areas, preview)."""
-    if out is not None and out.is_dir():
-        out = out / (f"{scene.stem}.json" if options.format == "anylabeling" else f"{scene.stem}_landcover.tif")
-    if options.format == "anylabeling":
-        main = out or scene.with_suffix(".json")
-        if main.is_file() and not options.overwrite:
-            raise AerialsegError("a label file already exists here; it may hold hand-drawn labels", main,
-                                 "pass --out to write the prediction elsewhere, or --overwrite to replace it "
-                                 "(a .bak copy is kept)")
-    else:
-        main = out or Path(options.out_dir) / f"{scene.stem}_landcover.tif"
-    stem = main.with_suffix("")
-    paths = {"map": main}
-    if options.format == "geotiff":  # QGIS loads <map>.qml beside <map>.tif: class names and colours
-        paths["style"] = main.with_suffix(".qml")
-    if options.confidence:
-        paths["confidence"] = Path(f"{stem}_confidence.tif")
-    if options.vectors:
-        paths["vectors"] = Path(f"{stem}_polygons.gpkg")
-    if options.areas:
-        paths["areas"] = Path(f"{stem}_areas.json")
-    if options.preview:  # AnyLabeling JSON sits among the images: its preview goes to out_dir, not beside it
-        preview_dir = Path(options.out_dir) if options.format == "anylabeling" else stem.parent
-        paths["preview"] = preview_dir / f"{stem.name}_preview.png"
-    return paths
-
-
-def check_outputs(paths: dict[str, Path], scene: Path, model: Path) -> None:
-    """No output may be the scene or a file of the model bundle (also through links or letter case)."""
-    model_files = [p for p in model.iterdir() if p.is_file()] if model.is_dir() else [model]
-    refuse_inputs(paths.values(), [scene, *model_files], "pass another --out (the map must not replace an input)")
-    check_owner(paths["map"], scene)  # a map of another scene with the same file name is not replaced
-    seen: dict[Path, str] = {}
-    for role, path in paths.items():
-        if path.absolute() in seen:
-            raise AerialsegError(f"the {role} and the {seen[path.absolute()]} would be the same file", path,
-                                 "pass another --out")
-        seen[path.absolute()] = role
-
-
-def check_scene(reader: SceneReader, path: Path, options: InferOptions, rows: int = 1024) -> None:
-    """Refuse a scene without georeferencing (unless allowed or a plain JPEG/PNG: one warning) and one that is
-    nodata everywhere."""
-    ds = reader.ds
-    if not is_georeferenced(ds) and not options.allow_ungeoreferenced and ds.driver in PLAIN_IMAGES:
-        log.warning("%s: plain %s image without georeference: the map is on its pixel grid, areas are pixel "
-                    "counts", path, ds.driver)
-    elif not is_georeferenced(ds) and not options.allow_ungeoreferenced:
-        raise AerialsegError("scene is not georeferenced (no CRS or geotransform): the map could not be placed "
-                             "on the ground", path, "georeference it (e.g. gdal_edit.py -a_srs/-a_ullr), or pass "
-                             "--allow-ungeoreferenced for a map on the pixel grid")
-    for row in range(0, ds.height, rows):
-        if reader.valid(Window(0, row, ds.width, min(rows, ds.height - row))).any():
-            return
-    raise AerialsegError("scene holds no valid pixel (nodata, alpha = 0 or NaN everywhere)", path,
-                         "check the scene's nodata value (gdalinfo) or pass the right file")
-
 
 @contextmanager
 def open_model(model: Path) -> Iterator[Bundle]:
@@ -407,10 +372,22 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
     return result
 
 
-def map_with(scene: Path, model: Path, bundle: Any, predict: Any, out: Path | None, options: InferOptions,
-             progress: bool) -> dict[str, Any]:
-    """infer-scene's checks, stitching and outputs for one scene with a loaded model (infer-scene, infer-survey);
-    returns {outputs, width, height, tiles, scale}."""
+@dataclass
+class SceneSetup:
+    """A scene opened and checked for mapping (``open_scene``): its reader, outputs, tiling and model grid."""
+
+    ds: rasterio.DatasetReader
+    reader: SceneReader
+    paths: dict[str, Path]
+    overlap: int
+    margin: int
+    grid: Grid
+    class_names: tuple[str, ...]
+
+
+@contextmanager
+def open_scene(scene: Path, model: Path, bundle: Any, out: Path | None, options: InferOptions) -> Iterator[SceneSetup]:
+    """infer-scene's checks (outputs, scene, overlap, grid cap) with the scene open (infer-scene, survey blocks)."""
     with rasterio.Env(GDAL_CACHEMAX=int(options.gdal_cache_mb)), open_raster(scene) as ds:
         paths = output_paths(scene, out, options)
         check_outputs(paths, scene, model)
@@ -427,16 +404,32 @@ def map_with(scene: Path, model: Path, bundle: Any, predict: Any, out: Path | No
         check_grid(ds.width, ds.height, grid.scale, options.max_grid_megapixels * 1e6, scene,
                    "infer.max_grid_megapixels (or pass --no-resample)")
         class_names = tuple(c["name"] for c in bundle.manifest["classes"])
-        main = paths["map"]
-        if options.format == "anylabeling" and options.overwrite:
-            _keep_backup(main)
-        with ExitStack() as stack:
-            work = stack.enter_context(temp_dir(main.parent, "infer-work"))
-            # the map's temp file is entered last, so an error (e.g. a full disk) is reported for the map
-            tmp = {role: stack.enter_context(atomic_path(path)) for role, path in reversed(paths.items())}
-            counts, n_tiles = predict_scene(
-                reader, predict, bundle.num_classes, bundle.tile_size, overlap, margin, options.batch, grid,
-                work / "classes.tif", work / "confidence.tif" if options.confidence else None,
-                options.cog_blocksize, progress)
-            _finish_outputs(ds, scene, work, tmp, counts, options, class_names)
-        return {"outputs": paths, "width": ds.width, "height": ds.height, "tiles": n_tiles, "scale": grid.scale}
+        yield SceneSetup(ds, reader, paths, overlap, margin, grid, class_names)
+
+
+def write_outputs(job: SceneSetup, scene: Path, options: InferOptions,
+                  fill: Callable[[Path], tuple[np.ndarray, int]]) -> dict[str, Any]:
+    """``fill(work)`` writes work/classes.tif (+ confidence.tif) and returns (counts, tiles); every output is made
+    from them at a temp path and renamed into place; returns {outputs, width, height, tiles, scale}."""
+    main = job.paths["map"]
+    if options.format == "anylabeling" and options.overwrite:
+        _keep_backup(main)
+    with ExitStack() as stack:
+        work = stack.enter_context(temp_dir(main.parent, "infer-work"))
+        # the map's temp file is entered last, so an error (e.g. a full disk) is reported for the map
+        tmp = {role: stack.enter_context(atomic_path(path)) for role, path in reversed(job.paths.items())}
+        counts, n_tiles = fill(work)
+        _finish_outputs(job.ds, scene, work, tmp, counts, options, job.class_names)
+    return {"outputs": job.paths, "width": job.ds.width, "height": job.ds.height, "tiles": n_tiles,
+            "scale": job.grid.scale}
+
+
+def map_with(scene: Path, model: Path, bundle: Any, predict: Any, out: Path | None, options: InferOptions,
+             progress: bool) -> dict[str, Any]:
+    """infer-scene's checks, stitching and outputs for one scene with a loaded model (infer-scene, infer-survey);
+    returns {outputs, width, height, tiles, scale}."""
+    with open_scene(scene, model, bundle, out, options) as job:
+        return write_outputs(job, scene, options, lambda work: predict_scene(
+            job.reader, predict, bundle.num_classes, bundle.tile_size, job.overlap, job.margin, options.batch,
+            job.grid, work / "classes.tif", work / "confidence.tif" if options.confidence else None,
+            options.cog_blocksize, progress))

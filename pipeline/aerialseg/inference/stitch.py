@@ -94,21 +94,27 @@ class BandAccumulator:
 
 
 def blend_scene(read_rows: ReadRows, height: int, width: int, predict: Predict, channels: int, tile: int,
-                overlap: int, margin: int = 0, batch: int = 8,
-                on_tiles: Callable[[int], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                overlap: int, margin: int = 0, batch: int = 8, on_tiles: Callable[[int], None] | None = None,
+                rows: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Run ``predict`` over overlapping tiles; yield (first row, blended (C, rows, W) float32) bands.
 
     ``read_rows(row, rows)`` returns the scene's (bands, rows, width) pixels; ``predict`` maps a batch
     (N, bands, tile, tile) to (N, channels, tile, tile). Bands come out top to bottom and cover every
     row exactly once. A yielded band is a view into the accumulator: use (or copy) it before asking for
     the next one. ``on_tiles(n)`` is called after each batch (progress bars).
+
+    ``rows=(lo, hi)``: only rows lo..hi-1 (a block of a survey): the tile rows that touch them, on the whole
+    scene's grid, in the same batches and order, so every pixel gets the same sums as in the whole run.
     """
     tile, overlap = fit_tile(height, width, tile, overlap)
     rows_at, cols_at = window_starts(height, tile, overlap), window_starts(width, tile, overlap)
     row_w = axis_weights(height, tile, rows_at, margin).astype(np.float32)
     col_w = axis_weights(width, tile, cols_at, margin).astype(np.float32)
+    lo, hi = rows or (0, height)
     band = BandAccumulator(channels, tile, width)
-    for iy, row in enumerate(rows_at):
+    first = next(i for i, row in enumerate(rows_at) if row + tile > lo or i == len(rows_at) - 1)
+    band.top = rows_at[first]  # no earlier tile row touches a row >= lo: they add nothing there
+    for iy, row in enumerate(rows_at[first:], first):
         stripe = pad_reflect(read_rows(row, min(tile, height - row)), tile, max(width, tile))
         for first in range(0, len(cols_at), batch):
             cols = cols_at[first:first + batch]
@@ -119,5 +125,9 @@ def blend_scene(read_rows: ReadRows, height: int, width: int, predict: Predict, 
             if on_tiles is not None:
                 on_tiles(len(cols))
         done = (rows_at[iy + 1] if iy + 1 < len(rows_at) else height) - band.top
-        yield band.top, band.finished(done)
+        start, stop = max(band.top, lo), min(band.top + done, hi)
+        if stop > start:
+            yield start, band.finished(stop - band.top)[:, start - band.top:]
+        if band.top + done >= hi:
+            return
         band.roll(done)

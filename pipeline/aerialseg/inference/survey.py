@@ -2,7 +2,11 @@
 
 Each scene is one Dask task (``client.submit(..., retries=N)``, ``as_completed``): a killed worker's task is
 rescheduled, an exception retried, a user error (corrupt scene, no CRS, ...) fails that scene alone. The model
-is loaded once per worker, on its first task, by ``ModelPlugin`` (a Dask worker plugin) and kept there.
+is loaded once per worker, on its first task, by ``ModelPlugin`` (a Dask worker plugin) and kept there
+(``inference.survey_tasks``: the worker side). A scene taller than ``block_rows`` is mapped as bands of rows,
+each its own task, and one more task stitches them into the same outputs (``inference.blocks``); the bands are
+written into a run-named folder in ``--out``, removed when the scene is recorded. The scene is recorded (done)
+only when that last task has checked every band's file and renamed every output into place.
 
 A scene is mapped by infer-scene's own steps (``aerialseg.inference.scene``), with the worker's predictor:
 the same COG, polygons and areas, byte for byte. Outputs go to ``<out>/<stem>-<8 hex of the resolved path>
@@ -17,22 +21,23 @@ mtime is trusted to be the file hashed before (else it is re-hashed: touched but
 import hashlib
 import json
 import logging
-import os
-import threading
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
-from aerialseg.core.config import typed_section
+from aerialseg.core.config import DEFAULT_PARAMS, typed_section
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import sha256_file, write_json
+from aerialseg.core.safety import temp_prefix
+from aerialseg.inference.blocks import plan_blocks
 from aerialseg.inference.mosaic import write_products
-from aerialseg.inference.scene import InferOptions, map_with
+from aerialseg.inference.scene import InferOptions
+from aerialseg.inference.survey_tasks import ModelPlugin, assemble_task, block_task, scene_task, stat_key
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class SurveyOptions:
     threads_per_worker: int = 1  # scenes a worker maps at once (they share its model)
     scheduler: str | None = None  # address of an existing Dask scheduler (then workers/threads are its own)
     retries: int = 2  # a scene's task is retried this often after an unexpected error
+    block_rows: int = 16384  # a scene taller than this is mapped as bands of about this many rows (0 = never)
     mosaic: bool = True  # survey.vrt over all maps
     progress: bool = True
 
@@ -67,6 +73,9 @@ class SurveyOptions:
             raise AerialsegError("workers and threads per worker must be >= 1", fix="pass 1 or more")
         if self.retries < 0:
             raise AerialsegError("retries must be >= 0", fix="pass --retries 0 or more")
+        if self.block_rows is not None and self.block_rows < 0:
+            raise AerialsegError(f"survey.block_rows must be >= 0, got {self.block_rows}", DEFAULT_PARAMS,
+                                 "set it to 0 (never split a scene) or e.g. 16384")
 
 
 # --- scenes and their names --------------------------------------------------------------------
@@ -116,96 +125,6 @@ def bundle_digest(model: Path) -> str:
             raise AerialsegError("no bundle.json here", model, "package the model with `aerialseg bundle` first")
         return sha256_file(manifest)
     return sha256_file(model)
-
-
-def stat_key(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-# --- the worker side -------------------------------------------------------------------------------
-
-class ModelPlugin(WorkerPlugin):
-    """Dask worker plugin: the bundle and its Predictor, built on a worker's first task, kept for the others."""
-
-    def __init__(self, model: str, options: InferOptions, name: str):
-        self.model, self.name, self.loads = model, name, 0
-        self.args = options.backend, options.device, options.tta, options.labelled_only  # Predictor.from_bundle
-
-    def setup(self, worker: Any = None) -> None:
-        self._lock, self._stack, self._loaded = threading.Lock(), ExitStack(), None
-
-    def teardown(self, worker: Any = None) -> None:
-        self._stack.close()
-        self._loaded = None
-
-    def loaded(self) -> tuple[Any, Any]:
-        """(Bundle, Predictor), loaded at the first call (threads of one worker wait for it)."""
-        from aerialseg.inference.predictor import Predictor
-        from aerialseg.inference.scene import open_model
-
-        with self._lock:
-            if self._loaded is None:
-                bundle = self._stack.enter_context(open_model(Path(self.model)))
-                self._loaded = bundle, Predictor.from_bundle(bundle, *self.args)
-                self.loads += 1
-            return self._loaded
-
-
-def _plugin(name: str, model: str, options: InferOptions) -> ModelPlugin:
-    """This worker's ModelPlugin (outside a worker: one made here, e.g. for a direct call)."""
-    from distributed import get_worker
-
-    try:
-        plugin = get_worker().plugins.get(name)
-    except ValueError:  # not on a worker
-        plugin = None
-    if plugin is None:
-        plugin = ModelPlugin(model, options, name)
-        plugin.setup()
-    return plugin
-
-
-def scene_task(scene: str, sid: str, out: str, model: str, options: InferOptions, plugin: str) -> dict[str, Any]:
-    """One scene on a Dask worker -> its manifest record. User errors come back as state 'failed'; anything
-    else raises, so Dask retries the task."""
-    from distributed import get_worker
-
-    path, start = Path(scene), time.perf_counter()
-    record: dict[str, Any] = {"scene": scene, "state": "failed", "error": None}
-    try:
-        record["worker"] = get_worker().address
-    except ValueError:
-        record["worker"] = f"pid {os.getpid()}"
-    try:
-        before = stat_key(path)
-        record.update(stat=before, sha256=sha256_file(path))
-        holder = _plugin(plugin, model, options)
-        bundle, predict = holder.loaded()
-        forward = [0.0]
-
-        def timed(tiles: Any) -> Any:  # the model's share of the task (bench: overhead vs forward)
-            t0 = time.perf_counter()
-            probs = predict(tiles)
-            forward[0] += time.perf_counter() - t0
-            return probs
-
-        done = map_with(path, Path(model), bundle, timed, Path(out) / f"{sid}_landcover.tif", options, False)
-        if stat_key(path) != before:
-            raise AerialsegError("scene changed while it was mapped", path, "run infer-survey again")
-    except AerialsegError as exc:
-        record["error"] = str(exc)
-        return record
-    except OSError as exc:
-        if not path.is_file():
-            record["error"] = str(AerialsegError("file not found", path, "check the path"))
-            return record
-        raise
-    record.update(state="done", width=done["width"], height=done["height"], tiles=done["tiles"],
-                  model_loads=holder.loads, seconds=round(time.perf_counter() - start, 3),
-                  forward_seconds=round(forward[0], 3),
-                  outputs={role: {"file": p.name, "sha256": sha256_file(p)} for role, p in done["outputs"].items()})
-    return record
 
 
 # --- the manifest ------------------------------------------------------------------------------------
@@ -296,6 +215,7 @@ class SurveyPlan:
     todo: dict[str, str]  # scene id -> reason
     bundle_sha: str
     options_sha: str
+    blocks: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # scene id -> its bands' rows
 
 
 def plan_survey(scenes: list[Path], model: Path, options: InferOptions, manifest: Manifest) -> SurveyPlan:
@@ -342,6 +262,7 @@ def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, 
     start = time.perf_counter()
     if not plan.todo:
         return {"mapped_mpx": 0.0, "seconds": 0.0, "tasks_seconds": 0.0}
+    folders: dict[str, Path] = {}
     name = f"aerialseg-model-{plan.bundle_sha[:12]}-{options_digest(options)[:12]}"
     weights = {sid: _weight(plan.scenes[sid]) for sid in plan.todo}
     with dask_client(survey) as client, tqdm(total=round(sum(weights.values()), 2), unit="Mpx", desc="survey",
@@ -349,21 +270,39 @@ def map_survey(plan: SurveyPlan, model: Path, out: Path, options: InferOptions, 
         client.register_plugin(ModelPlugin(str(model), options, name), name)
         try:
             submitted = time.perf_counter()
-            futures = {client.submit(scene_task, str(plan.scenes[sid]), sid, str(out), str(model), options, name,
-                                     key=f"map-{sid}-{plan.options_sha[:8]}", retries=survey.retries,
-                                     pure=False): sid for sid in plan.todo}
+            futures = {_submit(client, plan, sid, (str(out), str(model), options, name), survey.retries, folders): sid
+                       for sid in plan.todo}
             for sid, rec in _results(futures, plan):
                 manifest.scenes[sid] = rec
                 manifest.save()
+                shutil.rmtree(folders.pop(sid, out / "-"), ignore_errors=True)  # its blocks, now in the map
                 bar.update(round(weights[sid], 2))
                 line = (f"{sid}: {rec['error']}" if rec["state"] != "done" else
-                        f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, {rec['worker']})")
+                        f"{sid}: done in {rec['seconds']:.1f} s ({_pixels(rec) / 1e6:.1f} Mpx, "
+                        f"{len(rec['blocks']) if 'blocks' in rec else 'one'} block(s), {rec['worker']})")
                 bar.write(line) if survey.progress else log.debug(line)
             tasks_seconds = time.perf_counter() - submitted  # first submit to last result (bench: Dask overhead)
         finally:
             client.unregister_worker_plugin(name)
+            for folder in folders.values():  # Ctrl-C: blocks of unfinished scenes
+                shutil.rmtree(folder, ignore_errors=True)
     mapped = sum(_pixels(manifest.scenes[sid]) for sid in plan.todo) / 1e6
     return {"mapped_mpx": mapped, "seconds": time.perf_counter() - start, "tasks_seconds": tasks_seconds}
+
+
+def _submit(client: Any, plan: SurveyPlan, sid: str, args: tuple[str, str, InferOptions, str], retries: int,
+            folders: dict[str, Path]) -> Any:
+    """Submit one scene: one task, or one task per block + the task that assembles them (its future returned;
+    the blocks' folder goes into ``folders``)."""
+    scene, key, blocks = str(plan.scenes[sid]), f"{sid}-{plan.options_sha[:8]}", plan.blocks.get(sid) or []
+    if len(blocks) < 2:
+        return client.submit(scene_task, scene, sid, *args, key=f"map-{key}", retries=retries, pure=False)
+    out = Path(args[0])
+    folders[sid] = folder = Path(tempfile.mkdtemp(prefix=temp_prefix(f"blocks-{sid}"), dir=out))
+    parts = [client.submit(block_task, scene, sid, rows, str(folder), *args, key=f"block-{key}-{rows[0]}",
+                           retries=retries, pure=False) for rows in blocks]
+    return client.submit(assemble_task, scene, sid, str(folder), *args, parts, key=f"map-{key}", retries=retries,
+                         pure=False)
 
 
 def _results(futures: dict[Any, str], plan: SurveyPlan) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -392,14 +331,15 @@ def run_survey(scenes: Iterable[str | Path], model: str | Path, options: InferOp
     options.areas, options.progress = True, False
     model, out = Path(model).absolute(), Path(survey.out).absolute()  # workers may have another cwd
     paths = [p.absolute() for p in collect_scenes(scenes)]
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load(out / MANIFEST)
     with open_model(model) as bundle:  # a broken bundle is one line here, not one per scene on the workers
         overlap = bundle.overlap if options.overlap is None else int(options.overlap)
         if not 0 <= overlap < bundle.tile_size:
             raise AerialsegError(f"overlap {overlap} px must be >= 0 and below the tile size {bundle.tile_size}",
                                  fix="pass a smaller --overlap")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load(out / MANIFEST)
-    plan = plan_survey(paths, model, options, manifest)
+        plan = plan_survey(paths, model, options, manifest)
+        plan.blocks = {sid: plan_blocks(plan.scenes[sid], bundle, options, survey.block_rows) for sid in plan.todo}
     manifest.save()
     timing = map_survey(plan, model, out, options, survey, manifest)
     states = {sid: (manifest.scenes.get(sid) or {}).get("state") for sid in plan.scenes}

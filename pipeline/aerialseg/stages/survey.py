@@ -1,7 +1,7 @@
 """infer-survey (`aerialseg infer-survey`, params ``infer`` + ``survey``): many scenes on Dask, resumable.
 
 Reads the ``infer`` section (how each scene is mapped, as infer-scene) and the ``survey`` section (the scenes
-when none are given, output folder, local workers or a scheduler address, retries); flags that are given win. Calls
+when none are given, output folder, local workers or a scheduler address, retries, block rows); flags that are given win. Calls
 ``inference.survey.run_survey``, which writes ``survey.out``/ maps, survey.json (manifest), survey.vrt,
 survey_polygons.gpkg (--vectors), survey_areas.json and survey_summary.json.
 """
@@ -14,7 +14,7 @@ from aerialseg.core.errors import AerialsegError
 from aerialseg.inference.scene import InferOptions
 from aerialseg.inference.survey import SurveyOptions, run_survey
 
-SURVEY_KEYS = {"out", "workers", "threads_per_worker", "scheduler", "retries", "mosaic", "progress"}
+SURVEY_KEYS = {"out", "workers", "threads_per_worker", "scheduler", "retries", "block_rows", "mosaic", "progress"}
 
 
 def run(params: dict[str, Any], scenes: list[Path] | None = None, model: Path | None = None,
