@@ -12,7 +12,7 @@ from aerialseg.inference.blocks import assemble, cut_rows, map_block, plan_block
 from aerialseg.inference.scene import infer_scene, open_model
 from aerialseg.inference.survey import run_survey, scene_id
 from aerialseg.inference.predictor import Predictor
-from test_survey import _maps, _opts, _survey, bundle, cluster, scenes  # noqa: F401  (fixtures: toy bundle, cluster)
+from helpers.survey_cluster import _maps, _opts, _survey, bundle, cluster, scenes  # noqa: F401  (fixtures)
 
 ROLES = (("map", "_landcover.tif"), ("confidence", "_landcover_confidence.tif"), ("areas", "_landcover_areas.json"),
          ("vectors", "_landcover_polygons.gpkg"))
@@ -118,7 +118,7 @@ def test_a_killed_workers_band_is_rerun_and_the_map_is_the_same(bundle, cluster,
 
     from distributed import Client
 
-    from test_survey import SAMPLE
+    from helpers.survey_cluster import SAMPLE
 
     scene = SAMPLE / "dubai_tile1.tif"
     options, out, result = _opts(), tmp_path / "killed", {}
