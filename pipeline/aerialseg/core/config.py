@@ -19,7 +19,7 @@ PATH_KEYS = (
     "quantize.model_dir", "quantize.out", "quantize.table.out_json", "quantize.table.out_md", "report.out",
     "report.figures", "report.metrics", "report.confusion", "report.class_shares", "report.history",
     "report.samples", "report.models", "report.compare", "report.compression", "report.profile.out",
-    "stats.runs_dir", "stats.out", "postprocess.out",
+    "stats.runs_dir", "stats.out", "postprocess.out", "loso.out",
 )
 REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"  # editable install: the checkout's
 
@@ -101,6 +101,9 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "bundle": ("out", "tile_size", "overlap", "gsd_m", "onnx", "zip"),
     "export": ("opset", "max_abs_diff", "parity_tiles"),
     "evaluate": ("model", "split", "out", "samples", "bf1_tolerance_px", "device", "backend", "tta"),
+    "loso": ("out", "folds", "epochs", "profile", "val_fraction", "adapt", "keep_models"),
+    "adapt": ("method", "windows", "window", "batch", "min_valid", "gsd_tolerance", "tent_steps", "tent_lr",
+              "self_rounds", "self_steps", "self_lr", "threshold", "seed", "device", "onnx"),
 }
 
 
