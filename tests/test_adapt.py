@@ -20,7 +20,7 @@ from aerialseg.inference.bundle import MANIFEST, open_bundle
 from aerialseg.inference.scene import InferOptions, infer_scene
 from aerialseg.models import list_models, load_model, register_model, save_model
 from aerialseg.stages import adapt as adapt_stage
-from aerialseg.training.adapt import (AdaptOptions, Normalise, TargetWindows, adabn, adapt_bundle, bn_layers,
+from aerialseg.training.adapt import (AdaptOptions, Normalise, TargetWindows, adabn, adapt_bundle, bn_layers, draw,
                                       read_target_windows, tent)
 from aerialseg.geo.scene import BandPolicy
 
@@ -63,6 +63,33 @@ def test_target_windows_are_capped_and_valid():
     windows = _windows(5, 64)
     assert windows.images.shape == (5, 3, 64, 64) and windows.images.dtype == np.uint8
     assert windows.valid.shape == (5, 64, 64) and windows.valid.all()
+
+
+def _scene(path: Path, height: int, width: int, nodata_cols: int = 0, gsd: float = 0.5) -> Path:
+    pixels = np.random.default_rng(0).integers(0, 255, (3, height, width), dtype=np.uint8)
+    pixels[:, :, :nodata_cols] = 0
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32640", transform=from_origin(300000, 2790000, gsd, gsd)) as ds:
+        ds.write(pixels)
+    return path
+
+
+def test_windows_of_small_resampled_and_nodata_scenes(tmp_path):
+    small = _scene(tmp_path / "small.tif", 50, 50)  # smaller than a window: padded, the padding invalid
+    collar = _scene(tmp_path / "collar.tif", 256, 256, nodata_cols=192)  # 3/4 nodata
+    coarse = _scene(tmp_path / "coarse.tif", 64, 64, gsd=1.0)  # 2x the model's GSD: read at 0.5 m
+    windows = read_target_windows([small, collar, coarse], AdaptOptions(windows=100, window=64, min_valid=0.5),
+                                  64, BandPolicy(), 0.5)
+    assert len(windows) == 1 + 4 + 4  # small: its one window; collar: the 4 of 16 without nodata; coarse: 2 x 2
+    assert sorted(round(float(v.mean()), 3) for v in windows.valid)[0] == round(2500 / 4096, 3)
+    with pytest.raises(AerialsegError, match="no window of the target"):
+        read_target_windows([_scene(tmp_path / "empty.tif", 64, 64, nodata_cols=64)], AdaptOptions(window=64),
+                            64, BandPolicy(), 0.5)
+
+
+def test_window_draws_are_distinct_and_need_no_index_of_every_window():
+    picked = draw(10**12, 5, seed=0)
+    assert len(set(picked)) == 5 and picked == sorted(picked) and draw(3, 5, 0) == [0, 1, 2]
 
 
 def test_adabn_changes_batchnorm_statistics_and_nothing_else(model_dir):

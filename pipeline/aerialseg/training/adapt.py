@@ -133,24 +133,38 @@ def read_window(reader: SceneReader, row: int, col: int, size: int, scale: float
     return image, mask
 
 
+def draw(total: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct indices of range(total), seeded, sorted (all when there are fewer); O(count) memory."""
+    if total <= count:
+        return list(range(total))
+    rng, picked = np.random.default_rng(seed), set()
+    while len(picked) < count:
+        picked.update(int(i) for i in rng.integers(0, total, count - len(picked)))
+    return sorted(picked)
+
+
 def read_target_windows(scenes: Sequence[Path], options: AdaptOptions, size: int, policy: BandPolicy,
                         model_gsd: float | None) -> TargetWindows:
-    """Up to ``options.windows`` windows drawn (seeded) from the window grids of all scenes, read one scene at a
-    time; windows under ``options.min_valid`` valid pixels are dropped."""
-    candidates = []  # (scene index, row, col, scale): the non-overlapping window grid of every scene (headers only)
-    for index, scene in enumerate(scenes):
+    """Up to ``options.windows`` windows drawn (seeded) from the non-overlapping window grids of all scenes (their
+    headers only), read one scene at a time; windows under ``options.min_valid`` valid pixels are dropped."""
+    grids = []  # per scene: (row starts, col starts, scale) on the model's grid
+    for scene in scenes:
         with open_raster(scene) as ds:
             scale = scene_scale(ds, model_gsd, options.gsd_tolerance)
             h, w = max(1, int(ds.height * scale)), max(1, int(ds.width * scale))
-        candidates += [(index, r, c, scale) for r in window_starts(h, size, 0) for c in window_starts(w, size, 0)]
-    rng = np.random.default_rng(options.seed)
-    picked = sorted(rng.choice(len(candidates), min(options.windows, len(candidates)), replace=False).tolist())
+        grids.append((window_starts(h, size, 0), window_starts(w, size, 0), scale))
+    ends = np.cumsum([len(rows) * len(cols) for rows, cols, _ in grids])
+    picked = draw(int(ends[-1]), options.windows, options.seed)
     images, valid = [], []
-    for index in sorted({candidates[k][0] for k in picked}):
+    for index, (rows, cols, scale) in enumerate(grids):
+        first = int(ends[index - 1]) if index else 0
+        mine = [k - first for k in picked if first <= k < ends[index]]
+        if not mine:
+            continue
         with open_raster(scenes[index]) as ds:
             reader = SceneReader(ds, scenes[index], policy)
-            for _, row, col, scale in (candidates[k] for k in picked if candidates[k][0] == index):
-                image, mask = read_window(reader, row, col, size, scale)
+            for k in mine:
+                image, mask = read_window(reader, rows[k // len(cols)], cols[k % len(cols)], size, scale)
                 if mask.mean() >= options.min_valid and mask.any():
                     images.append(image)
                     valid.append(mask)
@@ -319,7 +333,7 @@ def adapt_model(model: nn.Module, windows: TargetWindows, norm: Normalise, optio
 def check_paths(model: Path, scenes: Sequence[Path], out: Path) -> None:
     """Refuse an output that is (or lies inside) the input model or a scene, and scenes that are not files."""
     fix = "pass another --out: adapt writes a new bundle and never replaces its input"
-    refuse_inputs([out, out.with_suffix(".zip")], [model, *scenes], fix)
+    refuse_inputs([out], [model, *scenes], fix)
     if model.is_dir() and model.resolve() in out.resolve().parents:
         raise AerialsegError("output lies inside the input model folder", out, fix)
     if not scenes:
