@@ -62,8 +62,8 @@ class AdaptOptions:
     """The knobs of `aerialseg adapt` (params.yaml section ``adapt``, less ``onnx``)."""
 
     method: str = "adabn"  # adabn | tent | self | all (adabn, then tent, then self)
-    windows: int = 64  # target windows read (the memory cap: windows x 3 x window² bytes)
-    window: int = 256  # window side, px on the model's grid (rounded down to the model's pad multiple)
+    windows: int = 32  # target windows read (the memory cap: windows x 3 x window² bytes)
+    window: int = 128  # window side, px on the model's grid (rounded down to the model's pad multiple)
     batch: int = 8
     min_valid: float = 0.5  # windows with a smaller valid fraction are skipped
     gsd_tolerance: float = 1.5  # scenes further from the training GSD than this ratio are read resampled
