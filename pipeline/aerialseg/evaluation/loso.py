@@ -193,7 +193,7 @@ def markdown(record: dict[str, Any]) -> str:
         for n in gated:
             g = summary[n]["gate"]
             lines.append(f"| {n} | {_pct(g['mean_gain'])} | {_pct(g['worst_fold'])} | {'yes' if g['passes'] else 'no'} "
-                         f"| {summary[n]['adapt_minutes_mean']} |")
+                         f"| {summary[n]['adapt_minutes_mean']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
