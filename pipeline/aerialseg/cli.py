@@ -189,10 +189,10 @@ def evaluate_command(
 @app.command("loso")
 def loso_command(
     params: ParamsOpt = Path("params.yaml"), out: OutOpt = None,
-    folds: Annotated[str | None, typer.Option(help="Folds to run, e.g. 0,2 (scenes by name) [loso.folds: all].")] = None,
+    folds: Annotated[str | None, typer.Option(help="Folds, e.g. 0,2 (scenes by name) [loso.folds: all].")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per fold [loso.epochs, else train.epochs].")] = None,
     profile: Annotated[str | None, typer.Option(help="Profile merged over params, e.g. quick [loso.profile].")] = None,
-    adapt: Annotated[list[str] | None, typer.Option(help="Also score adapted models: adabn|tent|self|all [loso.adapt].")] = None,
+    adapt: Annotated[list[str] | None, typer.Option(help="Also score adabn|tent|self|all [loso.adapt].")] = None,
 ) -> None:
     """Leave-one-scene-out: train on the other scenes, map each held-out scene whole, mIoU mean ± std."""
     from aerialseg.core.config import load_params

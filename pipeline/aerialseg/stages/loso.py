@@ -19,8 +19,8 @@ from aerialseg.core.paths import data_stage_outputs
 from aerialseg.data.augment import build_transform
 from aerialseg.data.labelled import survey_classes
 from aerialseg.data.split import SplitParams
-from aerialseg.evaluation.loso import (BASE, Fold, cached_fold, labelled_scenes, pick_folds, run_fold,
-                                       write_fold_data, write_loso)
+from aerialseg.evaluation.loso import (BASE, AdaptFn, Fold, TrainFn, cached_fold, labelled_scenes, pick_folds,
+                                       run_fold, write_fold_data, write_loso)
 from aerialseg.data.tiling import load_manifest
 from aerialseg.inference.bundle import assemble_bundle
 from aerialseg.inference.scene import InferOptions
@@ -48,7 +48,7 @@ def train_config(params: dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_sections(section(params, "model"), train, section(params, "distil"))
 
 
-def fold_trainer(params: dict[str, Any]):  # -> evaluation.loso.TrainFn
+def fold_trainer(params: dict[str, Any]) -> TrainFn:
     """Train a fold's model on its data and bundle it (no ONNX: the folds map with the torch backend)."""
     cfg, bundle, gsd = train_config(params), section(params, "bundle"), section(params, "data").get("gsd_m")
     online = bool(section(params, "train").get("online_augment", True))
@@ -66,7 +66,7 @@ def fold_trainer(params: dict[str, Any]):  # -> evaluation.loso.TrainFn
     return train
 
 
-def fold_adapter(params: dict[str, Any]):  # -> evaluation.loso.AdaptFn
+def fold_adapter(params: dict[str, Any]) -> AdaptFn:
     """Adapt a fold's model to its held-out scene (the scene's pixels only, never its labels)."""
     values = {k: v for k, v in section(params, "adapt").items() if k != "onnx"}
 
@@ -102,39 +102,52 @@ def parse_methods(adapt: list[str] | str | None) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def infer_options(params: dict[str, Any]) -> InferOptions:
+    """The evaluate stage's mapping options (``infer`` + evaluate's device/tta), torch backend, no progress bar."""
+    evaluate = section(params, "evaluate")
+    return InferOptions.from_params({k: v for k, v in section(params, "infer").items() if k != "model"},
+                                    device=evaluate.get("device"), backend="torch", tta=evaluate.get("tta"),
+                                    progress=False)
+
+
+def fold_split(params: dict[str, Any]) -> SplitParams:
+    """The split stage's block rule (block_px, seed, candidates) for the folds' train/val split."""
+    split = section(params, "split")
+    return SplitParams(block_px=int(split.get("block_px", 384)), seed=int(split.get("seed", 42)),
+                       candidates=int(split.get("candidates", 100)))
+
+
+def recipe_of(params: dict[str, Any], cfg: dict[str, Any], profile: str | None, data: list[Path]) -> dict[str, Any]:
+    """What a fold's result depends on (a fold.json with another recipe is run again)."""
+    train = train_config(params)
+    return {"model": train.model, "epochs": train.epochs, "patch_size": train.patch_size, "seed": train.seed,
+            "profile": profile, "val_fraction": float(cfg.get("val_fraction", 0.1)),
+            "adapt": section(params, "adapt"), "data_fingerprint": fingerprint(data)}
+
+
 def run(params: dict[str, Any], folds: str | list[int] | None = None, epochs: int | None = None,
         adapt: list[str] | None = None, out: str | Path | None = None, profile: str | None = None) -> dict[str, Any]:
     """Run the folds; writes loso.json + loso.md in ``out`` (loso.out) and returns the record."""
     cfg = section(params, "loso")
-    params = recipe_params(params, profile or cfg.get("profile"), epochs if epochs is not None else cfg.get("epochs"))
+    profile = profile or cfg.get("profile")
+    params = recipe_params(params, profile, epochs if epochs is not None else cfg.get("epochs"))
     out_dir = Path(out or cfg.get("out", "reports/loso"))
     methods = parse_methods(adapt if adapt is not None else cfg.get("adapt"))
     manifest, split_file = data_stage_outputs(params)
     names = labelled_scenes(load_manifest(manifest))
     chosen = pick_folds(names, parse_folds(folds if folds is not None else cfg.get("folds")))
-    train_cfg = train_config(params)
-    recipe = {"model": train_cfg.model, "epochs": train_cfg.epochs, "patch_size": train_cfg.patch_size,
-              "seed": train_cfg.seed, "profile": profile or cfg.get("profile"),
-              "val_fraction": float(cfg.get("val_fraction", 0.1)), "adapt": section(params, "adapt"),
-              "data_fingerprint": fingerprint([manifest, split_file])}
-    options = InferOptions.from_params({k: v for k, v in section(params, "infer").items() if k != "model"},
-                                       device=section(params, "evaluate").get("device"), backend="torch",
-                                       tta=section(params, "evaluate").get("tta"), progress=False)
+    recipe = recipe_of(params, cfg, profile, [manifest, split_file])
     labelled = survey_classes(manifest, split_file, section(params, "classes").get("labelled"))
-    split = SplitParams(block_px=int(section(params, "split").get("block_px", 384)),
-                        seed=int(section(params, "split").get("seed", 42)),
-                        candidates=int(section(params, "split").get("candidates", 100)))
     train, adapter, records = fold_trainer(params), fold_adapter(params), []
     for index in chosen:
         work = out_dir / "folds" / f"{index}-{names[index]}"
-        cached = cached_fold(work / "fold.json", recipe, methods)
-        if cached is None:
-            fold = write_fold_data(manifest, index, split, recipe["val_fraction"], work)
-            cached = run_fold(fold, train, adapter, methods, options, labelled)
-            write_json(work / "fold.json", {"recipe": recipe, "record": cached})
+        record = cached_fold(work / "fold.json", recipe, methods)
+        if record is None:
+            fold = write_fold_data(manifest, index, fold_split(params), recipe["val_fraction"], work)
+            record = run_fold(fold, train, adapter, methods, infer_options(params), labelled)
+            write_json(work / "fold.json", {"recipe": recipe, "record": record})
             if not cfg.get("keep_models", False):
                 drop_models(work)
-        cached["variants"] = {k: v for k, v in cached["variants"].items() if k in (BASE, *methods)}
-        records.append(cached)
+        record["variants"] = {k: v for k, v in record["variants"].items() if k in (BASE, *methods)}
+        records.append(record)
     return write_loso(out_dir, records, recipe, labelled, recipe["data_fingerprint"])
-

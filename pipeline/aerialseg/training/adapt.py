@@ -24,7 +24,7 @@ whose model.json and bundle.json record ``adapted: {method, scenes: [{path, sha2
 It refuses to write over its input model.
 """
 
-import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -357,31 +357,31 @@ def adapt_bundle(model: str | Path, scenes: Sequence[str | Path], out: str | Pat
     with open_model(model) as bundle:
         device = resolve_device(options.device)
         net = bundle.load_torch().to(device)
-        meta = _read_record(bundle.root)
         windows = read_target_windows(scenes, options, window_size(bundle, options), bundle.band_policy,
                                       bundle.gsd_m)
         done = adapt_model(net, windows, Normalise(bundle.mean, bundle.std, device), options, bundle.labelled_ids)
         adapted = {"method": options.method, "steps": done, "scenes": records, "windows": len(windows),
-                   "params": asdict(options), "source": {"path": str(model), "data_hash": bundle.manifest.get("data_hash")},
-                   "seconds": round(time.perf_counter() - start, 2)}
-        with temp_dir(out.parent, "adapt") as stage:
-            save_model(net.cpu(), stage, meta["name"], int(meta["classes"]), int(meta["in_channels"]),
-                       meta.get("kwargs") or {})
-            write_json(stage / "model.json", {**meta, "adapted": adapted})
-            written = assemble_bundle(stage, out, bundle.tile_size, bundle.overlap, bundle.gsd_m,
-                                      archive=out.suffix == ".zip", export=export)
+                   "params": asdict(options), "seconds": round(time.perf_counter() - start, 2),
+                   "source": {"path": str(model), "data_hash": bundle.manifest.get("data_hash")}}
+        written = write_adapted(net.cpu(), bundle, adapted, out, export)
     log.info("adapt %s: %s on %d windows in %.1f s -> %s", options.method, model, len(windows),
              adapted["seconds"], written)
     return {**adapted, "bundle": str(written)}
+
+
+def write_adapted(net: nn.Module, bundle: Bundle, adapted: dict[str, Any], out: Path,
+                  export: Callable[[Path], object] | None) -> Path:
+    """The adapted weights with the input's model.json + ``adapted``, bundled at ``out`` like the input (tile
+    size, overlap, GSD) through inference.bundle.assemble_bundle (checksums; ``export`` adds the ONNX files)."""
+    meta = json.loads((bundle.root / "model.json").read_text(encoding="utf-8"))
+    with temp_dir(out.parent, "adapt") as stage:
+        save_model(net, stage, meta["name"], int(meta["classes"]), int(meta["in_channels"]), meta.get("kwargs") or {})
+        write_json(stage / "model.json", {**meta, "adapted": adapted})
+        return assemble_bundle(stage, out, bundle.tile_size, bundle.overlap, bundle.gsd_m,
+                               archive=out.suffix == ".zip", export=export)
 
 
 def _scene_hash(scene: Path) -> str:
     with open_raster(scene):  # a missing file or a non-raster is one clear error before any work
         pass
     return sha256_file(scene)
-
-
-def _read_record(root: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((root / "model.json").read_text(encoding="utf-8"))
