@@ -9,7 +9,8 @@
 (``SHORT``), then with ``--tiny`` the CPU settings (``TINY``) that keep the whole check under a minute on
 two cores. ``speed``: training images/s of the teacher (synthetic batch, AMP on CUDA) and inference FPS
 at size x size, batch 1, fp32 and fp16 (fp16 on CUDA only) for the default model, DAS-Net and SegFormer-B0.
-``summary``: the val mIoU of each model the short run trained, from its train_summary.json.
+``summary``: the val mIoU of each model the short run trained, from its train_summary.json, and the seconds
+`aerialseg adapt --method all` took on the teacher (models/adapted/bundle.json).
 """
 
 import argparse
@@ -30,6 +31,7 @@ SHORT: dict[str, Any] = {
     "pretrain": {"crops_per_image": 2, "train": {"epochs": 2}},
     "train": {"epochs": 6, "patience": 0},
     "distil": {"train": {"epochs": 6}},
+    "adapt": {"onnx": False},  # the adapted teacher is timed, not exported
 }
 # CPU, CI-size: one small scene, 64 px patches (32 px training crops), one epoch each.
 TINY: dict[str, Any] = {
@@ -40,6 +42,7 @@ TINY: dict[str, Any] = {
     "pretrain": {"patch_size": 64, "resample_factor": 0.25, "crops_per_image": 4, "train": {"epochs": 1, "batch_size": 4}},
     "train": {"epochs": 1, "batch_size": 8, "patch_size": 32, "warmup_epochs": 0, "num_workers": 0, "threads": 1},
     "distil": {"train": {"epochs": 1}},
+    "adapt": {"windows": 4, "window": 64, "batch": 2, "tent_steps": 1, "self_rounds": 1, "self_steps": 1},
 }
 
 
@@ -180,6 +183,12 @@ def summary(workdir: Path) -> dict[str, Any]:
                            "parameters": s["parameters"]}
         else:
             rows[label] = None
+    adapted = workdir / "models/adapted/bundle.json"
+    if adapted.is_file():
+        record = json.loads(adapted.read_text(encoding="utf-8"))["adapted"]
+        rows["adapted (adapt --method all)"] = {"method": record["method"], "windows": record["windows"],
+                                                "seconds": record["seconds"],
+                                                "steps": {k: v["seconds"] for k, v in record["steps"].items()}}
     return rows
 
 
@@ -187,6 +196,9 @@ def print_summary(rows: dict[str, Any]) -> None:
     print("\n| run | model | params M | epochs | train patches | s | images/s (run, incl. val) | val mIoU |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, r in rows.items():
+        if r is not None and "method" in r:
+            print(f"\n{label}: {r['windows']} windows, {r['seconds']:.1f} s ({r['steps']})")
+            continue
         if r is None:
             print(f"| {label} | not run | | | | | | |")
             continue

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Short end-to-end run of the GPU recipe (profiles/gpu.yaml) on the embedded sample, then the figures:
-# training images/s, FPS at 512² batch 1 fp32/fp16 (default model, DAS-Net, SegFormer-B0), val mIoU.
+# training images/s, FPS at 512² batch 1 fp32/fp16 (default model, DAS-Net, SegFormer-B0), val mIoU, and the
+# seconds `aerialseg adapt --method all` takes on the teacher (AdaBN + TENT + self-training on one scene).
 #
 #   bench/gpu_check.sh [--tiny] [--oem DIR] [--keep DIR]
 #
@@ -20,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     --tiny) TINY=1; shift ;;
     --oem) OEM="$2"; shift 2 ;;
     --keep) KEEP="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "error: $1: unknown option — fix: use --tiny, --oem DIR or --keep DIR" >&2; exit 2 ;;
   esac
 done
@@ -55,6 +56,8 @@ stage augment
 stage pretrain
 stage train
 stage distil
+if [[ "$TINY" == "1" ]]; then TARGET=data/sample/scenes/dubai_tile2.tif; else TARGET=data/sample/scenes/dubai_tile6.tif; fi
+stage adapt "$TARGET" --model models/default --out models/adapted --method all
 "$PY" "$REPO/bench/gpu_check.py" speed "${TINY_FLAG[@]}" --json "$WORK/speed.json"
 "$PY" "$REPO/bench/gpu_check.py" summary "$WORK"
 echo "gpu_check: done in $(( $(date +%s) - start )) s (work dir $WORK)"

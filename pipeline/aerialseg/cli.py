@@ -130,12 +130,7 @@ def pretrain_command(params: ParamsOpt = Path("params.yaml"), out: OutOpt = None
     from aerialseg.core.config import load_params
     from aerialseg.stages import pretrain
 
-    record = pretrain.run(load_params(params), out, resume=resume)
-    if record["enabled"]:
-        typer.echo(f"pretrained {record['model']} on {record['train_images']} OpenEarthMap images: "
-                   f"best val mIoU {record['best_val_mIoU']:.4f}")
-    else:
-        typer.echo(f"pretraining disabled (pretrain.enabled: false): {record['reason']}")
+    typer.echo(pretrain.message(pretrain.run(load_params(params), out, resume=resume)))
 
 
 @app.command("train")
@@ -189,6 +184,37 @@ def evaluate_command(
     metrics = evaluate.run(load_params(params), model, split, out)
     typer.echo(f"{metrics['model_dir']} on {metrics['split']}: mIoU {metrics['mIoU']}, pixel accuracy "
                f"{metrics['pixel_accuracy']}, BF1 {metrics['bf1']}")
+
+
+@app.command("loso")
+def loso_command(
+    params: ParamsOpt = Path("params.yaml"), out: OutOpt = None,
+    folds: Annotated[str | None, typer.Option(help="Folds, e.g. 0,2 (scenes by name) [loso.folds: all].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per fold [loso.epochs, else train.epochs].")] = None,
+    profile: Annotated[str | None, typer.Option(help="Profile merged over params, e.g. quick [loso.profile].")] = None,
+    adapt: Annotated[list[str] | None, typer.Option(help="Also score adabn|tent|self|all [loso.adapt].")] = None,
+) -> None:
+    """Leave-one-scene-out: train on the other scenes, map each held-out scene whole, mIoU mean ± std."""
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import loso
+
+    record = loso.run(load_params(params), folds, epochs, adapt, out, profile)
+    typer.echo(" ".join(f"{k}: mIoU {v['mIoU_mean']} ± {v['mIoU_std']};" for k, v in record["summary"].items()))
+
+
+@app.command("adapt")
+def adapt_command(
+    scenes: Annotated[list[Path], typer.Argument(help="Unlabelled target scenes (GeoTIFF, any size).")],
+    model: Annotated[Path, typer.Option("--model", help="Bundle dir or .zip, or a trained model dir.")],
+    out: Annotated[Path, typer.Option("--out", help="The adapted bundle (a folder, or .zip); never the input.")],
+    method: Annotated[str | None, typer.Option(help="adabn | tent | self | all [adapt.method].")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Adapt a model to unlabelled scenes (AdaBN, TENT, self-training) and write a new verified bundle."""
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import adapt as stage
+
+    typer.echo(stage.summary(stage.run(load_params(params), model, scenes, out, method)))
 
 
 @app.command("compare")
@@ -290,19 +316,13 @@ def infer_scene_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Map a whole scene: seam-free tiles, constant memory, a COG on the scene's grid (QGIS-ready)."""
-    from aerialseg.inference.scene import InferOptions, infer_scene
-    from aerialseg.core.config import load_params, section
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import infer_scene
 
-    knobs = dict(section(load_params(params), "infer"))
-    model = model or (Path(knobs["model"]) if knobs.get("model") else None)
-    knobs.pop("model", None)
-    if model is None:
-        raise AerialsegError("no model given", fix="pass --model BUNDLE or set infer.model in params.yaml")
-    options = InferOptions.from_params(knobs, overlap=overlap, batch=batch, tta=tta, backend=backend, device=device,
-                                       confidence=confidence, vectors=vectors, areas=areas, format=fmt,
-                                       resample=resample, allow_ungeoreferenced=allow_ungeoreferenced,
-                                       overwrite=overwrite)
-    typer.echo(infer_scene(scene, model, out, options).summary())
+    typer.echo(infer_scene.run(load_params(params), scene, model, out, overlap=overlap, batch=batch, tta=tta,
+                               backend=backend, device=device, confidence=confidence, vectors=vectors, areas=areas,
+                               format=fmt, resample=resample, allow_ungeoreferenced=allow_ungeoreferenced,
+                               overwrite=overwrite).summary())
 
 
 @app.command("bundle")
@@ -333,17 +353,10 @@ def export_onnx_command(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """ONNX at the bundle's tile size: logits for infer-scene, and *.deepness.onnx for QGIS; both checked."""
-    from aerialseg.compression.onnx_export import export_bundle_onnx
-    from aerialseg.core.config import load_params, section
+    from aerialseg.core.config import load_params
+    from aerialseg.stages import bundle
 
-    exp = section(load_params(params), "export")
-    result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
-                                opset=int(exp.get("opset", 18)), parity_count=int(exp.get("parity_tiles", 2)))
-    parity, deepness = result["parity"], result["deepness_parity"]
-    typer.echo(f"wrote {result['onnx']} (max |logit diff| {parity['max_abs_diff']:.2e}, "
-               f"argmax agreement {parity['argmax_agreement']:.4f})")
-    typer.echo(f"wrote {result['deepness_onnx']} for QGIS Deepness (max |probability diff| "
-               f"{deepness['max_abs_diff']:.2e}, argmax agreement {deepness['argmax_agreement']:.4f})")
+    typer.echo(bundle.export_onnx(load_params(params), model_dir, out))
 
 
 # --- seed models: postprocess, prune, export, quantize ------------------------------------
@@ -501,9 +514,8 @@ def infer_survey_command(
     done = survey.run(load_params(params), scenes, model, out=str(out) if out else None, workers=workers,
                       threads_per_worker=threads_per_worker, scheduler=scheduler, vectors=vectors, backend=backend,
                       device=device)
-    typer.echo(f"infer-survey: {done['mapped']} mapped, {done['skipped']} skipped, {done['failed']} failed "
-               f"({done['mpx_per_s']} Mpx/s) -> {done['products'].get('mosaic')}")
-    for line in [*done["errors"].values(), *done["products"]["errors"]]:
+    typer.echo(survey.summary(done))
+    for line in survey.errors(done):
         typer.echo(f"error: {line}", err=True)
     if done["failed"] or done["products"]["errors"]:
         raise typer.Exit(1)
@@ -539,22 +551,9 @@ def apply_profile_command(
     Only the keys the profile sets change: every other line, comment and the layout stay as they were. The
     file replaced is kept as OUT.bak (an existing backup is never overwritten).
     """
-    from aerialseg.core.config import load_params, load_profile
-    from aerialseg.core.fileio import write_text
-    from aerialseg.core.yamledit import merged_text
+    from aerialseg.stages import apply_profile
 
-    load_params(params)  # the one-line errors of a missing or broken params file
-    source, _ = load_profile(profile)
-    text = merged_text(params.read_text(encoding="utf-8"), source.read_text(encoding="utf-8"), params, source)
-    replaced = out.exists()
-    if replaced:
-        backup = out.with_name(out.name + ".bak")
-        if backup.exists():
-            raise AerialsegError("a backup from an earlier apply-profile exists", backup,
-                                 "restore or remove it first, or pass --out elsewhere")
-        backup.write_bytes(out.read_bytes())
-    write_text(out, text)
-    typer.echo(f"wrote {out} (profile {source})" + (f"; previous file kept as {out.name}.bak" if replaced else ""))
+    typer.echo(apply_profile.run(profile, out, params))
 
 
 RASTER_COMMANDS = {"label-to-mask", "mask-to-label", "infer-scene", "infer-survey", "tiles", "postprocess", "evaluate"}

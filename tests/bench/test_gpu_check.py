@@ -82,3 +82,5 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert teacher["model"] == "upernet_convnext_tiny" and student["model"] == "segformer_b0"
     assert 0.0 < teacher["val_mIoU"] <= 1.0 and 0.0 < student["val_mIoU"] <= 1.0
     assert json.loads((work / "models/student/distil.json").read_text())["teacher"] == "upernet_convnext_tiny"
+    adapted = rows["adapted (adapt --method all)"]
+    assert adapted["method"] == "all" and adapted["windows"] >= 1 and set(adapted["steps"]) == {"adabn", "tent", "self"}

@@ -19,7 +19,7 @@ PATH_KEYS = (
     "quantize.model_dir", "quantize.out", "quantize.table.out_json", "quantize.table.out_md", "report.out",
     "report.figures", "report.metrics", "report.confusion", "report.class_shares", "report.history",
     "report.samples", "report.models", "report.compare", "report.compression", "report.profile.out",
-    "stats.runs_dir", "stats.out", "postprocess.out",
+    "stats.runs_dir", "stats.out", "postprocess.out", "loso.out",
 )
 REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"  # editable install: the checkout's
 
@@ -103,6 +103,9 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("model", "split", "out", "samples", "bf1_tolerance_px", "device", "backend", "tta"),
     "model": ("name", "kwargs"),
     "stats": ("runs_dir", "models", "seeds", "epochs", "split", "metrics", "primary", "baseline", "out"),
+    "loso": ("out", "folds", "epochs", "profile", "val_fraction", "adapt", "keep_models"),
+    "adapt": ("method", "windows", "window", "batch", "min_valid", "gsd_tolerance", "tent_steps", "tent_lr",
+              "self_rounds", "self_steps", "self_lr", "threshold", "seed", "device", "onnx"),
 }
 
 

@@ -109,6 +109,7 @@ def make_manifest(record: dict[str, Any], tile_size: int | None = None, overlap:
         "labelled_classes": extras.get("labelled_classes"),  # classes with training data (null: not recorded)
         "metrics": extras.get("metrics"),
         "training": extras,
+        **({"adapted": extras["adapted"]} if extras.get("adapted") else {}),  # aerialseg adapt: to what, how
     }
 
 

@@ -33,3 +33,15 @@ def run(params: dict[str, Any], model_dir: str | Path, out: str | Path | None = 
                         onnx=cfg.get("onnx", True) if onnx is None else onnx,
                         archive=cfg.get("zip", False) if archive is None else archive,
                         max_abs_diff=float(exp.get("max_abs_diff", 1e-3)), opset=int(exp.get("opset", 18)))
+
+
+def export_onnx(params: dict[str, Any], model_dir: str | Path, out: str | Path | None = None) -> str:
+    """`aerialseg export-onnx`: both ONNX files of a bundle or model dir with ``export``'s parity gate; returns
+    what was written (two lines)."""
+    exp = section(params, "export")
+    result = export_bundle_onnx(model_dir, out, max_abs_diff=float(exp.get("max_abs_diff", 1e-3)),
+                                opset=int(exp.get("opset", 18)), parity_count=int(exp.get("parity_tiles", 2)))
+    parity, deepness = result["parity"], result["deepness_parity"]
+    return (f"wrote {result['onnx']} (max |logit diff| {parity['max_abs_diff']:.2e}, argmax agreement "
+            f"{parity['argmax_agreement']:.4f})\nwrote {result['deepness_onnx']} for QGIS Deepness (max |probability "
+            f"diff| {deepness['max_abs_diff']:.2e}, argmax agreement {deepness['argmax_agreement']:.4f})")

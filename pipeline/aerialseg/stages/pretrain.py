@@ -38,3 +38,11 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
     train = {**section(params, "train"), "init_from": None, **dict(cfg.get("train") or {})}
     config = TrainConfig.from_sections(section(params, "model"), train, section(params, "distil"))
     return pretrain(config, (train_ds, val_ds), out_dir, cfg["root"], resume)
+
+
+def message(record: dict[str, Any]) -> str:
+    """The command's one line about a pretraining run (or why it did not run)."""
+    if record["enabled"]:
+        return (f"pretrained {record['model']} on {record['train_images']} OpenEarthMap images: "
+                f"best val mIoU {record['best_val_mIoU']:.4f}")
+    return f"pretraining disabled (pretrain.enabled: false): {record['reason']}"

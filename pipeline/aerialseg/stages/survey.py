@@ -30,3 +30,14 @@ def run(params: dict[str, Any], scenes: list[Path] | None = None, model: Path | 
                                        **{k: v for k, v in overrides.items() if k in SURVEY_KEYS})
     options = InferOptions.from_params(knobs, **{k: v for k, v in overrides.items() if k not in SURVEY_KEYS})
     return run_survey(scenes or [Path(survey.scenes_dir) / name for name in survey.scenes], model, options, survey)
+
+
+def summary(done: dict[str, Any]) -> str:
+    """The command's line about a survey run."""
+    return (f"infer-survey: {done['mapped']} mapped, {done['skipped']} skipped, {done['failed']} failed "
+            f"({done['mpx_per_s']} Mpx/s) -> {done['products'].get('mosaic')}")
+
+
+def errors(done: dict[str, Any]) -> list[str]:
+    """One line per scene that failed and per survey product that could not be made."""
+    return [*done["errors"].values(), *done["products"]["errors"]]
