@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-int8", action="store_true", help="latency: skip the int8 twin")
+    parser.add_argument("--no-fp32", action="store_true", help="latency: a bundle carrying int8: skip its fp32 twin")
     parser.add_argument("--before", type=Path, help="latency: also serve with the package at this path (e.g. "
                                                     "another checkout's pipeline/), requests interleaved")
     parser.add_argument("--write", action="store_true", help="also write reports/bench_serve.json")

@@ -181,7 +181,7 @@ def latency_main(args: argparse.Namespace) -> None:
             summary["model"] = str(bundle)
         bundles = {"fp32": bundle}
         if (Path(bundle) / "model.int8.onnx").is_file():
-            bundles = {"fp32": fp32_twin(Path(bundle), folder), "int8": bundle}
+            bundles = {"int8": bundle} if args.no_fp32 else {"fp32": fp32_twin(Path(bundle), folder), "int8": bundle}
         elif not args.no_int8 and args.model is not None:
             summary["int8"] = "the bundle has no model.int8.onnx: run `aerialseg quantize --out BUNDLE`"
         elif not args.no_int8:

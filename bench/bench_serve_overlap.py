@@ -54,7 +54,7 @@ def main() -> None:
     with ExitStack() as stack:
         model = next(iter(server.load_models([args.model], options, stack).values()))
         result = {"model": str(args.model), "precision": model.runtime["precision"], "size": args.size,
-                  "bundle_overlap": model.bundle.overlap, "agreement": []}
+                  "bundle_overlap_px": model.bundle.overlap, "agreement": []}
         matrices, tiles = {0: ConfusionMatrix(), None: ConfusionMatrix()}, {0: 0, None: 0}
         for image, mask in crops(args.size):
             maps = {}
