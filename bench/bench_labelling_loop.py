@@ -132,15 +132,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"strategy": strategy, "seed": seed, "round": rnd, "windows": len(labelled),
                                  "labelled_share": round(len(labelled) / len(pool), 4), "test_miou": round(miou, 4)})
                     print(json.dumps(rows[-1]), flush=True)
-    mean = {s: [round(float(np.mean([r["test_miou"] for r in rows if r["strategy"] == s and r["round"] == k])), 4)
-                for k in range(args.rounds + 1)] for s in STRATEGIES}
-    shares = [round((args.start + k * args.per_round) / len(pool), 4) for k in range(args.rounds + 1)]
-    target = mean["random"][-1]
-    reach = {s: next((shares[k] for k, m in enumerate(curve) if m >= target), None) for s, curve in mean.items()}
-    return {"labelled_share": shares, "share_to_reach_random_final": reach, "pool_windows": len(pool), "window_px": args.window, "arch": args.arch, "epochs": args.epochs,
+    return {**summarise(rows, args.rounds), "window_px": args.window, "arch": args.arch, "epochs": args.epochs,
             "steps": args.steps, "batch": args.batch, "start": args.start, "per_round": args.per_round,
-            "test_windows": len(test), "val_windows": len(val),
-            "seeds": args.seeds, "rarity_power": args.rarity_power, "rows": rows, "mean_test_miou": mean}
+            "test_windows": len(test), "val_windows": len(val), "rarity_power": args.rarity_power}
+
+
+def summarise(rows: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """Mean test mIoU per strategy and round over the seeds that have every round of every strategy, and the
+    labelled share at which each strategy's mean first reaches random's final mean."""
+    per_seed = len(STRATEGIES) * (rounds + 1)
+    seeds = sorted({r["seed"] for r in rows if sum(q["seed"] == r["seed"] for q in rows) == per_seed})
+    done = [r for r in rows if r["seed"] in seeds]
+    mean = {s: [round(float(np.mean([r["test_miou"] for r in done if r["strategy"] == s and r["round"] == k])), 4)
+                for k in range(rounds + 1)] for s in STRATEGIES}
+    shares = [next(r["labelled_share"] for r in done if r["round"] == k) for k in range(rounds + 1)]
+    reach = {s: next((shares[k] for k, m in enumerate(curve) if m >= mean["random"][-1]), None)
+             for s, curve in mean.items()}
+    return {"seeds": seeds, "labelled_share": shares, "mean_test_miou": mean, "share_to_reach_random_final": reach,
+            "pool_windows": round(done[0]["windows"] / done[0]["labelled_share"]), "rows": done}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -182,7 +191,16 @@ def main() -> None:
     parser.add_argument("--rarity-power", type=float, default=0.5, help="rank-scenes' rank.rarity_power")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="also draw mIoU against labelled share into this PNG")
+    parser.add_argument("--from-log", type=Path, help="summarise (and --plot) the rows a run printed instead")
     args = parser.parse_args()
+    if args.from_log:
+        lines = args.from_log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        rows = [json.loads(line) for line in lines if line.startswith('{"strategy"')]
+        result = summarise(rows, max(r["round"] for r in rows))
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+        if args.plot:
+            plot(result, args.plot)
+        return
     params = load_params(REPO / "params.yaml")
     args.arch = args.arch or params["model"]["name"]
     args.model_kwargs = dict(params["model"].get("kwargs") or {}) if args.arch == params["model"]["name"] else {}

@@ -73,7 +73,8 @@ def test_bundle_carries_int8_only_when_its_gate_passed(trained, tmp_path):
     ("no weights recorded", "does not say which weights"), ("no report", "no readable quantize.json"),
 ])
 def test_int8_that_does_not_fit_the_bundle_is_not_carried(trained, tmp_path, case, reason):
-    source = quantized(tmp_path / "int8", trained / "model.safetensors", tile=TILE * 2 if case == "other tile" else TILE)
+    tile = TILE * 2 if case == "other tile" else TILE
+    source = quantized(tmp_path / "int8", trained / "model.safetensors", tile=tile)
     report = json.loads((source / QUANTIZE_REPORT).read_text())
     if case == "other weights":
         report["weights_sha256"] = "0" * 64

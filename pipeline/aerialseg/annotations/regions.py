@@ -4,8 +4,8 @@ mask-to-label, infer-scene ``--format anylabeling``, rank-scenes' pre-labels and
 - Regions are the 4-connected pixels of one value (OpenCV connected components), traced as exact pixel-edge
   polygons with their holes (``rasterio.features.shapes`` over the region ids: one polygon per region).
 - Specks: with ``merge_specks`` (default) regions under ``min_area_px`` take the class of the nearest larger
-  region (OpenCV's 5x5 Euclidean distance transform: nearest up to ties and ~2 % distance error), so they neither come back as shapes nor leave gaps; whatever is still under ``min_area_px``
-  is not returned.
+  region (OpenCV's 5x5 Euclidean distance transform: nearest up to ties and ~2 % distance error), so they
+  neither come back as shapes nor leave gaps; whatever is still under ``min_area_px`` is not returned.
 - Simplification: Douglas-Peucker (shapely, topology kept) of the tool-coordinate polygon (so kept vertices
   stay on boundary pixels) with tolerance ``simplify_px``, or ``epsilon_factor`` x its outline length
   (X-AnyLabeling's rule) capped at 1 px: on a real canopy tile 1 px keeps ~40 % of the vertices and moves

@@ -3,8 +3,9 @@
 A bundle may carry ``model.int8.onnx`` with ``quantize.json`` beside it (the pipeline's bundle stage carries
 them from the quantize stage; ``aerialseg quantize --out BUNDLE`` writes them in). The int8 model is used on
 CPU when aerialseg.inference.bundle_int8 says it is usable: gate passed, made from the bundle's weights, input
-= the bundle's tile, listed with checksums in bundle.json. Otherwise the bundle's PyTorch fp32 model runs. Either way one session is
-built per model at load time and warmed with one batch, so the first request pays no start-up cost.
+= the bundle's tile, listed with checksums in bundle.json. Otherwise the bundle's PyTorch fp32 model runs.
+Either way one session is built per model at load time and warmed with one batch, so the first request pays
+no start-up cost.
 """
 
 import logging
