@@ -6,9 +6,9 @@ The embedded sample's true masks (label-to-mask's own code) stand in for the ann
 the training area, cut into ``--window`` px windows; scene 5 validates, scene 6 is the test split.
 Each strategy starts from the same ``--start`` random windows (per seed); each round the current model
 scores every unlabelled window and the annotator labels ``--per-round`` more:
-- ``rank``: rank-scenes' score, rarity-weighted entropy (``aerialseg.inference.ranking``'s pixel
-  uncertainty and class weights, share ** -``--rarity-power`` over the predicted pixels);
-- ``entropy``: mean pixel entropy (rank-scenes with rarity power 0);
+- ``rank``: rarity-weighted entropy (``aerialseg.inference.ranking``'s pixel uncertainty and class weights,
+  share ** -``--rarity-power`` over the predicted pixels; rank-scenes' default before this measurement);
+- ``entropy``: mean pixel entropy (rank-scenes with rarity power 0, its default since: docs/serve.md);
 - ``random``: uniformly at random.
 After labelling, the model is retrained briefly from its initial weights (the params' architecture unless
 ``--arch``, with its offline ImageNet encoder where it has one): ``--steps`` optimizer steps of ``--batch``
@@ -41,6 +41,7 @@ from aerialseg.training.train import ArrayPatchDataset, TrainConfig, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("rank", "entropy", "random")
+LEGEND = {"rank": "rank: rarity-weighted entropy", "entropy": "entropy (rank-scenes' default)", "random": "random"}
 
 
 def scene_windows(n: int, window: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -166,7 +167,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot([100 * r["labelled_share"] for r in rows], [r["test_miou"] for r in rows], color=colour,
                     alpha=0.25, lw=1)
         ax.plot([100 * s for s in result["labelled_share"]], result["mean_test_miou"][strategy], "o-", color=colour,
-                label=f"{strategy} (mean of {len(result['seeds'])} seeds)")
+                label=f"{LEGEND[strategy]} (mean of {len(result['seeds'])} seeds)")
     ax.set_xlabel("labelled share of the training area (%)")
     ax.set_ylabel("test mIoU")
     ax.grid(alpha=0.3)
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument("--val-windows", type=int, default=24, help="scene-5 windows that pick the best epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a shared machine)")
     parser.add_argument("--arch", default=None, help="default: params.yaml model.name")
-    parser.add_argument("--rarity-power", type=float, default=0.5, help="rank-scenes' rank.rarity_power")
+    parser.add_argument("--rarity-power", type=float, default=0.5, help="the rank strategy's rarity power")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="also draw mIoU against labelled share into this PNG")
     parser.add_argument("--from-log", type=Path, help="summarise (and --plot) the rows a run printed instead")
