@@ -83,13 +83,15 @@ class MemorySampler(threading.Thread):
         return max((mb for t, mb in self.samples if start <= t <= end), default=float("nan"))
 
 
-def start_server(bundle: Path, folder: Path, queue: int, device: str) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: Path, folder: Path, queue: int, device: str,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`aerialseg serve` on a free port (``env`` added to this process's, e.g. PYTHONPATH of older code)."""
     params = folder / "params.yaml"
     params.write_text(yaml.safe_dump({"serve": {"queue": queue, "device": device}}))
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "aerialseg.cli", "serve", "--model", str(bundle), "--port", "0",
                              "--params", str(params)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "AERIALSEG_API_KEY": KEY})
+                            env={**os.environ, **(env or {}), "AERIALSEG_API_KEY": KEY})
     deadline = time.monotonic() + 300
     while not (match := re.search(r"Uvicorn running on (http://\S+:\d+)", (folder / "server.log").read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-int8", action="store_true", help="latency: skip the int8 twin")
+    parser.add_argument("--no-fp32", action="store_true", help="latency: a bundle carrying int8: skip its fp32 twin")
+    parser.add_argument("--before", type=Path, help="latency: also serve with the package at this path (e.g. "
+                                                    "another checkout's pipeline/), requests interleaved")
     parser.add_argument("--write", action="store_true", help="also write reports/bench_serve.json")
     args = parser.parse_args()
     if not args.load:

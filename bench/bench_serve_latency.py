@@ -1,8 +1,14 @@
-"""bench_serve.py's latency mode: p50/p95 of one request and time per phase, fp32 and int8 (see bench_serve.py)."""
+"""bench_serve.py's latency mode: p50/p95 of one request and time per phase, fp32 and int8 (see bench_serve.py).
+
+A bundle that carries an int8 model (bundle.json lists it) is served as it is (int8 if usable) and as its fp32
+twin (a copy without the int8 files). ``--before PKG`` starts the same servers with PYTHONPATH=PKG too (older
+code), and every server answers request i before any answers i + 1, so load affects all alike: the ratios
+after/before hold even on a busy machine."""
 
 import argparse
 import base64
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -17,7 +23,10 @@ import torch
 
 from bench_serve import KEY, REPO, one_request, sample_images, start_server
 
+import aerialseg.inference.serve_map as serve_map
 import aerialseg.inference.server as server
+from aerialseg.inference.bundle import update_manifest_files
+from aerialseg.inference.bundle_int8 import INT8_FILES
 from aerialseg.annotations.anylabeling import load_label_json, parse_shapes, resolve_scene
 from aerialseg.annotations.rasterize import rasterize_shapes
 from aerialseg.core.config import load_params
@@ -67,25 +76,52 @@ def int8_twin(bundle: Path, model_dir: Path, folder: Path) -> tuple[Path, dict[s
     record = json.loads((twin / "quantize.json").read_text())
     record["gate"] = {"passed": True, "note": "bench: random weights, gate not meaningful"}
     (twin / "quantize.json").write_text(json.dumps(record))
+    update_manifest_files(twin, int8={"carried": True, "note": "bench: random weights, gate not meaningful"})
     return twin, report["accuracy"]
 
 
-def http_latency(bundle: Path, folder: Path, images: list[bytes], requests: int, device: str) -> dict[str, Any]:
-    """p50/p95 of sequential requests against the real server; also what /v1/models says runs."""
-    proc, url = start_server(bundle, folder, queue=4, device=device)
+def fp32_twin(bundle: Path, folder: Path) -> Path:
+    """A copy of ``bundle`` without its int8 files (bundle.json updated): what serve runs without int8."""
+    twin = folder / f"{Path(bundle).stem}-fp32"
+    shutil.copytree(bundle, twin)
+    for name in INT8_FILES:
+        (twin / name).unlink(missing_ok=True)
+    update_manifest_files(twin, int8={"carried": False, "reason": "bench: fp32 twin"})
+    return twin
+
+
+def http_latency(variants: dict[str, tuple[Path, dict[str, str]]], folder: Path, images: list[bytes],
+                 requests: int, device: str) -> dict[str, dict[str, Any]]:
+    """p50/p95 of sequential requests per variant (bundle, extra env), one server each, requests interleaved;
+    also what /v1/models says runs."""
+    servers, out = {}, {}
     try:
+        for name, (bundle, env) in variants.items():
+            run_dir = folder / f"run-{len(servers)}"
+            run_dir.mkdir()
+            servers[name] = (*start_server(Path(bundle), run_dir, queue=4, device=device, env=env), Path(bundle).stem)
         with httpx.Client(timeout=600) as client:
-            runtime = next(iter(client.get(f"{url}/v1/models", headers={"Token": KEY}).json()["data"].values()))
-            one_request(client, url, bundle.stem, images[0])  # warm-up
-            results = [one_request(client, url, bundle.stem, images[i % len(images)]) for i in range(requests)]
+            runtime = {name: next(iter(client.get(f"{url}/v1/models", headers={"Token": KEY}).json()["data"].values()))
+                       for name, (_, url, _) in servers.items()}
+            for _, url, model in servers.values():
+                one_request(client, url, model, images[0])  # warm-up
+            results: dict[str, list] = {name: [] for name in servers}
+            for i in range(requests):
+                for name, (_, url, model) in servers.items():
+                    results[name].append(one_request(client, url, model, images[i % len(images)]))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    seconds = np.array([r[0] for r in results])
-    if any(r[1] != 200 for r in results):
-        raise SystemExit(f"failed requests: {[r[1] for r in results]}")
-    return {"runtime": runtime["runtime"], "p50_s": round(float(np.percentile(seconds, 50)), 3),
-            "p95_s": round(float(np.percentile(seconds, 95)), 3), "shapes": int(np.median([r[2] for r in results]))}
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    for name, rows in results.items():
+        seconds = np.array([r[0] for r in rows])
+        if any(r[1] != 200 for r in rows):
+            raise SystemExit(f"{name}: failed requests: {[r[1] for r in rows]}")
+        out[name] = {"runtime": runtime[name].get("runtime", {"precision": "fp32 (older code: not reported)"}),
+                     "p50_s": round(float(np.percentile(seconds, 50)), 3),
+                     "p95_s": round(float(np.percentile(seconds, 95)), 3),
+                     "shapes": int(np.median([r[2] for r in rows]))}
+    return out
 
 
 def phases(bundle: Path, image: bytes, runs: int, device: str) -> dict[str, float]:
@@ -95,7 +131,7 @@ def phases(bundle: Path, image: bytes, runs: int, device: str) -> dict[str, floa
     options = server.ServeOptions(device=device)
     with ExitStack() as stack:
         model = next(iter(server.load_models([bundle], options, stack).values()))
-        inner, blend = model.predict, server.predict_array
+        inner, blend = model.predict, serve_map.predict_array
         spent: dict[str, float] = {}
 
         def forward(tiles: np.ndarray) -> np.ndarray:
@@ -110,7 +146,7 @@ def phases(bundle: Path, image: bytes, runs: int, device: str) -> dict[str, floa
             spent["blend"] += time.perf_counter() - start
             return out
 
-        model.predict, server.predict_array = forward, stitched
+        model.predict, serve_map.predict_array = forward, stitched
         body = json.dumps({"model": model.model_id, "image": base64.b64encode(image).decode()}).encode()
         rows = []
         for _ in range(runs + 1):  # the first run warms caches
@@ -119,13 +155,13 @@ def phases(bundle: Path, image: bytes, runs: int, device: str) -> dict[str, floa
             raw = server.decode_base64_image(server.parse_request(body).image)
             with server.open_image(raw, options) as ds:
                 t1 = time.perf_counter()
-                classes, confidence = server.predict_dataset(model, ds, options.max_megapixels * 1e6)
+                classes, confidence = serve_map.predict_dataset(model, ds, options.max_megapixels * 1e6)
             t2 = time.perf_counter()
             scored_shapes(classes, confidence, model.class_names, 0.0, 0.0, options.min_area_px)
             t3 = time.perf_counter()
             rows.append({"decode": t1 - t0, "read": t2 - t1 - spent["blend"], "forward": spent["forward"],
                          "stitch": spent["blend"] - spent["forward"], "polygonise": t3 - t2, "total": t3 - t0})
-        server.predict_array = blend
+        serve_map.predict_array = blend
     return {k: round(statistics.median(r[k] for r in rows[1:]), 3) for k in rows[0]}
 
 
@@ -144,21 +180,28 @@ def latency_main(args: argparse.Namespace) -> None:
             bundle = args.model
             summary["model"] = str(bundle)
         bundles = {"fp32": bundle}
-        if not args.no_int8 and not (Path(bundle) / "model.int8.onnx").is_file():
-            if args.model is not None:
-                summary["int8"] = "the bundle has no model.int8.onnx: run `aerialseg quantize --out BUNDLE`"
-            else:
-                start = time.perf_counter()
-                bundles["int8"], accuracy = int8_twin(bundle, folder / "trained", folder)
-                summary["int8_made_in_s"] = round(time.perf_counter() - start, 1)
-                summary["int8_agreement_with_fp32"] = accuracy["prediction_agreement"]
-        elif (Path(bundle) / "model.int8.onnx").is_file():
-            bundles = {"bundle (int8 if its gate passed)": bundle}
-        for name, path in bundles.items():
-            run_dir = folder / f"run-{name.split()[0]}"
-            run_dir.mkdir()
-            summary[name] = {**http_latency(Path(path), run_dir, images, requests, args.device),
-                             "phases_s": phases(Path(path), images[0], max(3, requests // 2), args.device)}
+        if (Path(bundle) / "model.int8.onnx").is_file():
+            bundles = {"int8": bundle} if args.no_fp32 else {"fp32": fp32_twin(Path(bundle), folder), "int8": bundle}
+        elif not args.no_int8 and args.model is not None:
+            summary["int8"] = "the bundle has no model.int8.onnx: run `aerialseg quantize --out BUNDLE`"
+        elif not args.no_int8:
+            start = time.perf_counter()
+            bundles["int8"], accuracy = int8_twin(bundle, folder / "trained", folder)
+            summary["int8_made_in_s"] = round(time.perf_counter() - start, 1)
+            summary["int8_agreement_with_fp32"] = accuracy["prediction_agreement"]
+        variants = {f"{name} (this code)": (Path(path), {}) for name, path in bundles.items()}
+        if args.before is not None:
+            before = {"PYTHONPATH": str(Path(args.before).resolve())}
+            variants.update({f"{name} (before: {args.before})": (Path(path), before) for name, path in bundles.items()})
+        summary["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+        summary["http"] = http_latency(variants, folder, images, requests, args.device)
+        summary["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        if args.before is not None:
+            summary["p50_after_over_before"] = {
+                name: round(summary["http"][f"{name} (this code)"]["p50_s"]
+                            / summary["http"][f"{name} (before: {args.before})"]["p50_s"], 3) for name in bundles}
+        summary["phases_s (this code, in-process medians)"] = {
+            name: phases(Path(path), images[0], max(3, requests // 2), args.device) for name, path in bundles.items()}
     print(json.dumps(summary, indent=2))
     if args.write:
         (REPO / "reports").mkdir(exist_ok=True)

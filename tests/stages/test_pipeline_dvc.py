@@ -58,6 +58,9 @@ def test_dvc_repro_runs_every_stage_on_the_sample(tmp_path: Path) -> None:
     assert "int8 gate failed for default" in report  # profiles/ci.yaml forces it: a result, and the run goes on
     int8 = work / "models/int8"
     assert not (int8 / "model.int8.onnx").exists() and (int8 / "model.int8.rejected.onnx").is_file()
+    carried = json.loads((work / "models/bundle/bundle.json").read_text())["int8"]  # the bundle stage ran after it
+    assert carried["carried"] is False and carried["reason"].startswith("accuracy gate failed")
+    assert not (work / "models/bundle/model.int8.onnx").exists()
     mapped = sorted((work / "outputs/survey").glob("dubai_tile4-*_landcover.tif"))  # the infer stage: infer-survey
     assert len(mapped) == 1 and (work / "outputs/survey/survey.vrt").is_file()
     with rasterio.open(work / "data/sample/scenes/dubai_tile4.tif") as scene, rasterio.open(mapped[0]) as out:

@@ -43,8 +43,10 @@ from tqdm import tqdm
 from aerialseg.compression.prune import load_model_dir
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import INPUT_NAME, check_parity, export_onnx, parity_tiles
-from aerialseg.core.fileio import atomic_path, write_json
+from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
+from aerialseg.inference.bundle_int8 import INT8_NAME, QUANTIZE_REPORT as REPORT_NAME
+from aerialseg.inference.bundle_int8 import read_gate  # noqa: F401  (the one gate reader; compression.table)
 from aerialseg.models import ModelSpec, count_parameters, get_spec
 from aerialseg.core.config import typed_section
 from aerialseg.core.timing import median_ms
@@ -61,10 +63,8 @@ KEEP_FP32_CHOICES = ("first_conv", "last_conv")  # quantize.keep_fp32: convoluti
 # axis 1, which breaks GroupNorm/InstanceNorm graphs (DAS-Net) at run time and gains nothing in speed.
 FP32_OP_TYPES = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"}
 STATIC_OP_TYPES = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - FP32_OP_TYPES)
-INT8_NAME = "model.int8.onnx"
 DISABLED_REASON = "quantize.enabled is false: no int8 model and no compression table (set it true to quantize)"
 REJECTED_NAME = "model.int8.rejected.onnx"  # an int8 model that failed the ΔmIoU gate
-REPORT_NAME = "quantize.json"
 
 
 @dataclass
@@ -380,6 +380,7 @@ def quantize_model_dir(model_dir: str | Path, calibration: Sequence[np.ndarray],
         report = {
             "model": meta["name"], "model_dir": str(model_dir), "out_dir": str(out_dir), "int8_file": name,
             "pruned": "pruning" in meta, "tile_size": size, "params": count_parameters(model),
+            "weights_sha256": sha256_file(model_dir / "model.safetensors"),
             "calibration_tiles": reader.fed,
             "size_mb": {"weights_fp32": size_mb(model_dir / "model.safetensors"), "onnx_fp32": size_mb(fp32_path),
                         "onnx_int8": size_mb(int8_tmp)},
@@ -404,12 +405,6 @@ def gate_verdict(accuracy: dict[str, Any], max_delta: float) -> dict[str, Any]:
         f"int8 mIoU {100 * accuracy['int8']['mIoU']:.2f} is {delta:.2f} points below fp32 "
         f"{100 * accuracy['fp32']['mIoU']:.2f} (allowed {max_delta:g}) on {accuracy['tiles']} val tiles")
     return {"passed": passed, "delta_miou_points": delta, "max_delta_miou": max_delta, "reason": reason}
-
-
-def read_gate(report: dict[str, Any]) -> dict[str, Any]:
-    """The gate of a quantize.json; files written before the gate was recorded had passed it."""
-    return report.get("gate") or {"passed": True, "delta_miou_points": report.get("accuracy", {}).get(
-        "delta_miou_points"), "max_delta_miou": report.get("max_delta_miou"), "reason": None}
 
 
 def latencies(model: nn.Module, fp32_path: Path, int8_path: Path, size: int, in_channels: int,

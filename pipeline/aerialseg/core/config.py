@@ -98,7 +98,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "augment": ("out", "copies", "seed", "shard_size", "pipeline"),
     "report": ("out", "figures", "metrics", "confusion", "class_shares", "history", "max_runs", "samples",
                "max_samples", "models", "compare", "compression", "profile"),
-    "bundle": ("out", "tile_size", "overlap", "gsd_m", "onnx", "zip"),
+    "bundle": ("out", "tile_size", "overlap", "gsd_m", "onnx", "zip", "int8"),
     "export": ("opset", "max_abs_diff", "parity_tiles"),
     "evaluate": ("model", "split", "out", "samples", "bf1_tolerance_px", "device", "backend", "tta"),
     "model": ("name", "kwargs"),

@@ -5,6 +5,8 @@ Layout (a directory, or a .zip holding the same files at its top level):
 - ``model.onnx``: the same model for ONNX Runtime, outputting logits (``infer-scene --backend onnx``);
 - ``model.deepness.onnx``: the model for the QGIS Deepness plugin: probabilities + Deepness metadata
   (both from aerialseg.compression.onnx_export);
+- ``model.int8.onnx`` + ``quantize.json`` (optional): the quantize stage's int8 model, carried only when its
+  ΔmIoU gate passed and it was made from these weights (aerialseg.inference.bundle_int8; serve runs it);
 - ``bundle.json``: the manifest — classes and colours, band order, normalisation, tile size, overlap,
   training GSD, training data hash and metrics (copied from model.json extras), file checksums, and what
   each ONNX file is for (output, IR version, opset, parity report).
@@ -37,6 +39,7 @@ from aerialseg.geo.scene import BandPolicy
 from aerialseg.core.limits import check_zip
 from aerialseg.core.safety import environment_error, temp_dir
 from aerialseg.inference.bundle_check import verify_bundle
+from aerialseg.inference.bundle_int8 import INT8_FILES, carry_int8
 from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ CONFIG = "model.json"
 ONNX = "model.onnx"
 DEEPNESS_ONNX = "model.deepness.onnx"
 ONNX_FILES = (ONNX, DEEPNESS_ONNX)
-BUNDLE_FILES = (WEIGHTS, CONFIG, *ONNX_FILES, MANIFEST)
+BUNDLE_FILES = (WEIGHTS, CONFIG, *ONNX_FILES, *INT8_FILES, MANIFEST)
 _RECORD_KEYS = {"name", "classes", "in_channels", "kwargs", "preprocessing"}
 _DATA_HASH_KEYS = ("training_data_sha256", "data_hash", "dataset_hash", "train_data_hash", "data_sha256")
 
@@ -136,14 +139,15 @@ def manifest_for(model_dir: str | Path, overlap: int | None = None) -> dict[str,
 def file_records(bundle_dir: Path) -> dict[str, Any]:
     """{file name: {bytes, sha256}} for the bundle files present in a directory."""
     return {name: {"bytes": (bundle_dir / name).stat().st_size, "sha256": sha256_file(bundle_dir / name)}
-            for name in (WEIGHTS, CONFIG, *ONNX_FILES) if (bundle_dir / name).is_file()}
+            for name in (WEIGHTS, CONFIG, *ONNX_FILES, *INT8_FILES) if (bundle_dir / name).is_file()}
 
 
-def update_manifest_files(bundle_dir: str | Path, onnx: dict[str, Any] | None = None) -> None:
+def update_manifest_files(bundle_dir: str | Path, onnx: dict[str, Any] | None = None,
+                          int8: dict[str, Any] | None = None) -> None:
     """Refresh the checksums in an existing bundle.json (no-op without one).
 
     ``onnx`` ({file name: what it is for, IR, opset, parity}) replaces the ``onnx`` section; entries whose
-    file is gone are dropped either way.
+    file is gone are dropped either way. ``int8`` (carried or why not) replaces the ``int8`` section.
     """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / MANIFEST).is_file():
@@ -152,14 +156,17 @@ def update_manifest_files(bundle_dir: str | Path, onnx: dict[str, Any] | None = 
     manifest["files"] = file_records(bundle_dir)
     records = onnx if onnx is not None else manifest.get("onnx") or {}
     manifest["onnx"] = {name: rec for name, rec in records.items() if (bundle_dir / name).is_file()}
+    if int8 is not None:
+        manifest["int8"] = int8
     write_json(bundle_dir / MANIFEST, manifest)
 
 
 def assemble_bundle(model_dir: str | Path, out: str | Path | None = None, tile_size: int | None = None,
                     overlap: int | None = None, gsd_m: float | None = None, archive: bool = False,
-                    export: Callable[[Path], object] | None = None) -> Path:
+                    export: Callable[[Path], object] | None = None, int8_from: str | Path | None = None) -> Path:
     """Bundle a trained model directory: copy weights, write bundle.json, run ``export`` on the staged folder
-    (the ONNX export: aerialseg.stages.bundle.build_bundle passes it), then checksum the files.
+    (the ONNX export: aerialseg.stages.bundle.build_bundle passes it), carry the int8 model of the folder
+    ``int8_from`` when it is usable (aerialseg.inference.bundle_int8), then checksum the files.
 
     ``out`` None bundles in place. The bundle is assembled in a temp folder beside ``out`` and renamed
     into place (or zipped to ``out`` with a .zip suffix when ``archive``). Returns the bundle path.
@@ -179,10 +186,14 @@ def assemble_bundle(model_dir: str | Path, out: str | Path | None = None, tile_s
         write_json(stage / MANIFEST, manifest)
         if export is not None:
             export(stage)
-        update_manifest_files(stage)
+        int8 = None if int8_from is None else carry_int8(Path(int8_from), stage, stage / WEIGHTS,
+                                                          int(manifest["tile_size"]))
+        if int8 is not None and not int8["carried"]:
+            log.info("bundle: no int8 model: %s", int8["reason"])
+        update_manifest_files(stage, int8=int8)
         if archive:
             return _write_zip(stage, out.with_suffix(".zip"))
-        return _install_dir(stage, out)
+        return _install_dir(stage, out, in_place=out.resolve() == model_dir.resolve())
 
 
 def _write_zip(stage: Path, dest: Path) -> Path:
@@ -195,16 +206,17 @@ def _write_zip(stage: Path, dest: Path) -> Path:
     return dest
 
 
-def _install_dir(stage: Path, dest: Path) -> Path:
+def _install_dir(stage: Path, dest: Path, in_place: bool = False) -> Path:
     """Put the staged bundle files into ``dest``: file by file (atomic renames) when it exists, else one rename.
 
-    Bundling in place (dest = the model dir) keeps the trained files; an ONNX file the stage lacks is removed.
+    Bundling in place (dest = the model dir) keeps the trained files; an ONNX file the stage lacks is removed,
+    and so is an int8 model unless in place (there it is the quantize stage's output; unlisted, nothing runs it).
     """
     if dest.exists():
         for name in BUNDLE_FILES:
             if (stage / name).is_file():
                 os.replace(stage / name, dest / name)
-            elif name in ONNX_FILES:
+            elif name in ONNX_FILES or (name in INT8_FILES and not in_place):
                 (dest / name).unlink(missing_ok=True)  # a stale export would not match the new weights
         return dest
     os.replace(stage, dest)

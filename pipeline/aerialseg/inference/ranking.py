@@ -6,13 +6,14 @@ scene. Each scene is cut into a grid of ``window`` px windows (the last row/colu
 on the scene's edge). Per pixel the blended class probabilities give:
 - entropy ``H = -sum p log p / log K`` (0 = certain, 1 = uniform),
 - margin ``1 - (p1 - p2)`` (1 = the two best classes tie).
-A window's score is its rarity-weighted mean entropy over valid (not nodata) pixels:
+A window's score is its (optionally rarity-weighted) mean entropy over valid (not nodata) pixels:
 
     score = sum_c w_c * (sum of H over the window's pixels predicted c) / valid pixels,
     w_c = share_c ** -rarity_power, scaled so that sum_c share_c * w_c = 1,
 
 where ``share_c`` is class c's share of all predicted pixels over every scene ranked: uncertain pixels
-of rare classes count more (rarity_power 0 = plain mean entropy). Windows with less than ``min_valid``
+of rare classes count more. The default rarity_power 0 is the plain mean entropy: in the simulated labelling
+loop (bench/bench_labelling_loop.py, docs/serve.md) it beat rarity weighting (0.5) and random windows. Windows with less than ``min_valid``
 valid pixels are skipped. Ties are broken by scene order, then row, then column: the ranking is
 deterministic.
 
@@ -83,7 +84,7 @@ class RankOptions:
     out: str = "outputs/rank"
     window: int = 512  # window side, scene px
     top_k: int = 20
-    rarity_power: float = 0.5  # class weight = share ** -power (0 = plain mean entropy)
+    rarity_power: float = 0.0  # class weight = share ** -power (0 = plain mean entropy: docs/serve.md)
     min_valid: float = 0.5  # skip windows with a smaller valid (not nodata) fraction
     crops: bool = True  # write each top window's pixels + AnyLabeling pre-label JSON
     min_area_px: float = 16.0  # pre-label polygons smaller than this are dropped

@@ -1,13 +1,13 @@
 """Which model serve runs for a bundle: its int8 ONNX model when it has one whose accuracy gate passed, else fp32.
 
-A bundle folder may hold ``model.int8.onnx`` with ``quantize.json`` beside it (``aerialseg quantize --out
-BUNDLE``). The int8 model is used on CPU when quantize.json's ``gate.passed`` is true (files written before
-the gate field existed count as passed: quantize refused to write a failing model then) and its fixed input
-matches the bundle's tile size. Otherwise the bundle's PyTorch fp32 model runs. Either way one session is
-built per model at load time and warmed with one batch, so the first request pays no start-up cost.
+A bundle may carry ``model.int8.onnx`` with ``quantize.json`` beside it (the pipeline's bundle stage carries
+them from the quantize stage; ``aerialseg quantize --out BUNDLE`` writes them in). The int8 model is used on
+CPU when aerialseg.inference.bundle_int8 says it is usable: gate passed, made from the bundle's weights, input
+= the bundle's tile, listed with checksums in bundle.json. Otherwise the bundle's PyTorch fp32 model runs.
+Either way one session is built per model at load time and warmed with one batch, so the first request pays
+no start-up cost.
 """
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from aerialseg.inference.bundle import Bundle
+from aerialseg.inference.bundle import WEIGHTS, Bundle
+from aerialseg.inference.bundle_int8 import INT8_FILES, INT8_NAME, QUANTIZE_REPORT, read_gate, read_report, unusable
 from aerialseg.inference.predictor import Predictor, resolve_device
 from aerialseg.inference.stitch import Predict
 
 log = logging.getLogger(__name__)
-
-INT8_NAME = "model.int8.onnx"
-QUANTIZE_REPORT = "quantize.json"
 
 
 @dataclass(frozen=True)
@@ -36,18 +34,22 @@ class Runtime:
 
 
 def int8_candidate(bundle: Bundle) -> tuple[Path | None, dict[str, Any]]:
-    """(the int8 model to run or None, why): needs model.int8.onnx + quantize.json with a passed gate."""
-    path, report = bundle.root / INT8_NAME, bundle.root / QUANTIZE_REPORT
+    """(the int8 model to run or None, why): see the module docstring."""
+    path = bundle.root / INT8_NAME
     if not path.is_file():
         return None, {"int8": "no model.int8.onnx in the bundle"}
-    try:
-        record = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = read_report(bundle.root)
+    if record is None:
         return None, {"int8": f"{INT8_NAME} present but {QUANTIZE_REPORT} missing or unreadable"}
-    gate = record.get("gate") or {"passed": True}
-    summary = {"accuracy": _accuracy_summary(record.get("accuracy") or {}), "gate": gate}
-    if not gate.get("passed", False):
-        return None, {"int8": "accuracy gate failed", **summary}
+    summary = {"accuracy": _accuracy_summary(record.get("accuracy") or {}), "gate": read_gate(record)}
+    files = bundle.manifest.get("files")
+    if isinstance(files, dict) and not all(name in files for name in INT8_FILES):
+        return None, {"int8": f"{INT8_NAME} is not listed in bundle.json (unverified): rebuild the bundle or "
+                              "rerun `aerialseg quantize --out BUNDLE`", **summary}
+    weights = files.get(WEIGHTS, {}).get("sha256") if isinstance(files, dict) else None
+    why = unusable(record, weights, bundle.tile_size)
+    if why is not None:
+        return None, {"int8": why, **summary}
     return path, summary
 
 

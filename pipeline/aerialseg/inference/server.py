@@ -41,28 +41,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import rasterio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from rasterio.errors import RasterioError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aerialseg.core.classes import IGNORE
 from aerialseg.core.config import typed_section
 from aerialseg.core.errors import AerialsegError
-from aerialseg.geo.raster import is_georeferenced
 from aerialseg.inference.bundle import Bundle, open_bundle
 from aerialseg.inference.prelabel import scored_shapes
 from aerialseg.inference.runtime_choice import build_runtime
-from aerialseg.geo.scene import SceneReader
-from aerialseg.core.limits import check_grid, check_pixels
+from aerialseg.core.limits import check_pixels
 from aerialseg.inference.serve_limits import (ApiError, ClientSlots, cancel_on_disconnect, check_api_key,
                                               client_of, decode_checked, read_body_within, too_large)
-from aerialseg.inference.scene import Grid, InferOptions, make_reader, resample_scale
-from aerialseg.inference.stitch import Predict, blend_scene
+from aerialseg.inference.serve_map import predict_dataset
+from aerialseg.inference.stitch import Predict
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +83,7 @@ class ServeOptions:
     per_client: int = 8  # request bodies one client address may send at once; more -> 429 (serve_limits)
     device: str = "auto"  # auto | cpu | cuda
     batch: int = 8  # tiles per forward pass
+    overlap: int | None = 0  # px between tiles beyond what the image size forces; None = the bundle's (serve_map)
     conf_threshold: float = 0.0  # default when a request does not set it
     epsilon_factor: float = 0.0  # default simplification (fraction of each ring's perimeter, as X-AnyLabeling)
     min_area_px: float = 16.0  # default: regions smaller than this are not returned
@@ -108,6 +104,8 @@ class ServeOptions:
             raise AerialsegError(f"port {self.port} is out of range", fix="pass --port 1-65535 (0 = any free port)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise AerialsegError(f"unknown device '{self.device}'", fix="use auto, cpu or cuda")
+        if self.overlap is not None and self.overlap < 0:
+            raise AerialsegError(f"serve.overlap must be >= 0 or null, got {self.overlap}", "params.yaml")
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -191,6 +189,7 @@ class ServedModel:
     class_names: tuple[str, ...]
     batch: int = 8
     runtime: dict[str, Any] | None = None  # which model runs: precision (int8 | fp32), backend, why
+    overlap: int | None = 0  # px between tiles (serve.overlap); None = the bundle's
 
     @property
     def labels(self) -> list[str]:
@@ -241,51 +240,10 @@ def load_models(paths: list[Path], options: ServeOptions, stack: ExitStack) -> d
         names = tuple(c["name"] for c in bundle.manifest["classes"])
         runtime = build_runtime(bundle, options.device)
         models[model_id] = ServedModel(model_id, bundle, runtime.predict, names, options.batch,
-                                       {"precision": runtime.precision, **runtime.info})
+                                       {"precision": runtime.precision, **runtime.info}, options.overlap)
         log.info("serve: model %s <- %s (%s, %s, %d classes)", model_id, path, bundle.manifest["model"]["name"],
                  runtime.precision, len(names))
     return models
-
-
-def predict_array(model: ServedModel, image: np.ndarray,
-                  on_tiles: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (B, H, W) -> (classes uint8, confidence float32) (H, W): infer-scene's stitcher over the image."""
-    _, height, width = image.shape
-    classes = np.empty((height, width), np.uint8)
-    confidence = np.empty((height, width), np.float32)
-    bundle = model.bundle
-    for top, probs in blend_scene(lambda row, rows: image[:, row:row + rows], height, width, model.predict,
-                                  bundle.num_classes, bundle.tile_size, bundle.overlap, bundle.overlap // 4,
-                                  model.batch, on_tiles=on_tiles):
-        rows = probs.shape[1]
-        classes[top:top + rows] = probs.argmax(axis=0)
-        confidence[top:top + rows] = probs.max(axis=0)
-    return classes, confidence
-
-
-def predict_dataset(model: ServedModel, ds: rasterio.DatasetReader, max_pixels: float,
-                    on_tiles: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An opened image -> (classes, confidence) on its grid, read at the training GSD like infer-scene
-    (at most ``max_pixels`` there); nodata/alpha pixels are IGNORE."""
-    try:
-        reader = SceneReader(ds, "image", model.bundle.band_policy)
-    except AerialsegError as exc:  # band count, bit depth
-        raise ApiError(422, "INVALID_IMAGE", str(exc).removeprefix("image: ")) from None
-    scale = resample_scale(ds, model.bundle, InferOptions(), Path("image")) if is_georeferenced(ds) else 1.0
-    grid = Grid(ds.height, ds.width, scale)
-    too_large(check_grid, ds.width, ds.height, scale, max_pixels, "image", "serve.max_megapixels")
-    try:
-        pixels = make_reader(reader, grid)(0, grid.model_height)
-        valid = reader.valid()
-    except (AerialsegError, RasterioError):
-        raise ApiError(400, "INVALID_IMAGE", "the image data is corrupt or truncated") from None
-    classes, confidence = predict_array(model, pixels, on_tiles)
-    if grid.scale != 1.0:
-        rows = grid.model_index(ds.height, grid.model_height)[:, None]
-        cols = grid.model_index(ds.width, grid.model_width)[None, :]
-        classes, confidence = classes[rows, cols], confidence[rows, cols]
-    classes[~valid] = IGNORE
-    return classes, confidence
 
 
 def class_filter(model: ServedModel, names: list[str] | None) -> set[int] | None:
