@@ -77,8 +77,10 @@ def build_inputs(root: Path, optional: bool = True) -> dict:
            "class_shares": str(root / "data/split/class_shares.json"),
            "history": str(root / "models/*/history.csv"), "samples": str(root / "reports/samples.npz"),
            "models": str(root / "reports/models.json"), "compare": str(root / "reports/compare.json"),
-           "compression": str(root / "reports/compression.md")}
-    (root / "reports").mkdir(parents=True, exist_ok=True)
+           "compression": str(root / "reports/compression.md"), "loso": str(root / "reports/loso/loso.md")}
+    (root / "reports/loso").mkdir(parents=True, exist_ok=True)
+    (root / "reports/loso/loso.md").write_text("# Leave-one-scene-out\n\n| fold | base |\n|---|---:|\n| 0 | 41.3 |\n")
+    write_json(root / "reports/loso/loso.json", {"folds": [], "data_fingerprint": DATA})
     (root / "reports/compression.md").write_text("# Compression\n\n| P | Q | mIoU % |\n|---|---|---|\n|  | x | 45.3 |\n")
     write_json(root / "reports/compression.json", {"rows": [], "data_fingerprint": DATA})
     if not optional:
@@ -235,6 +237,12 @@ def test_compression_table_is_embedded_when_present(tmp_path):
 
 
 
+def test_leave_one_scene_out_table_is_embedded_for_this_data(tmp_path):
+    text = report_stage(build_inputs(tmp_path)).read_text()
+    section = text.split("## Accuracy on a new area (leave-one-scene-out)\n\n", 1)[1].split("\n## ", 1)[0]
+    assert "| 0 | 41.3 |" in section and "# Leave-one-scene-out" not in section
+
+
 def test_default_history_is_the_runs_the_stage_depends_on(tmp_path):
     """report.history null: only the train and distil outputs are plotted, not stray experiment dirs."""
     params = {"train": {"out": str(tmp_path / "models/default")}, "distil": {"out": str(tmp_path / "models/st")}}
@@ -250,16 +258,18 @@ def test_inputs_of_other_data_say_not_run_for_this_data(tmp_path):
     seed_mean = f"{compare['models']['pspnet']['mIoU']['mean']:.4f} ± "
     write_json(tmp_path / "reports/compare.json", {**compare, "data_fingerprint": OTHER})
     stamp(tmp_path / "reports/compression.json", None)  # made before fingerprints
+    stamp(tmp_path / "reports/loso/loso.json", OTHER)
     stamp(tmp_path / "data/split/class_shares.json", OTHER)
     stamp(tmp_path / "seeds/unet-0/metrics.json", OTHER)  # the model table row's own run
     write_json(tmp_path / "models/pspnet/model.json", {"name": "pspnet", "training_data_sha256": OTHER})
     text = report_stage(params).read_text()
     sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
-    for heading in ("Multi-seed comparison", "Compression (pruning x int8)", "Class shares per split"):
+    for heading in ("Multi-seed comparison", "Compression (pruning x int8)", "Class shares per split",
+                    "Accuracy on a new area (leave-one-scene-out)"):
         assert sections[heading].split("\n\n")[1].startswith("_not run for this data_: `"), heading
     assert "was made from other data (data fingerprint e2e2e2e2e2e2, this run's d1d1d1d1d1d1)" in text
     assert "compression.json` carries no data fingerprint" in text
-    assert seed_mean not in text and "45.3" not in text and "(n=3)" not in text
+    assert seed_mean not in text and "45.3" not in text and "(n=3)" not in text and "41.3" not in text
     own = json.loads((tmp_path / "seeds/unet-0/metrics.json").read_text())["mIoU"]
     assert f"{own:.4f}" not in sections["Model table"]
     assert "Left out, trained on other data (model.json `training_data_sha256`): pspnet." in sections["Training curves"]
@@ -274,7 +284,7 @@ def test_evaluation_without_fingerprint_shows_only_its_own_figures(tmp_path):
     stamp(tmp_path / "reports/metrics.json", None)
     text = report_stage(params).read_text()
     assert "no data fingerprint (evaluation.json predates fingerprints" in text
-    assert text.count("_not run for this data_") == 6  # all but the model table (architecture figures)
+    assert text.count("_not run for this data_") == 7  # all but the model table (architecture figures)
 
 
 def test_not_labelled_classes_are_named_and_left_out_of_the_headline(tmp_path):

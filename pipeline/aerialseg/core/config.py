@@ -18,7 +18,7 @@ PATH_KEYS = (
     "evaluate.model", "evaluate.out", "infer.model", "infer.out_dir", "prune.model_dir", "prune.out",
     "quantize.model_dir", "quantize.out", "quantize.table.out_json", "quantize.table.out_md", "report.out",
     "report.figures", "report.metrics", "report.confusion", "report.class_shares", "report.history",
-    "report.samples", "report.models", "report.compare", "report.compression", "report.profile.out",
+    "report.samples", "report.models", "report.compare", "report.compression", "report.loso", "report.profile.out",
     "stats.runs_dir", "stats.out", "postprocess.out", "loso.out",
 )
 REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"  # editable install: the checkout's
@@ -97,7 +97,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "split": ("out", "fractions", "group", "block_px", "seed", "candidates"),
     "augment": ("out", "copies", "seed", "shard_size", "pipeline"),
     "report": ("out", "figures", "metrics", "confusion", "class_shares", "history", "max_runs", "samples",
-               "max_samples", "models", "compare", "compression", "profile"),
+               "max_samples", "models", "compare", "compression", "loso", "profile"),
     "bundle": ("out", "tile_size", "overlap", "gsd_m", "onnx", "zip", "int8"),
     "export": ("opset", "max_abs_diff", "parity_tiles"),
     "evaluate": ("model", "split", "out", "samples", "bf1_tolerance_px", "device", "backend", "tta"),

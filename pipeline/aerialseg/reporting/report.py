@@ -319,6 +319,7 @@ class ReportInputs:
     models: Path
     compare: Path
     compression: Path
+    loso: Path = Path("reports/loso/loso.md")  # `aerialseg loso`: accuracy on a new area
     history: Any = "models/*/history.csv"  # glob or list of globs
     max_runs: int = 8
     max_samples: int = 6
@@ -413,6 +414,7 @@ def write_report(inp: ReportInputs) -> Path:
         sections.samples_section(samples, links.get("samples.png"), inp.samples, samples_why),
         sections.models_section(rows, sections.miou_lookup(metrics, compare, rows or []), inp.models),
         sections.compare_section(compare, links.get("seeds.png"), inp.compare, compare_why),
+        sections.loso_section(inp.loso, ref),
         sections.compression_section(inp.compression, ref),
         sections.definitions(metrics, compare),
     ]

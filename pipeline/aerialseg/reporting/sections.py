@@ -215,13 +215,24 @@ def definitions(metrics: dict[str, Any], compare: dict[str, Any] | None) -> str:
     return "\n\n".join(parts)
 
 
-def compression_section(path: Path, reference: str | None) -> str:
-    """The pruning x int8 table written by `aerialseg compression-table`, embedded as it is when the JSON beside
-    it (compression.json) was made from the ``reference`` data."""
+def embedded_section(title: str, path: Path, reference: str | None, command: str) -> str:
+    """A table some command wrote as markdown, embedded as it is (its own title dropped) when the JSON beside it
+    was made from the ``reference`` data; else why not and the command that makes it."""
     record = stats_module.read_json(path.with_suffix(".json")) if path.with_suffix(".json").is_file() else None
     why = data_check(record, reference, path.with_suffix(".json")) if path.is_file() else f"`{path}` not found"
     if why:
-        return f"## Compression (pruning x int8)\n\n{NOT_RUN}: {why}; run `aerialseg compression-table`."
+        return f"## {title}\n\n{NOT_RUN}: {why}; run `{command}`."
     body = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
-    return "## Compression (pruning x int8)\n\n" + "\n".join(body).strip()
+    return f"## {title}\n\n" + "\n".join(body).strip()
+
+
+def compression_section(path: Path, reference: str | None) -> str:
+    """The pruning x int8 table of `aerialseg compression-table` (compression.json carries the fingerprint)."""
+    return embedded_section("Compression (pruning x int8)", path, reference, "aerialseg compression-table")
+
+
+def loso_section(path: Path, reference: str | None) -> str:
+    """Leave-one-scene-out accuracy (`aerialseg loso`): each labelled scene mapped whole by a model trained on
+    the others, the report's measure of accuracy on a new area."""
+    return embedded_section("Accuracy on a new area (leave-one-scene-out)", path, reference, "aerialseg loso")
 

@@ -37,7 +37,14 @@ SEEDS_README = """# Multi-seed comparison of this survey's models
 model trained with several seeds, mean ± std and paired tests. The report shows them once they were made from
 this survey's data (their data_fingerprint); until then its section says "not run for this data".
 """
+LOSO_README = """# Accuracy on a new area: leave-one-scene-out
+
+`aerialseg loso` writes loso.json and loso.md here: each labelled scene mapped whole by a model trained on the
+other scenes (one training per scene). The report shows the table once it was made from this survey's data
+(its data_fingerprint); until then its section says "not run for this data".
+"""
 DVCIGNORE = """__pycache__
+reports/loso/folds/
 *.pyc
 *.aux.xml
 *.bak
@@ -148,7 +155,8 @@ def write_project(plan: InitPlan) -> None:
     write_text(project / "params.yaml", params)
     shutil.copytree(TEMPLATES / "profiles", project / "profiles")
     write_text(project / ".gitignore", GITIGNORE)
-    write_text(project / "reports" / "seeds" / "README.md", SEEDS_README)  # the report stage's dependency
+    write_text(project / "reports" / "seeds" / "README.md", SEEDS_README)  # the report stage's dependencies
+    write_text(project / "reports" / "loso" / "README.md", LOSO_README)
     write_text(project / ".dvcignore", DVCIGNORE)
     if not (project / ".git").exists():
         _run(["git", "init", "-q"], project)

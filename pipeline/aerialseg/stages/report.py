@@ -27,6 +27,7 @@ def inputs(params: dict[str, Any]) -> ReportInputs:
         models=Path(cfg.get("models", "reports/models.json")),
         compare=Path(cfg.get("compare", "reports/seeds/compare.json")),
         compression=Path(cfg.get("compression", "reports/compression.md")),
+        loso=Path(cfg.get("loso", "reports/loso/loso.md")),
         history=cfg.get("history") or pipeline_histories(params), max_runs=int(cfg.get("max_runs", 8)),
         max_samples=int(cfg.get("max_samples", 6)), provenance=git_provenance())
 
