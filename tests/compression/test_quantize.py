@@ -261,7 +261,7 @@ def test_table_says_whether_pruning_kept_the_budget():
 
 def test_config_is_checked():
     with pytest.raises(AerialsegError, match="calibrate_method"):
-        QuantizeConfig.from_params({"calibrate_method": "Entropy"})
+        QuantizeConfig.from_params({"calibrate_method": "KL"})
     with pytest.raises(AerialsegError, match="unknown quantize key"):
         QuantizeConfig.from_params({"calibration_tile": 3})
 
