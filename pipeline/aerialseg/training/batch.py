@@ -48,10 +48,11 @@ def split_output(output: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return output, []
 
 
-def forward_logits(model: nn.Module, spec: ModelSpec, images: torch.Tensor,
-                   train: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """uint8 (N, 3, H, W) on the model's device -> logits (N, C, H, W) (+ aux logits at H, W)."""
-    x, (h, w) = pad_to_multiple(spec.normalize(images), spec.pad_multiple)
+def forward_logits(model: nn.Module, spec: ModelSpec, images: torch.Tensor, train: bool = False,
+                   normalised: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """uint8 (N, 3, H, W) on the model's device (``normalised``: float, already through ``spec.normalize``)
+    -> logits (N, C, H, W) (+ aux logits at H, W)."""
+    x, (h, w) = pad_to_multiple(images if normalised else spec.normalize(images), spec.pad_multiple)
     logits, aux = split_output(model(x))
     logits = logits[..., :h, :w]
     if train:

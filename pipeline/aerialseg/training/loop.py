@@ -71,6 +71,7 @@ class Job:
     teacher: Teacher | None = None
     ema: torch.optim.swa_utils.AveragedModel | None = None  # moving average of ``model`` (train.ema)
     epoch: int = 0  # the epoch being trained (0-based): the distillation temperature follows it
+    normalised: bool = False  # batches arrive normalised floats (pruning's PatchBatches), not uint8
 
     @property
     def result(self) -> nn.Module:
@@ -90,6 +91,16 @@ def num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> i
     return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // info.world_size))
 
 
+def make_job(cfg: TrainConfig, model: nn.Module, device: torch.device, info: ddp.DistInfo, steps_per_epoch: int,
+             teacher: Teacher | None = None, spec: ModelSpec | None = None) -> Job:
+    """What training ``model`` (on ``device``) with ``cfg`` needs: loss, optimizer, LR schedule, AMP scaler, EMA."""
+    optimizer = build_optimizer(model, cfg)
+    return Job(cfg, spec or get_spec(cfg.model), model, model, build_loss(cfg.loss), optimizer,
+               build_scheduler(optimizer, cfg, steps_per_epoch),
+               torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"), device, info,
+               teacher, weight_average(model, cfg.ema))
+
+
 def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
     """One optimisation step (AMP on CUDA); returns the loss."""
     images, masks = random_crop(images, masks, job.cfg.patch_size)
@@ -99,7 +110,7 @@ def train_step(job: Job, images: torch.Tensor, masks: torch.Tensor) -> float:
     if job.cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(job.device, job.cfg.amp):
-        logits, aux = forward_logits(job.net, job.spec, images, train=True)
+        logits, aux = forward_logits(job.net, job.spec, images, train=True, normalised=job.normalised)
         loss = job.loss_fn(logits, masks)
         for aux_logits in aux:
             loss = loss + job.spec.aux_weight * job.loss_fn(aux_logits, masks)
@@ -236,11 +247,7 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     loaders = (make_train_loader(train_ds, cfg.batch_size, cfg.seed, cfg.sampling, num_workers(cfg, device, info),
                                  info.rank, info.world_size, pin_memory=device.type == "cuda"),
                make_eval_loader(val_ds, cfg.batch_size, info.rank, info.world_size))
-    optimizer = build_optimizer(model, cfg)
-    job = Job(cfg, get_spec(cfg.model), model, model, build_loss(cfg.loss), optimizer,
-              build_scheduler(optimizer, cfg, len(loaders[0])),
-              torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"), device, info,
-              teacher, weight_average(model, cfg.ema))
+    job = make_job(cfg, model, device, info, len(loaders[0]), teacher)
     state = restore(out_dir / CHECKPOINT, job) if resume else LoopState(init_from=init_used)
     extra["init_from"] = state.init_from
     if info.distributed:
