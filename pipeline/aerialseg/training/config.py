@@ -3,6 +3,7 @@
 Torch-free: stages build and check a config without loading the training engine.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,12 @@ class TrainConfig:
             problems.append("train.lr, distil.temperature and distil.final_temperature must be > 0")
         if problems:
             raise AerialsegError("; ".join(problems), DEFAULT_PARAMS)
+
+    def workers(self, device_type: str, world_size: int = 1) -> int:
+        """DataLoader workers: ``num_workers``, or for ``auto`` 0 on CPU and up to 8 per GPU."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        return 0 if device_type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // world_size))
 
     def temperature_at(self, epoch: int) -> float:
         """Distillation temperature of ``epoch`` (0-based): linear from ``temperature`` to ``final_temperature``."""

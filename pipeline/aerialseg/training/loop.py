@@ -19,7 +19,6 @@ GradScaler (``train.amp``).
 """
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -82,13 +81,6 @@ class Job:
 def train_device(name: str) -> torch.device:
     """``train.device`` for this process: ``resolve_device`` with the torchrun local rank (``auto``: its GPU)."""
     return resolve_device(name, ddp.env_info().local_rank, DEFAULT_PARAMS, "set train.device: auto or cpu")
-
-
-def num_workers(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo) -> int:
-    """DataLoader workers: ``train.num_workers``, or for ``auto`` 0 on CPU and up to 8 per GPU."""
-    if cfg.num_workers != "auto":
-        return int(cfg.num_workers)
-    return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) // info.world_size))
 
 
 def make_job(cfg: TrainConfig, model: nn.Module, device: torch.device, info: ddp.DistInfo, steps_per_epoch: int,
@@ -218,6 +210,40 @@ def _summary(job: Job, state: LoopState, sizes: tuple[int, int], extra: dict[str
             "teacher": job.teacher.name if job.teacher else None, **extra}
 
 
+def _start_model(cfg: TrainConfig, device: torch.device, resume: bool,
+                 teacher_dir: str | Path | None) -> tuple[nn.Module, Teacher | None, str | None]:
+    """The model on ``device`` (from ``init_from`` or the teacher's encoder unless resuming), the teacher, and
+    what the weights started from."""
+    model = create_model(cfg.model, **cfg.model_kwargs)
+    init_used = init_weights(model, cfg.init_from, cfg.model) if cfg.init_from and not resume else None
+    teacher = load_teacher(teacher_dir, device) if teacher_dir else None
+    if cfg.init_from_teacher and not resume:
+        init_used = copy_teacher_weights(model, teacher, teacher_dir)
+    model.to(device)
+    if cfg.channels_last:
+        to_channels_last(model)
+    return model, teacher, init_used
+
+
+def _run_epochs(job: Job, loaders: tuple[DataLoader, DataLoader], state: LoopState, out_dir: Path,
+                extra: dict[str, Any], on_epoch_end: EpochHook | None) -> bool:
+    """The remaining epochs, until ``train.patience`` stops them; returns whether it did before the last."""
+    bar = tqdm(total=job.cfg.epochs, initial=state.epoch, desc=f"train {job.cfg.model}", unit="epoch",
+               disable=not job.info.is_main)
+    for epoch in range(state.epoch, job.cfg.epochs):
+        row = run_epoch(job, loaders, epoch, state, out_dir, extra)
+        bar.update(1)
+        bar.set_postfix(loss=row["train_loss"], val_mIoU=row["val_mIoU"], best=round(state.best_miou, 4))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+        if job.cfg.patience and state.bad_epochs >= job.cfg.patience:
+            log.info("early stop: no better val mIoU for %d epochs", state.bad_epochs)
+            bar.close()
+            return epoch + 1 < job.cfg.epochs
+    bar.close()
+    return False
+
+
 def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Path, resume: bool = False,
         teacher_dir: str | Path | None = None, extra: dict[str, Any] | None = None,
         on_epoch_end: EpochHook | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -236,16 +262,10 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     seed_everything(cfg.seed)
     if len(val_ds) == 0:
         raise AerialsegError("the validation split is empty", fix="check split.fractions and the tiles")
-    model = create_model(cfg.model, **cfg.model_kwargs)
-    init_used = init_weights(model, cfg.init_from, cfg.model) if cfg.init_from and not resume else None
-    teacher = load_teacher(teacher_dir, device) if teacher_dir else None
-    if cfg.init_from_teacher and not resume:
-        init_used = copy_teacher_weights(model, teacher, teacher_dir)
-    model.to(device)
-    if cfg.channels_last:
-        to_channels_last(model)
-    loaders = (make_train_loader(train_ds, cfg.batch_size, cfg.seed, cfg.sampling, num_workers(cfg, device, info),
-                                 info.rank, info.world_size, pin_memory=device.type == "cuda"),
+    model, teacher, init_used = _start_model(cfg, device, resume, teacher_dir)
+    workers = cfg.workers(device.type, info.world_size)
+    loaders = (make_train_loader(train_ds, cfg.batch_size, cfg.seed, cfg.sampling, workers, info.rank, info.world_size,
+                                 pin_memory=device.type == "cuda"),
                make_eval_loader(val_ds, cfg.batch_size, info.rank, info.world_size))
     job = make_job(cfg, model, device, info, len(loaders[0]), teacher)
     state = restore(out_dir / CHECKPOINT, job) if resume else LoopState(init_from=init_used)
@@ -253,20 +273,7 @@ def fit(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, out_dir: str | Pat
     if info.distributed:
         job.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
-    stopped_early = False
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=f"train {cfg.model}", unit="epoch",
-               disable=not info.is_main)
-    for epoch in range(state.epoch, cfg.epochs):
-        row = run_epoch(job, loaders, epoch, state, out_dir, extra)
-        bar.update(1)
-        bar.set_postfix(loss=row["train_loss"], val_mIoU=row["val_mIoU"], best=round(state.best_miou, 4))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, row)
-        if cfg.patience and state.bad_epochs >= cfg.patience:
-            stopped_early = epoch + 1 < cfg.epochs
-            log.info("early stop: no better val mIoU for %d epochs", state.bad_epochs)
-            break
-    bar.close()
+    stopped_early = _run_epochs(job, loaders, state, out_dir, extra, on_epoch_end)
     summary = _summary(job, state, (len(train_ds), len(val_ds)), extra, stopped_early)
     if info.is_main:
         write_json(out_dir / "train_summary.json", summary)
