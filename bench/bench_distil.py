@@ -5,7 +5,7 @@
 
 One synthetic batch of 256 px patches (the tiles' size) and, per ``train.patch_size`` in ``--sizes``:
 - ``teacher fwd``: the frozen teacher's forward pass on the crop (no gradients), which distillation adds;
-- ``student fwd+bwd``: the training loop's step (``aerialseg.training.train.train_step``) without a teacher;
+- ``student fwd+bwd``: the training loop's step (``aerialseg.training.loop.train_step``) without a teacher;
 - ``distil step``: the same step with the teacher, as ``aerialseg distil`` runs it.
 Models are set up as the loop sets them up (student channels_last, teacher frozen in eval mode). Variants
 are interleaved round by round (the machine is shared); the table gives medians over rounds and each
@@ -28,8 +28,11 @@ from aerialseg.core.timing import call_times_ms
 from aerialseg.models import create_model, get_spec
 from aerialseg.training import ddp
 from aerialseg.training.losses import build_loss
-from aerialseg.training.train import (Job, Teacher, TrainConfig, build_optimizer, build_scheduler, random_crop,
-                                      to_channels_last, train_step)
+from aerialseg.training.batch import random_crop, to_channels_last
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import Job, train_step
+from aerialseg.training.optim import build_optimizer, build_scheduler
+from aerialseg.training.weights import Teacher
 
 
 def frozen_teacher(name: str) -> Teacher:

@@ -37,7 +37,9 @@ from aerialseg.inference.predictor import Predictor
 from aerialseg.inference.ranking import pixel_uncertainty
 from aerialseg.models import get_spec, load_model
 from aerialseg.stages.masks import label_table
-from aerialseg.training.train import ArrayPatchDataset, TrainConfig, train_model
+from aerialseg.data.datasets import ArrayPatchDataset
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("rank", "entropy", "random")

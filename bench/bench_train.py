@@ -38,7 +38,8 @@ from aerialseg.core.config import load_params, section
 from aerialseg.core.fileio import write_json
 from aerialseg.models import create_model, get_spec
 from aerialseg.training.losses import build_loss
-from aerialseg.training.train import ArrayPatchDataset, forward_logits, to_channels_last
+from aerialseg.data.datasets import ArrayPatchDataset
+from aerialseg.training.batch import forward_logits, to_channels_last
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "fp32"
@@ -65,7 +66,7 @@ class Runner:
 
 
 def build_runner(model_name: str, variant: Variant, loss_cfg: dict[str, Any], seed: int = 0) -> Runner:
-    """Model + AdamW for one variant; the step mirrors aerialseg.training.train.train_step."""
+    """Model + AdamW for one variant; the step mirrors aerialseg.training.loop.train_step."""
     torch.manual_seed(seed)
     kwargs = {"pretrained_encoder": False} if model_name == "unet_efficientnet_lite0" else {}
     model = create_model(model_name, **kwargs).train()

@@ -74,7 +74,7 @@ def train_images_per_s(name: str, batch: int, size: int, device: Any, amp: bool,
 
     from aerialseg.models import create_model, get_spec
     from aerialseg.training.losses import build_loss
-    from aerialseg.training.train import autocast, forward_logits
+    from aerialseg.training.batch import autocast, forward_logits
 
     model = create_model(name).to(device).train()
     spec, loss_fn = get_spec(name), build_loss({"name": "ce"})

@@ -27,7 +27,7 @@ from aerialseg.compression.prune import (
 )
 from aerialseg.core.errors import AerialsegError
 from aerialseg.stages.prune import run as prune_run
-from aerialseg.models import count_parameters, create_model, save_model
+from aerialseg.models import count_parameters, create_model, get_spec, save_model
 
 SIZE = 64
 
@@ -141,7 +141,7 @@ def test_fine_tune_lowers_loss_of_pruned_deeplab(optimizer, lr):
     batches = synthetic_batches(3)
     prune_model(model, batches, quick_config())
     before = mean_loss(model, batches)
-    losses = fine_tune(model, batches, epochs=3, lr=lr, optimizer=optimizer)
+    losses = fine_tune(model, batches, 3, get_spec("deeplabv3plus_resnet18"), lr=lr, optimizer=optimizer)
     assert losses[-1] < losses[0]
     assert mean_loss(model, batches) < before
 

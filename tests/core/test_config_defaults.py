@@ -11,7 +11,7 @@ from aerialseg.core.config import load_params
 from aerialseg.data.split import SplitParams
 from aerialseg.data.tiling import TileParams
 from aerialseg.inference.scene import InferOptions
-from aerialseg.training.train import TrainConfig
+from aerialseg.training.config import TrainConfig
 
 # (section, typed config, keys whose code default means "derive it" and params.yaml names the derived value)
 SECTIONS = [("infer", InferOptions, ()), ("tiles", TileParams, ()), ("split", SplitParams, ()),

@@ -1,4 +1,4 @@
-"""PatchDataset / collate_patches / make_loader: real windows, nodata -> 255, augmented copies, seeding."""
+"""PatchDataset / collate_patches / the seeded loaders: real windows, nodata -> 255, augmented copies, seeding."""
 
 import json
 import pickle
@@ -12,7 +12,8 @@ import torch
 from aerialseg.data.augment import build_transform
 from aerialseg.stages.augment import run as augment_stage
 from aerialseg.core.classes import IGNORE
-from aerialseg.data.datasets import PatchDataset, collate_patches, make_loader, npz_member
+from aerialseg.data.datasets import PatchDataset, collate_patches, npz_member
+from aerialseg.data.loaders import make_eval_loader, make_train_loader, start_epoch
 from aerialseg.core.errors import AerialsegError
 from aerialseg.stages.split import run as split_stage
 from aerialseg.data.tiling import load_manifest
@@ -106,8 +107,12 @@ def test_loader_is_seeded_per_epoch(root: Path) -> None:
         ds = dataset(root, "train", transform=build_transform({"pipeline": [
             {"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5},
             {"name": "RandomBrightnessContrast", "p": 0.5}]}, seed=0))
-        loader = make_loader(ds, batch_size=4, shuffle=True, seed=seed)
-        return [[batch for _, batch in zip(range(3), loader)] for _ in range(n)]
+        loader = make_train_loader(ds, batch_size=4, seed=seed)
+        runs = []
+        for epoch in range(n):
+            start_epoch(loader, seed, epoch)
+            runs.append([batch for _, batch in zip(range(3), loader)])
+        return runs
 
     first, again, other = epochs(1), epochs(1), epochs(2)
     for epoch_a, epoch_b in zip(first, again):
@@ -124,16 +129,17 @@ def test_loader_with_workers_opens_rasters_per_worker(root: Path) -> None:
     ds[0]  # handles opened in the parent must not be used by the forked workers
     runs = []
     for _ in range(2):
-        loader = make_loader(ds, batch_size=2, shuffle=False, seed=3, num_workers=2)
+        loader = make_train_loader(ds, batch_size=2, seed=3, workers=2)
+        start_epoch(loader, 3, 0)
         runs.append([batch for batch in loader])
-    assert sum(len(b[0]) for b in runs[0]) == len(ds)
+    order = list(loader.sampler)  # this epoch's shuffled order
+    assert sum(len(b[0]) for b in runs[0]) == len(ds) // 2 * 2  # the last short batch is dropped
     for (ia, ma), (ib, mb) in zip(*runs):
         assert torch.equal(ia, ib) and torch.equal(ma, mb)
-    plain = make_loader(dataset(root, "val"), batch_size=len(ds), shuffle=False, seed=3)
-    images, _ = next(iter(plain))
+    images, _ = next(iter(make_eval_loader(dataset(root, "val"), batch_size=len(ds))))
     flipped = torch.cat([b[0] for b in runs[0]])
-    assert all(torch.equal(flipped[i], images[i]) or torch.equal(flipped[i], images[i].flip(-1))
-               for i in range(len(ds)))
+    assert all(torch.equal(flipped[i], images[order[i]]) or torch.equal(flipped[i], images[order[i]].flip(-1))
+               for i in range(len(flipped)))
 
 
 def test_dataset_pickles_without_handles(root: Path) -> None:

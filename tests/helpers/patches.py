@@ -5,7 +5,7 @@ import numpy as np
 
 from aerialseg.core.classes import IGNORE
 from aerialseg.data.augment import build_transform
-from aerialseg.training.train import ArrayPatchDataset
+from aerialseg.data.datasets import ArrayPatchDataset
 from conftest import shared_path
 from helpers.dubai import DUBAI_COLORS
 

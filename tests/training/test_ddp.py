@@ -11,7 +11,9 @@ import torch
 import torch.multiprocessing as mp
 
 from aerialseg.training.ddp import DistInfo, env_info
-from aerialseg.training.train import TrainConfig, fit, make_train_loader
+from aerialseg.data.loaders import make_train_loader
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import fit
 from conftest import shared_path
 from helpers.patches import small_datasets
 
@@ -48,8 +50,7 @@ def test_two_cpu_ranks_train_to_identical_weights(tmp_path):
 
 def test_sampler_shards_the_data_between_ranks(monkeypatch):
     train, _ = small_datasets()
-    cfg = TrainConfig(model="pspnet_resnet18", batch_size=2)
-    shards = [list(make_train_loader(train, cfg, torch.device("cpu"), DistInfo(r, 2, r)).sampler) for r in (0, 1)]
+    shards = [list(make_train_loader(train, batch_size=2, seed=42, rank=r, world_size=2).sampler) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == (len(train) + 1) // 2
     assert set(shards[0]) | set(shards[1]) == set(range(len(train)))
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -14,7 +14,8 @@ from aerialseg.training.distill import agreement
 from aerialseg.core.errors import AerialsegError
 from aerialseg.training.losses import distillation_kl
 from aerialseg.models import create_model, load_model, save_model
-from aerialseg.training.train import TrainConfig, copy_teacher_weights, load_teacher
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.weights import copy_teacher_weights, load_teacher
 from helpers.patches import small_datasets
 
 

@@ -15,7 +15,7 @@ from aerialseg.models import create_model, load_model
 from aerialseg.stages import pretrain as pretrain_stage
 from aerialseg.training.pretrain import (OpenEarthMapDataset, find_pairs, oem_lut, pretrain_datasets,
                                          pretrain_enabled, split_names)
-from aerialseg.training.train import init_weights
+from aerialseg.training.weights import init_weights
 from conftest import shared_path
 
 # SOURCE.md: OEM value -> (paper class) -> aerialseg class.

@@ -16,10 +16,13 @@ from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.models import create_model, get_spec, load_model, load_state
 from aerialseg.stages import train as train_stage
 from aerialseg.stages.train import apply_overrides, train_config
-from aerialseg.training import ddp
-from aerialseg.training.train import (CHECKPOINT, ArrayPatchDataset, BalancedSampler, LRFactor, TrainConfig, class_mix,
-                                      build_optimizer, build_scheduler, forward_logits, init_weights, load_checkpoint,
-                                      rare_class_weights, to_channels_last)
+from aerialseg.data.datasets import ArrayPatchDataset
+from aerialseg.data.loaders import BalancedSampler, rare_class_weights
+from aerialseg.training.batch import class_mix, forward_logits, to_channels_last
+from aerialseg.training.checkpoint import CHECKPOINT, load_checkpoint
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.optim import LRFactor, build_optimizer, build_scheduler
+from aerialseg.training.weights import init_weights
 from helpers.patches import FAST, small_datasets
 
 def tiny_params(**train) -> dict:
@@ -296,10 +299,10 @@ def test_balanced_sampling_draws_rare_class_patches_more_often(tmp_path):
     counts = np.array([[100, 0, 0, 0, 0]] * 8 + [[50, 0, 0, 0, 50], [0, 0, 0, 0, 0]])  # building is rare
     weights = rare_class_weights(counts)
     assert weights[8] > 2 * weights[0] and weights[9] == 1.0  # nothing labelled: the neutral weight
-    sampler = BalancedSampler(weights, seed=3, info=ddp.DistInfo(0, 1, 0))
+    sampler = BalancedSampler(weights, seed=3)
     draws = list(sampler)
     sampler.set_epoch(1)
-    assert len(draws) == len(counts) and list(BalancedSampler(weights, 3, ddp.DistInfo(0, 1, 0))) == draws
+    assert len(draws) == len(counts) and list(BalancedSampler(weights, 3, rank=0, world_size=1)) == draws
     assert list(sampler) != draws
     drawn = []
     for epoch in range(200):
@@ -351,7 +354,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_early_stopping_keeps_best_epoch(tmp_path, monkeypatch):
     """Scripted validation mIoU 0.2, 0.6, 0.4, 0.3, ...: patience 2 stops after epoch 4, best = epoch 2."""
-    import aerialseg.training.train as train_module
+    import aerialseg.training.loop as train_module
 
     scripted = iter([0.2, 0.6, 0.4, 0.3, 0.9, 0.9])
 

@@ -9,7 +9,8 @@ Method:
 - ``iterations`` rounds each remove ``ratio_per_iteration`` of the remaining channels of every group
   (scope ``local``) or the least important channels network-wide (scope ``global``, scores normalised by
   their group mean), re-scoring before every round; the layers giving the classes are never pruned;
-- a fine-tune with the training loss (cross-entropy, ignore 255, + aux losses) follows.
+- a fine-tune follows through the training loop's own step (``aerialseg.training.loop.train_step``: the
+  ``train.loss`` + the model's aux losses, AdamW or SGD with Nesterov momentum at a constant LR, on CPU).
 
 A pruned model is saved as model.safetensors + model.json whose ``pruning`` record holds the replayable
 torch-pruning history (layer name, out/in, channel indices): loading rebuilds the registry model, replays
@@ -19,6 +20,7 @@ the plan and loads the weights, so no pickled module is ever read.
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,8 +38,11 @@ from aerialseg.core.classes import IGNORE, NUM_CLASSES
 from aerialseg.core.errors import AerialsegError
 from aerialseg.training.losses import cross_entropy
 from aerialseg.models.pruning_plan import PLAN_FORMAT, apply_pruning_plan  # noqa: F401
-from aerialseg.models import ModelSpec, count_parameters, create_model, load_model, load_state, save_model
+from aerialseg.models import ModelSpec, count_parameters, create_model, get_spec, load_model, load_state, save_model
 from aerialseg.core.config import typed_section
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.ddp import DistInfo
+from aerialseg.training.loop import make_job, train_step
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class PruneConfig:
     round_to: int | None = 16                 # keep channel counts multiples of this (16: ONNX Runtime's AVX-512 block)
     ignored_layers: list[str] = field(default_factory=lambda: ["segmentation_head"])
     retrain_epochs: int = 1
-    retrain_optimizer: str = "adamw"          # adamw | sgd (momentum, as the paper)
+    retrain_optimizer: str = "adamw"          # adamw | sgd (Nesterov momentum: the training loop's optimizer)
     retrain_lr: float = 1e-4
     retrain_momentum: float = 0.9             # sgd only
     retrain_weight_decay: float = 1e-4
@@ -306,16 +311,17 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch], criterion: Criterion |
     return sum(losses) / max(len(losses), 1)
 
 
-def fine_tune(model: nn.Module, batches: Iterable[Batch], epochs: int, lr: float = 1e-3, momentum: float = 0.9,
-              weight_decay: float = 1e-3, criterion: Criterion | None = None, optimizer: str = "sgd") -> list[float]:
-    """Retrain the pruned model (SGD with momentum as the paper, or AdamW); returns each epoch's mean loss."""
+def fine_tune(model: nn.Module, batches: Iterable[Batch], epochs: int, spec: ModelSpec, lr: float = 1e-3,
+              momentum: float = 0.9, weight_decay: float = 1e-3, optimizer: str = "sgd",
+              loss: dict[str, Any] | None = None) -> list[float]:
+    """Retrain the pruned model with the training loop's step (``loss``: the ``train.loss`` params, plus the
+    spec's aux losses; SGD with Nesterov momentum, or AdamW; constant LR; CPU); returns each epoch's mean loss."""
     batches = _reiterable(batches)
-    criterion = criterion or make_criterion()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    cfg = TrainConfig(model=spec.name, epochs=max(epochs, 1), optimizer=optimizer, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, schedule="constant", warmup_epochs=0.0, patch_size=None,
+                      amp=False, channels_last=False, loss=dict(loss or {"name": "ce"}))
+    job = make_job(cfg, model, torch.device("cpu"), DistInfo(), 1, spec=spec)
+    job.normalised = True  # PatchBatches normalise with the spec already
     history = []
     for epoch in range(epochs):
         model.train()
@@ -323,14 +329,9 @@ def fine_tune(model: nn.Module, batches: Iterable[Batch], epochs: int, lr: float
         for images, masks in tqdm(batches, desc=f"retrain {epoch + 1}/{epochs}", unit="batch", leave=False):
             if not bool((masks != IGNORE).any()):
                 continue
-            loss = criterion(model(images), masks)
-            if not bool(torch.isfinite(loss)):
-                raise AerialsegError(f"retrain loss is {float(loss)} at epoch {epoch + 1}",
-                                     fix="lower prune.retrain_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(job, images, masks))
+            if not math.isfinite(losses[-1]):
+                raise AerialsegError(f"retrain loss is {losses[-1]} at epoch {epoch + 1}", fix="lower prune.retrain_lr")
         history.append(sum(losses) / max(len(losses), 1))
         log.info("retrain epoch %d/%d: loss %.4f", epoch + 1, epochs, history[-1])
     model.eval()
@@ -339,8 +340,10 @@ def fine_tune(model: nn.Module, batches: Iterable[Batch], epochs: int, lr: float
 
 def prune_and_retrain(model: nn.Module, train_batches: Iterable[Batch], config: PruneConfig, name: str = "",
                       classes: int = NUM_CLASSES, in_channels: int = 3, criterion: Criterion | None = None,
-                      retrain: Callable[[nn.Module], list[float]] | None = None) -> PruneResult:
-    """Prune, then fine-tune; ``retrain`` (model -> epoch losses) replaces the built-in SGD loop."""
+                      retrain: Callable[[nn.Module], list[float]] | None = None,
+                      loss: dict[str, Any] | None = None) -> PruneResult:
+    """Prune, then fine-tune (``fine_tune`` of registry model ``name`` with the ``train.loss`` params ``loss``);
+    ``retrain`` (model -> epoch losses) replaces it."""
     check_prunable(model, name)
     train_batches = _reiterable(train_batches)
     score_set = list(itertools.islice(iter(train_batches), config.score_batches))
@@ -352,9 +355,8 @@ def prune_and_retrain(model: nn.Module, train_batches: Iterable[Batch], config: 
     if retrain is not None:
         epoch_losses = retrain(model)
     else:
-        epoch_losses = fine_tune(model, train_batches, config.retrain_epochs, config.retrain_lr,
-                                 config.retrain_momentum, config.retrain_weight_decay, criterion,
-                                 config.retrain_optimizer)
+        epoch_losses = fine_tune(model, train_batches, config.retrain_epochs, get_spec(name), config.retrain_lr,
+                                 config.retrain_momentum, config.retrain_weight_decay, config.retrain_optimizer, loss)
     after_channels = channel_counts(model)
     report = {
         "params_before": before["params"], "params_after": count_parameters(model),

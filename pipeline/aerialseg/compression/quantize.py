@@ -40,14 +40,13 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 from tqdm import tqdm
 
-from aerialseg.compression.prune import load_model_dir
 from aerialseg.core.errors import AerialsegError
 from aerialseg.compression.onnx_export import INPUT_NAME, check_parity, export_onnx, parity_tiles
 from aerialseg.core.fileio import atomic_path, sha256_file, write_json
 from aerialseg.evaluation.metrics import BoundaryF1, ConfusionMatrix
 from aerialseg.inference.bundle_int8 import INT8_NAME, QUANTIZE_REPORT as REPORT_NAME
 from aerialseg.inference.bundle_int8 import read_gate  # noqa: F401  (the one gate reader; compression.table)
-from aerialseg.models import ModelSpec, count_parameters, get_spec
+from aerialseg.models import ModelSpec, count_parameters, get_spec, load_model  # pruned ones too (their plan)
 from aerialseg.core.config import typed_section
 from aerialseg.core.timing import median_ms
 
@@ -364,7 +363,7 @@ def quantize_model_dir(model_dir: str | Path, calibration: Sequence[np.ndarray],
     """
     model_dir = Path(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else model_dir
-    model, meta = load_model_dir(model_dir)
+    model, meta = load_model(model_dir)
     spec = get_spec(meta["name"])
     size = int(config.tile_size or spec.tile_size)
     with tempfile.TemporaryDirectory(prefix="aerialseg-int8-") as tmp:

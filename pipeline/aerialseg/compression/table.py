@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from aerialseg.compression.prune import load_model_dir
 from aerialseg.compression.quantize import (
     INT8_NAME,
     REPORT_NAME,
@@ -33,7 +32,7 @@ from aerialseg.compression.quantize import (
 from aerialseg.core.classes import CLASS_NAMES, IGNORE
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json, write_text
-from aerialseg.models import ModelSpec, count_parameters, get_spec
+from aerialseg.models import ModelSpec, count_parameters, get_spec, load_model  # pruned ones too (their plan)
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +94,14 @@ def table_tile(table: "TableConfig", config: QuantizeConfig, entries: Sequence[d
     found = quantized_by_stage(first, search)
     if found:
         return int(found[1]["tile_size"])
-    return int(config.tile_size or get_spec(load_model_dir(first)[1]["name"]).tile_size)
+    return int(config.tile_size or get_spec(load_model(first)[1]["name"]).tile_size)
 
 
 def table_rows_for(model_dir: Path, backbone: str, calibration: Sequence[np.ndarray],
                    val_images: Sequence[np.ndarray], val_masks: Sequence[np.ndarray], config: QuantizeConfig,
                    tile: int, search: Sequence[Path] = ()) -> list[dict[str, Any]]:
     """Two rows (fp32, int8) for one model directory: accuracy, size, params, CPU latency."""
-    model, meta = load_model_dir(model_dir)
+    model, meta = load_model(model_dir)
     spec, pruned = get_spec(meta["name"]), "pruning" in meta
     base = {"backbone": backbone, "model": meta["name"], "model_dir": str(model_dir), "pruned": pruned,
             "params_m": round(count_parameters(model) / 1e6, 3)}

@@ -3,13 +3,15 @@
 ``PatchDataset(manifest, split_file, split)`` yields ``(image uint8 (H, W, 3), mask uint8 (H, W))``; the
 rasters are opened lazily once per process (so DataLoader workers never share a GDAL handle), and
 nodata/alpha pixels of the scene are ignore (255) in the mask. ``collate_patches`` stacks a batch into
-``(uint8 (N, 3, H, W), int64 (N, H, W))`` tensors; ``make_loader`` builds a seeded DataLoader whose
-on-the-fly augmentation is reseeded every epoch and in every worker.
+``(uint8 (N, 3, H, W), int64 (N, H, W))`` tensors; ``patch_datasets`` gives the train (with the augmented copies)
+and val datasets of the tiles/split outputs; ``ArrayPatchDataset`` holds patches in memory. The seeded loaders
+are in ``aerialseg.data.loaders``.
 """
 
 import json
 import os
 import zipfile
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,10 @@ import numpy as np
 import rasterio
 import torch
 from rasterio.windows import Window
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import Dataset
 
-from aerialseg.data.augment import seed_transform
 from aerialseg.core.errors import AerialsegError
+from aerialseg.core.fileio import fingerprint
 from aerialseg.geo.raster import open_raster
 from aerialseg.data.split import split_patches
 from aerialseg.data.tiling import COUNT_KEYS, class_counts, read_labels, read_rgb
@@ -145,6 +147,40 @@ class PatchDataset(Dataset):
         self._stack = ExitStack()
 
 
+class ArrayPatchDataset(Dataset):
+    """In-memory patches: a list of (image uint8 HxWx3, mask uint8 HxW); optional albumentations transform."""
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], transform: Callable[..., Any] | None = None):
+        self.pairs = list(pairs)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def item_class_counts(self) -> np.ndarray:
+        """(items, 6) pixel counts [background, road, water, tree, building, ignore] of each mask."""
+        return np.array([class_counts(mask) for _, mask in self.pairs], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = self.pairs[index]
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return image, mask
+
+
+def patch_datasets(manifest: Path, split_file: Path, augmented_dir: Path | None,
+                   transform: Callable[..., Any] | None) -> tuple[tuple[Dataset, Dataset], dict[str, Any]]:
+    """Train and val datasets of the tiles/split outputs, and their identity; the train one gets the
+    offline augmented copies in ``augmented_dir`` (when it exists) and the on-the-fly ``transform``."""
+    augmented = augmented_dir if augmented_dir is not None and augmented_dir.is_dir() else None
+    train = PatchDataset(manifest, split_file, "train", transform, augmented)
+    val = PatchDataset(manifest, split_file, "val", None, None)
+    identity = {"training_data_sha256": fingerprint([manifest, split_file]),
+                "data": {"manifest": str(manifest), "split": str(split_file)}}
+    return (train, val), identity
+
+
 def augmented_items(directory: Path, train_ids: set[str]) -> list[tuple[Path, int, str]]:
     """(shard, row, id) of every augmented copy listed in directory/index.json (made from this split)."""
     index_path = directory / "index.json"
@@ -173,55 +209,6 @@ def collate_patches(batch: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image, _ in batch]))
     masks = torch.from_numpy(np.stack([np.asarray(mask) for _, mask in batch]).astype(np.int64))
     return images.permute(0, 3, 1, 2).contiguous(), masks
-
-
-def _reseed_transform(dataset: Any, seed: int) -> None:
-    """Reseed the albumentations Compose of a dataset (or of the dataset it wraps), if it has one."""
-    while dataset is not None:
-        transform = getattr(dataset, "transform", None)
-        if transform is not None and hasattr(transform, "set_random_state"):
-            seed_transform(transform, seed)
-            return
-        dataset = getattr(dataset, "dataset", None)  # torch Subset
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed numpy and the augmentation from the worker's torch seed."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32  # base seed drawn from the loader's generator each epoch + worker id
-    np.random.seed(seed)
-    _reseed_transform(info.dataset, seed)
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Wraps a sampler; at the start of every epoch reseeds the dataset's augmentation from `generator`.
-
-    That makes the augmentation of epoch e a function of (seed, e) even with num_workers=0.
-    """
-
-    def __init__(self, base: Sampler[int], dataset: Any, generator: torch.Generator):
-        self.base, self.dataset, self.generator = base, dataset, generator
-
-    def __iter__(self):
-        epoch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator).item())
-        _reseed_transform(self.dataset, epoch_seed)
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A seeded DataLoader of (images uint8 N,3,H,W ; masks int64 N,H,W) batches.
-
-    Same dataset + seed -> the same batches and the same augmentation, epoch by epoch.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSeededSampler(base, dataset, generator),
-                      num_workers=num_workers, collate_fn=collate_patches, worker_init_fn=seed_worker,
-                      generator=generator, drop_last=drop_last, persistent_workers=False)
 
 
 def spread_indices(count: int, limit: int | None) -> list[int]:

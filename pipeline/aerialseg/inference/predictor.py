@@ -18,15 +18,6 @@ FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise AerialsegError(f"unknown device '{device}'", fix="use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AerialsegError("CUDA requested but not available", fix="use --device cpu or auto")
-    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
 class Predictor:
     """uint8 (N, C, T, T) -> float32 (N, K, T, T) probabilities: normalise, reflect-pad, run, softmax, TTA."""
 
@@ -44,6 +35,8 @@ class Predictor:
         """The bundle's model on ``backend`` (torch | onnx). ``labelled_only``: when the bundle records which
         classes had training data (bundle.json ``labelled_classes``), the others are never predicted: their
         probability is 0 and each pixel goes to the most likely labelled class."""
+        from aerialseg.models.runtime import resolve_device  # here: the models package loads smp and timm
+
         device = resolve_device(device) if isinstance(device, str) else device
         if backend not in BACKENDS:
             raise AerialsegError(f"unknown backend '{backend}'", fix=f"use one of: {', '.join(BACKENDS)}")

@@ -18,7 +18,7 @@ import torch
 
 from aerialseg.inference.bundle import WEIGHTS, Bundle
 from aerialseg.inference.bundle_int8 import INT8_FILES, INT8_NAME, QUANTIZE_REPORT, read_gate, read_report, unusable
-from aerialseg.inference.predictor import Predictor, resolve_device
+from aerialseg.inference.predictor import Predictor
 from aerialseg.inference.stitch import Predict
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def _accuracy_summary(accuracy: dict[str, Any]) -> dict[str, Any]:
 
 def build_runtime(bundle: Bundle, device: str = "auto") -> Runtime:
     """The runtime serve uses for ``bundle`` (see the module docstring), warmed with one batch."""
+    from aerialseg.models.runtime import resolve_device  # here: the models package loads smp and timm
+
     torch_device = resolve_device(device)
     path, why = int8_candidate(bundle)
     runtime = None

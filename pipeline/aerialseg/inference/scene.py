@@ -57,7 +57,7 @@ from aerialseg.geo.raster import RowWriter, is_georeferenced, open_raster, temp_
 from aerialseg.geo.scene import SceneReader, scene_gsd_m
 from aerialseg.geo.style import qml_document, write_preview
 from aerialseg.inference.map_owner import stamp
-from aerialseg.inference.predictor import BACKENDS, Predictor, resolve_device
+from aerialseg.inference.predictor import BACKENDS, Predictor
 from aerialseg.inference.scene_checks import check_outputs, check_scene, output_paths  # noqa: F401 (API)
 from aerialseg.geo.windows import window_starts
 from aerialseg.inference.stitch import ReadRows, blend_scene
@@ -360,6 +360,8 @@ def infer_scene(scene: str | Path, model: str | Path, out: str | Path | None = N
     options.check()
     scene, out, model = Path(scene), (Path(out) if out is not None else None), Path(model)
     start = time.perf_counter()
+    from aerialseg.models.runtime import resolve_device  # here: the models package loads smp and timm
+
     with open_model(model) as bundle:
         device = resolve_device(options.device)
         predict = Predictor.from_bundle(bundle, options.backend, device, options.tta, options.labelled_only)

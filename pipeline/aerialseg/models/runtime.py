@@ -1,11 +1,33 @@
-"""Running exported models: ONNX Runtime sessions (CUDA provider when present) and batched runs."""
+"""Where models run: the torch device (``resolve_device``, the one rule for train, distil and inference) and
+ONNX Runtime sessions (CUDA provider when present) with batched runs. Torch and onnxruntime load on first use."""
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aerialseg.core.errors import AerialsegError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(name: str, local_rank: int | None = None, path: str | Path | None = None,
+                   fix: str = "use --device cpu or auto") -> "torch.device":
+    """``auto`` -> CUDA when available, else CPU; with ``local_rank`` (training under torchrun) ``auto`` and
+    ``cuda`` mean this rank's GPU. CUDA asked for but absent is a one-line error (``path``, ``fix``)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AerialsegError("CUDA requested but not available", path, fix)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AerialsegError(f"unknown device '{name}'", path, "use auto, cpu, cuda or cuda:N") from None
 
 
 def onnx_session(path: str | Path, device: str = "auto") -> Any:

@@ -14,8 +14,9 @@ from aerialseg.core.paths import augmented_dir, data_stage_outputs, distil_out_d
 from aerialseg.data.augment import build_transform
 from aerialseg.data.labelled import survey_classes
 from aerialseg.models import get_spec
+from aerialseg.data.datasets import patch_datasets
+from aerialseg.training.config import TrainConfig
 from aerialseg.training.distill import check_teacher, distil
-from aerialseg.training.train import TrainConfig, patch_datasets
 
 DISTIL_KEYS = ("teacher", "student", "student_kwargs", "alpha", "temperature", "final_temperature", "init_from",
                "init_from_teacher", "out", "train")

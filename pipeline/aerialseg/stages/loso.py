@@ -4,7 +4,7 @@ mapping options as the evaluate stage's, from ``infer`` + ``evaluate``): leave-o
 Not a DVC stage (k trainings): run it by hand; ``loso.profile`` (or ``--profile``) merges a profile over params
 first, e.g. ``quick`` for a reduced recipe. Each fold's work (fold data, model, bundles, fold.json) stays in
 ``<loso.out>/folds/<k>-<scene>``; a fold whose fold.json was made with the same recipe is not run again.
-The folds, scoring and tables are aerialseg.evaluation.loso; training goes through aerialseg.training.train's
+The folds, scoring and tables are aerialseg.evaluation.loso; training goes through aerialseg.training.loop's
 entry points and adaptation through aerialseg.training.adapt.
 """
 
@@ -25,7 +25,9 @@ from aerialseg.data.tiling import load_manifest
 from aerialseg.inference.bundle import assemble_bundle
 from aerialseg.inference.scene import InferOptions
 from aerialseg.training.adapt import AdaptOptions, adapt_bundle
-from aerialseg.training.train import TrainConfig, patch_datasets, train_model
+from aerialseg.data.datasets import patch_datasets
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import train_model
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ def run(params: dict[str, Any], out_dir: str | Path | None = None, resume: bool 
         return write_disabled(out_dir, reason)  # before any torch import: a disabled stage takes no time
     from aerialseg.data.augment import build_transform
     from aerialseg.training.pretrain import pretrain, pretrain_datasets
-    from aerialseg.training.train import TrainConfig
+    from aerialseg.training.config import TrainConfig
 
     train_ds, val_ds = pretrain_datasets(cfg.get("root"), float(cfg.get("val_fraction", 0.1)),
                                          int(cfg.get("patch_size", 256)), float(cfg.get("resample_factor", 1.0)),

@@ -54,9 +54,10 @@ def run(params: dict[str, Any], model_dir: str | Path | None = None, out_dir: st
     spec = get_spec(meta["name"])
     if batches is None:
         batches = train_batches(params, spec, config)
-    criterion = make_criterion(build_loss(section(params, "train").get("loss")), spec.aux_weight)
+    loss = section(params, "train").get("loss")
+    criterion = make_criterion(build_loss(loss), spec.aux_weight)
     result = prune_and_retrain(model, batches, config, name=meta["name"], classes=meta["classes"],
-                               in_channels=meta["in_channels"], criterion=criterion)
+                               in_channels=meta["in_channels"], criterion=criterion, loss=loss)
     save_pruned_model(result.model, out_dir, meta["name"], result.plan, classes=meta["classes"],
                       in_channels=meta["in_channels"], kwargs=meta.get("kwargs"),
                       extra={"source_model_dir": str(model_dir)})

@@ -2,7 +2,7 @@
 
 Trains ``model.name`` on the train split of the tiles/split outputs (plus augment's offline copies in
 ``augment.out`` and, with ``train.online_augment``, the ``augment`` pipeline on the fly), validates on the
-val split every epoch and writes the run dir ``train.out`` (aerialseg.training.train); ``data.gsd_m`` goes
+val split every epoch and writes the run dir ``train.out`` (aerialseg.training.loop); ``data.gsd_m`` goes
 into model.json.
 """
 
@@ -17,7 +17,9 @@ from aerialseg.core.paths import augmented_dir, data_stage_outputs, train_out_di
 from aerialseg.data.augment import build_transform
 from aerialseg.data.labelled import survey_classes
 from aerialseg.models import get_spec
-from aerialseg.training.train import EpochHook, TrainConfig, patch_datasets, train_model
+from aerialseg.data.datasets import patch_datasets
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import EpochHook, train_model
 
 
 def apply_overrides(params: dict[str, Any], model: str | None = None, seed: int | None = None,

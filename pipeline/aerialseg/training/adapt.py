@@ -47,7 +47,7 @@ from aerialseg.geo.raster import open_raster
 from aerialseg.geo.scene import BandPolicy, SceneReader, scene_gsd_m
 from aerialseg.geo.windows import window_starts
 from aerialseg.inference.bundle import Bundle, assemble_bundle
-from aerialseg.inference.predictor import resolve_device
+from aerialseg.models.runtime import resolve_device
 from aerialseg.inference.scene import open_model
 from aerialseg.models import save_model
 

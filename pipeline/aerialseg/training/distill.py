@@ -1,6 +1,6 @@
 """Offline knowledge distillation from a frozen teacher into a light student (the distil stage's library).
 
-The student trains with the ordinary loop (``aerialseg.training.train``) on
+The student trains with the one loop (``aerialseg.training.loop``) on
 ``loss = task loss + alpha * T^2 * KL(teacher_T || student_T)`` per pixel (softmax at temperature T,
 pixels labelled ignore left out of the KL; ``aerialseg.training.losses.distillation_kl``); with
 ``distil.final_temperature`` T moves linearly from ``distil.temperature`` in the first epoch to it in the last
@@ -23,7 +23,9 @@ from aerialseg.data.datasets import collate_patches
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import write_json
 from aerialseg.models import get_spec, load_model
-from aerialseg.training.train import TrainConfig, forward_logits, resolve_device, train_model
+from aerialseg.training.batch import forward_logits
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import train_device, train_model
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def distil(student: TrainConfig, teacher_dir: str | Path, datasets: tuple[Datase
                           identity=identity)
     if not ddp.env_info().is_main:
         return summary
-    agree = agreement(out_dir, teacher, datasets[1], device=str(resolve_device(device)))
+    agree = agreement(out_dir, teacher, datasets[1], device=str(train_device(device)))
     record = {"teacher": summary["teacher"], "teacher_dir": str(teacher), "student": summary["model"],
               "alpha": student.alpha, "temperature": student.temperature,
               "final_temperature": student.final_temperature, "val_agreement_with_teacher": round(agree, 6),

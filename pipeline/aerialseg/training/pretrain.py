@@ -38,7 +38,8 @@ from aerialseg.core.fileio import write_json
 from aerialseg.core.config import DEFAULT_PARAMS
 from aerialseg.geo.raster import open_raster
 from aerialseg.training.pretrain_switch import pretrain_enabled, write_disabled  # noqa: F401  (re-exported)
-from aerialseg.training.train import TrainConfig, train_model
+from aerialseg.training.config import TrainConfig
+from aerialseg.training.loop import train_model
 
 log = logging.getLogger(__name__)
 
