@@ -142,7 +142,7 @@ def test_only_stages_and_the_cli_read_params():
 
 MAX_MODULE_LINES = 450
 # Modules still over the budget (issue 25): the list may only shrink. Remove an entry once its module is split.
-OVER_BUDGET = {"cli.py": 596, "annotations/anylabeling.py": 470}
+OVER_BUDGET = {"cli.py": 595, "annotations/anylabeling.py": 470}
 
 
 def test_no_new_module_grows_past_the_line_budget():
