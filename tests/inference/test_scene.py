@@ -19,6 +19,7 @@ from aerialseg.geo.raster import valid_mask
 
 from conftest import SHARED_DATA, shared_path
 from helpers.toy_bundle import bundle  # noqa: F401  (a fixture)
+from helpers.cli import exit_and_stderr
 
 GEOTIFFS = ["deepforest/OSBS_029.tif", "deepforest/2018_SJER_3_252000_4107000_image_477.tif",
             "deepforest/5b90f92da0d7280005fab355_4310.tif", "deepforest/5dded5bc0140b80006d2e565_23.tif",
@@ -181,17 +182,6 @@ def test_interrupted_run_leaves_no_output(bundle, tmp_path, monkeypatch, error):
     assert list(out_dir.iterdir()) == []
 
 
-def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["aerialseg", *argv]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
-    finally:
-        sys.argv = old
-    return exc.value.code, capsys.readouterr().err
-
-
 def test_scenes_are_read_as_training_reads_them(bundle, tmp_path, capsys, repo_root):
     """The one scene reader: grey repeats its band, RGBN maps as its RGB, two bands are refused."""
     rgb = _real_pixels(64, 64)
@@ -204,7 +194,7 @@ def test_scenes_are_read_as_training_reads_them(bundle, tmp_path, capsys, repo_r
     grey = _write_scene(tmp_path / "gray.tif", rgb[:1])
     infer_scene(grey, bundle, tmp_path / "grey.tif", _opts())
     two = _write_scene(tmp_path / "two.tif", rgb[:2], photometric="minisblack")
-    code, err = _run_cli(["infer-scene", str(two), "--model", str(bundle), "--out", str(tmp_path / "x.tif"),
+    code, err = exit_and_stderr(["infer-scene", str(two), "--model", str(bundle), "--out", str(tmp_path / "x.tif"),
                           "--params", str(repo_root / "params.yaml")], capsys)
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert "2 image band" in err and "reads 3" in err

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from rasterio.transform import from_origin
 from torch import nn
 
-from aerialseg import cli
 from aerialseg.core.config import load_params
 from aerialseg.core.errors import AerialsegError
 from aerialseg.core.fileio import sha256_file
@@ -25,6 +23,7 @@ from aerialseg.training.adapt import (AdaptOptions, Normalise, TargetWindows, ad
 from aerialseg.geo.scene import BandPolicy
 
 from helpers.sample_stages import SAMPLE, run_sample_data_stages, sample_data_params
+from helpers.cli import exit_and_stderr
 
 TOY = "toy_bn_adapt"
 SCENE = SAMPLE / "scenes" / "dubai_tile2.tif"
@@ -139,28 +138,17 @@ def test_adapt_refuses_to_overwrite_its_input(model_dir, tmp_path):
         adapt_bundle(model_dir, [SCENE], model_dir / "adapted", AdaptOptions())
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["aerialseg", *argv]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-    finally:
-        sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def test_one_line_errors_for_a_missing_scene_and_a_non_raster(model_dir, tmp_path, capsys, repo_root):
     params = str(repo_root / "params.yaml")
-    code, err = _cli(["adapt", str(tmp_path / "nope.tif"), "--model", str(model_dir), "--out",
+    code, err = exit_and_stderr(["adapt", str(tmp_path / "nope.tif"), "--model", str(model_dir), "--out",
                       str(tmp_path / "out"), "--params", params], capsys)
     assert code == 2 and err.count("\n") == 1 and "nope.tif: file not found" in err
     text = tmp_path / "notes.tif"
     text.write_text("not a raster\n")
-    code, err = _cli(["adapt", str(text), "--model", str(model_dir), "--out", str(tmp_path / "out"),
+    code, err = exit_and_stderr(["adapt", str(text), "--model", str(model_dir), "--out", str(tmp_path / "out"),
                       "--params", params], capsys)
     assert code == 2 and err.count("\n") == 1 and "notes.tif" in err and "fix:" in err
-    code, err = _cli(["adapt", str(SCENE), "--model", str(model_dir), "--out", str(model_dir), "--params", params],
+    code, err = exit_and_stderr(["adapt", str(SCENE), "--model", str(model_dir), "--out", str(model_dir), "--params", params],
                      capsys)
     assert code == 2 and err.count("\n") == 1 and "destroy the input" in err
     assert not (tmp_path / "out").exists()
