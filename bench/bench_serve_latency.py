@@ -43,17 +43,22 @@ def random_bundle(folder: Path, arch: str, tile: int | None) -> Path:
     return build_bundle(folder / "trained", folder / "bundle", tile_size=tile, onnx=False)
 
 
+def labelled_scene(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample scene ``n``: (RGB (3, H, W) uint8, its label mask from label-to-mask's own code)."""
+    path = REPO / "data" / "sample" / "labels" / f"dubai_tile{n}.json"
+    doc = load_label_json(path)
+    scene = resolve_scene(doc, path, None)
+    shapes, _ = parse_shapes(doc, path, label_table(load_params(REPO / "params.yaml")))
+    with rasterio.open(scene.path) as ds:
+        return ds.read([1, 2, 3]), rasterize_shapes(shapes, scene.width, scene.height)
+
+
 def sample_tiles(size: int, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``count`` (H, W, 3) uint8 tiles of the sample scenes and their label masks (label-to-mask's code)."""
-    params, images, masks = load_params(REPO / "params.yaml"), [], []
+    """``count`` (H, W, 3) uint8 tiles of the sample scenes and their label masks."""
+    images, masks = [], []
     for n in range(1, 7):
-        path = REPO / "data" / "sample" / "labels" / f"dubai_tile{n}.json"
-        doc = load_label_json(path)
-        scene = resolve_scene(doc, path, None)
-        shapes, _ = parse_shapes(doc, path, label_table(params))
-        mask = rasterize_shapes(shapes, scene.width, scene.height)
-        with rasterio.open(scene.path) as ds:
-            rgb = ds.read([1, 2, 3]).transpose(1, 2, 0)
+        chw, mask = labelled_scene(n)
+        rgb = chw.transpose(1, 2, 0)
         for y in range(0, min(rgb.shape[0], mask.shape[0]) - size + 1, size):
             images.append(rgb[y:y + size, :size])
             masks.append(mask[y:y + size, :size])

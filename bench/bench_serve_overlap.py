@@ -15,31 +15,20 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import rasterio
 
 import aerialseg  # noqa: F401
 import aerialseg.inference.server as server
-from aerialseg.annotations.anylabeling import load_label_json, parse_shapes, resolve_scene
-from aerialseg.annotations.rasterize import rasterize_shapes
-from aerialseg.core.config import load_params
 from aerialseg.evaluation.metrics import ConfusionMatrix
 from aerialseg.inference.serve_map import predict_array
-from aerialseg.stages.masks import label_table
+from bench_serve_latency import labelled_scene
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def crops(size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image (3, size, size), true mask) at two corners of scenes 5 and 6."""
-    params, out = load_params(REPO / "params.yaml"), []
+    out = []
     for n in (5, 6):
-        path = REPO / "data" / "sample" / "labels" / f"dubai_tile{n}.json"
-        doc = load_label_json(path)
-        scene = resolve_scene(doc, path, None)
-        shapes, _ = parse_shapes(doc, path, label_table(params))
-        mask = rasterize_shapes(shapes, scene.width, scene.height)
-        with rasterio.open(scene.path) as ds:
-            rgb = ds.read([1, 2, 3])
+        rgb, mask = labelled_scene(n)
         for y, x in ((0, 0), (rgb.shape[1] - size, rgb.shape[2] - size)):
             out.append((rgb[:, y:y + size, x:x + size], mask[y:y + size, x:x + size]))
     return out
